@@ -1,0 +1,94 @@
+"""Every collective the model uses, named by what moves. Each is a no-op on a group of one.
+
+Sequences split unevenly: part i of n tokens over p ranks has n // p + (i < n % p) tokens.
+Ranks pad to the largest part for the collective and drop the padding after it, so padded
+tokens never reach attention.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ltx2_tp.profiling import nvtx_range
+
+
+def part_sizes(n: int, parts: int) -> list[int]:
+    return [n // parts + (i < n % parts) for i in range(parts)]
+
+
+def part_range(n: int, parts: int, index: int) -> tuple[int, int]:
+    sizes = part_sizes(n, parts)
+    start = sum(sizes[:index])
+    return start, start + sizes[index]
+
+
+def _size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
+    """Sum over `group` (TP partial sums of a row-parallel linear, qk-norm squares). Use the
+    return value: a non-contiguous input is reduced in a contiguous copy, since the collective
+    reads raw memory and ranks may hold the same shape with different strides."""
+    if _size(group) > 1:
+        x = x.contiguous()
+        with nvtx_range("all_reduce"):
+            dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
+    return x
+
+
+def all_reduce_max(x: torch.Tensor, group) -> torch.Tensor:
+    if _size(group) > 1:
+        x = x.contiguous()
+        dist.all_reduce(x, op=dist.ReduceOp.MAX, group=group)
+    return x
+
+
+def gather_sequence(x: torch.Tensor, sizes: list[int], group, dim: int = 1) -> torch.Tensor:
+    """All-gather uneven sequence parts along `dim` (the model's outputs, T x out_channels)."""
+    if _size(group) == 1:
+        return x
+    with nvtx_range("all_gather_sequence"):
+        nmax = max(sizes)
+        pad = list(x.shape)
+        pad[dim] = nmax - x.shape[dim]
+        xp = torch.cat([x, x.new_zeros(pad)], dim=dim).contiguous() if pad[dim] else x.contiguous()
+        bufs = [torch.empty_like(xp) for _ in sizes]
+        dist.all_gather(bufs, xp, group=group)
+        return torch.cat([b.narrow(dim, 0, s) for b, s in zip(bufs, sizes)], dim=dim)
+
+
+def ulysses_seq_to_heads(x: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
+    """(B, n_local, H, d) -> (B, sum(sizes), H / U, d): scatter heads, gather the sequence."""
+    u = _size(group)
+    if u == 1:
+        return x
+    with nvtx_range("all_to_all_seq_to_heads"):
+        b, n, h, d = x.shape
+        nmax, hu = max(sizes), h // u
+        if n < nmax:
+            x = torch.cat([x, x.new_zeros(b, nmax - n, h, d)], dim=1)
+        send = x.view(b, nmax, u, hu, d).permute(2, 0, 1, 3, 4).contiguous()  # (U, B, nmax, hu, d)
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=group)
+        return torch.cat([recv[i, :, : sizes[i]] for i in range(u)], dim=1)
+
+
+def ulysses_heads_to_seq(x: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
+    """(B, sum(sizes), H / U, d) -> (B, n_local, H, d): the inverse of ulysses_seq_to_heads."""
+    u = _size(group)
+    if u == 1:
+        return x
+    with nvtx_range("all_to_all_heads_to_seq"):
+        b, _, hu, d = x.shape
+        nmax, me = max(sizes), dist.get_rank(group)
+        send = x.new_zeros(u, b, nmax, hu, d)
+        start = 0
+        for i, s in enumerate(sizes):
+            send[i, :, :s] = x[:, start : start + s]
+            start += s
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=group)
+        out = recv.permute(1, 2, 0, 3, 4).reshape(b, nmax, u * hu, d)
+        return out[:, : sizes[me]]

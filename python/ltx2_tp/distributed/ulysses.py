@@ -1,0 +1,73 @@
+"""Sequence-parallel self-attention: Ulysses all-to-all, ring, or both (Ulysses inside a ring).
+
+SequenceLayout says which tokens each SP rank holds; `sp_self_attention` takes this rank's
+q/k/v (B, n_local, H_tp, d) and returns its attention output, equal to attention over the whole
+sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ltx2_tp.distributed.collectives import part_range, part_sizes, ulysses_heads_to_seq, ulysses_seq_to_heads
+from ltx2_tp.distributed.context import ParallelContext
+from ltx2_tp.distributed.ring import _chunks, ring_attention
+from ltx2_tp.layers.attention_backend import attention
+
+
+@dataclass(frozen=True)
+class SequenceLayout:
+    total: int
+    sizes: tuple[int, ...]  # tokens of every SP part, in sequence order
+    ulysses_size: int = 1
+    sp_rank: int = 0
+
+    @classmethod
+    def for_context(cls, total: int, ctx: ParallelContext) -> "SequenceLayout":
+        return cls(total, tuple(part_sizes(total, ctx.sp_size)), ctx.ulysses_size, ctx.sp_rank)
+
+    @property
+    def local_range(self) -> tuple[int, int]:
+        return part_range(self.total, len(self.sizes), self.sp_rank)
+
+    @property
+    def ulysses_sizes(self) -> list[int]:
+        g = self.sp_rank // self.ulysses_size
+        return list(self.sizes[g * self.ulysses_size : (g + 1) * self.ulysses_size])
+
+    @property
+    def ring_block_sizes(self) -> list[int]:
+        u = self.ulysses_size
+        return [sum(self.sizes[i : i + u]) for i in range(0, len(self.sizes), u)]
+
+
+def local_attention(q, k, v, q_chunk: int | None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Queries in chunks against the full K/V; each chunk's output is written over its q rows."""
+    chunks = _chunks(q.shape[1], q_chunk)
+    if len(chunks) == 1:
+        return attention(q, k, v, mask)
+    out = torch.empty_like(q)
+    for s, e in chunks:
+        m = None if mask is None else mask[..., s:e, :]
+        out[:, s:e] = attention(q[:, s:e], k, v, m)
+    return out
+
+
+def sp_self_attention(q, k, v, layout: SequenceLayout, ctx: ParallelContext, q_chunk: int | None,
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
+    if ctx.sp_size == 1:
+        return local_attention(q, k, v, q_chunk, mask)
+    if mask is not None:
+        raise NotImplementedError("a self-attention mask (Modality.attention_mask) is supported only with sp_size=1")
+    if ctx.ulysses_size > 1:
+        sizes = layout.ulysses_sizes
+        q, k, v = (ulysses_seq_to_heads(t, sizes, ctx.ulysses_group) for t in (q, k, v))
+    if ctx.ring_size > 1:
+        out = ring_attention(q, k, v, layout.ring_block_sizes, ctx.ring_group, q_chunk)
+    else:
+        out = local_attention(q, k, v, q_chunk)
+    if ctx.ulysses_size > 1:
+        out = ulysses_heads_to_seq(out, layout.ulysses_sizes, ctx.ulysses_group)
+    return out

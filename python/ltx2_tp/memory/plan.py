@@ -1,0 +1,30 @@
+"""The one place that decides chunk sizes (and whether RoPE tables are cached per forward).
+
+`ExecutionPlan` is process-wide state the model reads; `plan_for` is the simple rule used by the
+pipelines and the CLI: chunk when a whole-sequence intermediate would exceed a memory share.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ExecutionPlan:
+    ffn_chunk_tokens: int | None = None  # FFN processed in token chunks (None: whole sequence)
+    attn_chunk_tokens: int | None = None  # query chunks against the full K/V; also the QKV / modulation chunk
+    cache_rope: bool = True  # build this rank's RoPE table once per forward instead of per chunk
+
+    def describe(self) -> str:
+        return f"ffn_chunk={self.ffn_chunk_tokens} attn_chunk={self.attn_chunk_tokens} cache_rope={self.cache_rope}"
+
+
+def plan_for(local_video_tokens: int, inner_dim: int = 4096, tp_size: int = 1, ffn_mult: int = 4,
+             budget_bytes: float = 2 * 2**30, dtype_bytes: int = 2) -> ExecutionPlan:
+    """Chunk so that no FFN intermediate (tokens x 4D / tp) or per-chunk QKV exceeds budget_bytes."""
+    ffn_row = inner_dim * ffn_mult // tp_size * dtype_bytes
+    ffn_chunk = None if local_video_tokens * ffn_row <= budget_bytes else max(256, int(budget_bytes // ffn_row))
+    qkv_row = 3 * inner_dim // tp_size * dtype_bytes
+    attn_chunk = None if local_video_tokens * qkv_row <= budget_bytes else max(256, int(budget_bytes // qkv_row))
+    rope_bytes = 2 * local_video_tokens * inner_dim // tp_size * dtype_bytes
+    return ExecutionPlan(ffn_chunk, attn_chunk, cache_rope=rope_bytes <= budget_bytes)

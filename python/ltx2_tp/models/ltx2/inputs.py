@@ -1,0 +1,78 @@
+"""What travels into the DiT: per-modality inputs and guidance perturbations.
+
+`Modality` has ltx-core's field names, so ltx-core's own `Modality` objects work unchanged, and
+ltx-core's `BatchedPerturbationConfig` is accepted wherever `Perturbations` is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class Modality:
+    latent: torch.Tensor  # (B, T, C) patchified latent tokens
+    sigma: torch.Tensor  # (B,) current sigma (cross-modal and prompt AdaLN)
+    timesteps: torch.Tensor  # (B, T) per token (I2V: first-frame tokens 0) or (B, 1)
+    positions: torch.Tensor  # (B, 3, T, 2) video / (B, 1, T, 2) audio: [start, end) coordinates
+    context: torch.Tensor  # (B, S, caption channels) text embeddings
+    enabled: bool = True
+    context_mask: torch.Tensor | None = None  # (B, S) 1 = keep, or an additive float mask
+    attention_mask: torch.Tensor | None = None  # (B, T, T) in [0, 1]; sp_size=1 only
+
+
+SKIP_A2V = "skip_a2v_cross_attn"
+SKIP_V2A = "skip_v2a_cross_attn"
+SKIP_VIDEO_SELF_ATTN = "skip_video_self_attn"
+SKIP_AUDIO_SELF_ATTN = "skip_audio_self_attn"
+
+
+@dataclass(frozen=True)
+class Perturbations:
+    """Per batch element, the (type, blocks) attention skips of STG guidance; blocks None = all."""
+
+    per_sample: list[list[tuple[str, list[int] | None]]] = field(default_factory=list)
+
+    @staticmethod
+    def empty(batch_size: int) -> "Perturbations":
+        return Perturbations([[] for _ in range(batch_size)])
+
+    def _hit(self, sample, kind: str, block: int) -> bool:
+        return any(t == kind and (blocks is None or block in blocks) for t, blocks in sample)
+
+    def all_in_batch(self, kind: str, block: int) -> bool:
+        return bool(self.per_sample) and all(self._hit(s, kind, block) for s in self.per_sample)
+
+    def any_in_batch(self, kind: str, block: int) -> bool:
+        return any(self._hit(s, kind, block) for s in self.per_sample)
+
+    def mask(self, kind: str, block: int, device, dtype) -> torch.Tensor:
+        return torch.tensor([0.0 if self._hit(s, kind, block) else 1.0 for s in self.per_sample], device=device, dtype=dtype)
+
+
+class _LtxCorePerturbations:
+    """Adapter for ltx-core's BatchedPerturbationConfig (its enum instead of our strings)."""
+
+    def __init__(self, cfg):
+        from ltx_core.guidance.perturbations import PerturbationType
+
+        self.cfg, self.T = cfg, PerturbationType
+
+    def all_in_batch(self, kind, block):
+        return self.cfg.all_in_batch(self.T(kind), block)
+
+    def any_in_batch(self, kind, block):
+        return self.cfg.any_in_batch(self.T(kind), block)
+
+    def mask(self, kind, block, device, dtype):
+        return self.cfg.mask(self.T(kind), block, device, dtype)
+
+
+def as_perturbations(p, batch_size: int):
+    if p is None:
+        return Perturbations.empty(batch_size)
+    if isinstance(p, Perturbations):
+        return p
+    return _LtxCorePerturbations(p)

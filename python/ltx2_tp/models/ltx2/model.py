@@ -1,0 +1,182 @@
+"""The LTX-2 audio-video diffusion transformer.
+
+forward(video, audio, perturbations) -> (video velocity, audio velocity), as ltx-core's LTXModel.
+Under sequence parallelism every rank receives the whole (small: C=128 channels) latent, keeps
+its part of the video tokens, runs the blocks on it and all-gathers the (T x C) output, so the
+caller sees exactly the single-GPU interface. Under tensor parallelism the layers own the
+communication; this file has none but that final gather.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ltx2_tp.distributed.collectives import gather_sequence
+from ltx2_tp.distributed.context import SINGLE, ParallelContext
+from ltx2_tp.distributed.ring import _chunks
+from ltx2_tp.distributed.ulysses import SequenceLayout
+from ltx2_tp.layers.adaln import AdaLayerNormSingle, TokenModulation
+from ltx2_tp.layers.rope import RopeSpec, StreamRope
+from ltx2_tp.memory.plan import ExecutionPlan
+from ltx2_tp.models.ltx2.block import AVTransformerBlock, StreamState
+from ltx2_tp.models.ltx2.config import LTX2Config
+from ltx2_tp.models.ltx2.inputs import Modality, as_perturbations
+from ltx2_tp.profiling import nvtx_range
+
+
+class CaptionProjection(nn.Module):
+    """PixArt-alpha text projection (LTX-2 19B keeps it in the transformer): linear, tanh-GELU, linear."""
+
+    def __init__(self, in_features: int, hidden: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_features, hidden)
+        self.linear_2 = nn.Linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.gelu(self.linear_1(x), approximate="tanh"))
+
+
+class LTX2Model(nn.Module):
+    def __init__(self, cfg: LTX2Config, ctx: ParallelContext = SINGLE, plan: ExecutionPlan | None = None):
+        super().__init__()
+        cfg.validate_parallel(ctx.tp_size, ctx.ulysses_size)
+        self.cfg, self.ctx = cfg, ctx
+        self.plan = plan or ExecutionPlan()
+        k = cfg.adaln_coefficient
+        if cfg.has_video:
+            d = cfg.inner_dim
+            self.patchify_proj = nn.Linear(cfg.in_channels, d)
+            if cfg.caption_projection:
+                self.caption_projection = CaptionProjection(cfg.caption_channels, d)
+            self.adaln_single = AdaLayerNormSingle(d, k)
+            if cfg.cross_attention_adaln:
+                self.prompt_adaln_single = AdaLayerNormSingle(d, 2)
+            self.scale_shift_table = nn.Parameter(torch.empty(2, d))
+            self.proj_out = nn.Linear(d, cfg.out_channels)
+        if cfg.has_audio:
+            d = cfg.audio_inner_dim
+            self.audio_patchify_proj = nn.Linear(cfg.audio_in_channels, d)
+            if cfg.caption_projection:
+                self.audio_caption_projection = CaptionProjection(cfg.caption_channels, d)
+            self.audio_adaln_single = AdaLayerNormSingle(d, k)
+            if cfg.cross_attention_adaln:
+                self.audio_prompt_adaln_single = AdaLayerNormSingle(d, 2)
+            self.audio_scale_shift_table = nn.Parameter(torch.empty(2, d))
+            self.audio_proj_out = nn.Linear(d, cfg.audio_out_channels)
+        if cfg.has_video and cfg.has_audio:
+            self.av_ca_video_scale_shift_adaln_single = AdaLayerNormSingle(cfg.inner_dim, 4)
+            self.av_ca_audio_scale_shift_adaln_single = AdaLayerNormSingle(cfg.audio_inner_dim, 4)
+            self.av_ca_a2v_gate_adaln_single = AdaLayerNormSingle(cfg.inner_dim, 1)
+            self.av_ca_v2a_gate_adaln_single = AdaLayerNormSingle(cfg.audio_inner_dim, 1)
+        self.transformer_blocks = nn.ModuleList(AVTransformerBlock(i, cfg, ctx) for i in range(cfg.num_layers))
+
+    # ---------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, video: Modality | None, audio: Modality | None, perturbations=None):
+        cfg = self.cfg
+        if video is not None and not cfg.has_video:
+            raise ValueError("this model has no video stream (config has_video=False)")
+        if audio is not None and not cfg.has_audio:
+            raise ValueError("this model has no audio stream (config has_audio=False)")
+        batch = (video if video is not None else audio).latent.shape[0]
+        pert = as_perturbations(perturbations, batch)
+        with nvtx_range("dit_forward"):
+            v = self._prepare("video", video, audio, split=True) if video is not None else None
+            a = self._prepare("audio", audio, video, split=False) if audio is not None else None
+            for block in self.transformer_blocks:
+                block(v, a, pert, self.plan)
+            vx = self._output("video", v) if v is not None else None
+            ax = self._output("audio", a) if a is not None else None
+        return vx, ax
+
+    # ---------------------------------------------------------------------------------------
+    def _names(self, kind: str) -> str:
+        return "" if kind == "video" else "audio_"
+
+    def _prepare(self, kind: str, m: Modality, cross: Modality | None, split: bool) -> StreamState:
+        cfg, p = self.cfg, self._names(kind)
+        video = kind == "video"
+        heads = cfg.num_attention_heads if video else cfg.audio_num_attention_heads
+        inner = cfg.inner_dim if video else cfg.audio_inner_dim
+        max_pos = cfg.positional_embedding_max_pos if video else cfg.audio_positional_embedding_max_pos
+        b, total = m.latent.shape[:2]
+        dtype = m.latent.dtype
+        layout = SequenceLayout.for_context(total, self.ctx) if split else SequenceLayout(total, (total,))
+        s0, e0 = layout.local_range
+        mult = cfg.timestep_scale_multiplier
+
+        x = getattr(self, f"{p}patchify_proj")(m.latent[:, s0:e0])
+        ts = m.timesteps.reshape(b, -1)
+        if ts.shape[1] == total:
+            ts = ts[:, s0:e0]
+        elif ts.shape[1] != 1:
+            raise ValueError(f"{kind}.timesteps must have shape (B, {total}) or (B, 1), got {tuple(m.timesteps.shape)}")
+        adaln = getattr(self, f"{p}adaln_single")
+        mod, embedded = TokenModulation.build(ts * mult, lambda t: adaln(t, dtype))
+
+        prompt_mod = None
+        if cfg.cross_attention_adaln:
+            prompt_mod = getattr(self, f"{p}prompt_adaln_single")(m.sigma.flatten() * mult, dtype)[0].view(b, -1, 2 * inner)
+
+        context = m.context
+        if cfg.caption_projection:
+            context = getattr(self, f"{p}caption_projection")(context)
+        context = context.view(b, -1, inner)
+
+        positions = m.positions[:, :, s0:e0]
+        spec = RopeSpec(inner, heads, tuple(max_pos), cfg.rope_type, cfg.positional_embedding_theta,
+                        cfg.use_middle_indices_grid, cfg.double_precision_rope, self.ctx.tp_size, self.ctx.tp_rank)
+        st = StreamState(
+            x=x, mod=mod, embedded=embedded, rope=StreamRope(positions, spec, dtype, self.plan.cache_rope),
+            context=context, context_mask=_context_bias(m.context_mask, dtype), layout=layout, split=split,
+            enabled=m.enabled, prompt_mod=prompt_mod, self_mask=_self_attention_bias(m.attention_mask, dtype),
+        )
+        if cross is not None and cfg.has_video and cfg.has_audio:
+            cross_spec = RopeSpec(cfg.audio_cross_attention_dim, heads, (cfg.cross_pe_max_pos,), cfg.rope_type,
+                                  cfg.positional_embedding_theta, True, cfg.double_precision_rope,
+                                  self.ctx.tp_size, self.ctx.tp_rank)
+            st.cross_rope = StreamRope(positions[:, 0:1], cross_spec, dtype, self.plan.cache_rope)
+            t = cross.sigma.view(b, 1) * mult
+            ss_adaln = getattr(self, f"av_ca_{kind}_scale_shift_adaln_single")
+            gate_adaln = self.av_ca_a2v_gate_adaln_single if video else self.av_ca_v2a_gate_adaln_single
+            st.cross_ss = ss_adaln(t.flatten(), dtype)[0].view(b, -1, 4 * inner)
+            st.cross_gate = gate_adaln(t.flatten() * (cfg.av_ca_timestep_scale_multiplier / mult), dtype)[0].view(b, -1, inner)
+        return st
+
+    def _output(self, kind: str, st: StreamState) -> torch.Tensor:
+        p = self._names(kind)
+        table = getattr(self, f"{p}scale_shift_table")
+        proj = getattr(self, f"{p}proj_out")
+        x = st.x
+        out = x.new_empty(*x.shape[:2], proj.out_features)
+        for s, e in _chunks(x.shape[1], self.plan.ffn_chunk_tokens):
+            emb = st.embedded.rows(s, e)
+            shift, scale = (table[None, None].to(device=x.device, dtype=x.dtype) + emb[:, :, None]).unbind(dim=2)
+            h = F.layer_norm(x[:, s:e], (x.shape[-1],), eps=self.cfg.norm_eps)
+            out[:, s:e] = proj(h * (1 + scale) + shift)
+        if st.split:
+            out = gather_sequence(out, list(st.layout.sizes), self.ctx.sp_group)
+        return out
+
+
+def _context_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """(B, S) keep-mask -> additive (B, 1, 1, S) bias, as ltx-core; an all-ones mask adds nothing."""
+    if mask is None or torch.is_floating_point(mask):
+        return mask
+    if bool(mask.all()):
+        return None
+    return (mask - 1).to(dtype).reshape(mask.shape[0], 1, -1, mask.shape[-1]) * torch.finfo(dtype).max
+
+
+def _self_attention_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """(B, T, T) in [0, 1] -> additive log-space bias (B, 1, T, T), as ltx-core."""
+    if mask is None:
+        return None
+    finfo = torch.finfo(dtype)
+    bias = torch.full_like(mask, finfo.min, dtype=dtype)
+    positive = mask > 0
+    if positive.any():
+        bias[positive] = torch.log(mask[positive].clamp(min=finfo.tiny)).to(dtype)
+    return bias.unsqueeze(1)

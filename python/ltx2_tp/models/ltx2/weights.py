@@ -1,0 +1,203 @@
+"""Loading official LTX-2 checkpoints into LTX2Model (any TP rank).
+
+- Keys are the official ones (../shared/ltx2.md), with or without the ComfyUI prefix
+  `model.diffusion_model.`; fused q/k/v (and k/v) parameters take their checkpoint tensors as
+  shards, so the checkpoint never needs rewriting.
+- Every mismatch (missing, unexpected, wrong shape) is found from the file header before any
+  tensor is read, and reported in one CheckpointMismatchError.
+- The model is built on the meta device, materialised empty on the target device, then filled
+  tensor by tensor from safetensors: no full-size random model is ever initialised.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ltx2_tp.distributed.context import SINGLE, ParallelContext
+from ltx2_tp.layers.linear import ColumnParallelLinear, MergedColumnParallelLinear, RowParallelLinear, default_weight_loader
+from ltx2_tp.layers.norm import ShardedRMSNorm
+from ltx2_tp.memory.plan import ExecutionPlan
+from ltx2_tp.models.ltx2.config import LTX2Config
+from ltx2_tp.models.ltx2.model import LTX2Model
+
+COMFY_PREFIX = "model.diffusion_model."
+# Tensors stored under the transformer prefix that belong to other components (text connectors).
+FOREIGN_PREFIXES = ("video_embeddings_connector.", "audio_embeddings_connector.", "text_embedding_projection.")
+
+
+class CheckpointMismatchError(ValueError):
+    pass
+
+
+def checkpoint_spec(model: nn.Module) -> dict[str, tuple]:
+    """checkpoint key -> (parameter, loader, shard id or None, full tensor shape in the checkpoint).
+
+    Loaders are the parallel layers' own `weight_loader` methods, looked up on the module (a
+    parameter object is replaced by `to_empty`, so nothing is stored on it).
+    """
+    spec: dict[str, tuple] = {}
+    for name, mod in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(mod, MergedColumnParallelLinear):
+            parent = name.rsplit(".", 1)[0]
+            for i, shard in enumerate(mod.shard_names):
+                spec[f"{parent}.{shard}.weight"] = (mod.weight, mod.weight_loader, i, (mod.output_sizes[i], mod.in_features))
+                if mod.bias is not None:
+                    spec[f"{parent}.{shard}.bias"] = (mod.bias, mod.weight_loader, i, (mod.output_sizes[i],))
+        elif isinstance(mod, (ColumnParallelLinear, RowParallelLinear)):
+            spec[prefix + "weight"] = (mod.weight, mod.weight_loader, None, (mod.out_features, mod.in_features))
+            if mod.bias is not None:
+                bias_loader = mod.weight_loader if isinstance(mod, ColumnParallelLinear) else default_weight_loader
+                spec[prefix + "bias"] = (mod.bias, bias_loader, None, (mod.out_features,))
+        elif isinstance(mod, ShardedRMSNorm):
+            spec[prefix + "weight"] = (mod.weight, mod.weight_loader, None, (mod.full_dim,))
+        else:
+            for pname, p in mod.named_parameters(recurse=False):
+                spec[prefix + pname] = (p, default_weight_loader, None, tuple(p.shape))
+    return spec
+
+
+class _Source:
+    """Tensors by checkpoint key, from safetensors files (lazy) or an in-memory state dict."""
+
+    def __init__(self, state_dict: dict[str, torch.Tensor] | None = None, files: list[str] | None = None):
+        self._sd, self._where, self._handles = state_dict, {}, []
+        self.metadata: dict[str, str] = {}
+        if files is not None:
+            from safetensors import safe_open
+
+            for f in files:
+                h = safe_open(f, framework="pt")
+                self._handles.append(h)
+                self.metadata.update(h.metadata() or {})
+                for k in h.keys():
+                    self._where[k] = h
+        raw = list(state_dict) if state_dict is not None else list(self._where)
+        prefixed = [k for k in raw if k.startswith(COMFY_PREFIX)]
+        self._map = {k[len(COMFY_PREFIX):]: k for k in prefixed} if prefixed else {k: k for k in raw}
+
+    def keys(self) -> Iterable[str]:
+        return self._map.keys()
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        raw = self._map[key]
+        if self._sd is not None:
+            return tuple(self._sd[raw].shape)
+        return tuple(self._where[raw].get_slice(raw).get_shape())
+
+    def get(self, key: str) -> torch.Tensor:
+        raw = self._map[key]
+        return self._sd[raw] if self._sd is not None else self._where[raw].get_tensor(raw)
+
+
+def _check(spec, src: _Source) -> None:
+    keys = set(src.keys())
+    missing = sorted(set(spec) - keys)
+    unexpected = sorted(k for k in keys - set(spec) if not k.startswith(FOREIGN_PREFIXES))
+    wrong = [f"{k}: checkpoint {src.shape(k)} vs model {spec[k][3]}" for k in sorted(keys & set(spec))
+             if src.shape(k) != spec[k][3]]
+    if missing or unexpected or wrong:
+        lines = []
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+            if items:
+                lines.append(f"{title} ({len(items)}):\n  " + "\n  ".join(items))
+        raise CheckpointMismatchError("checkpoint does not match the model config:\n" + "\n".join(lines))
+
+
+def load_weights(model: LTX2Model, state_dict: dict[str, torch.Tensor] | None = None,
+                 files: list[str] | None = None) -> None:
+    """Fill `model` (already materialised) from a state dict or safetensors files."""
+    src = _Source(state_dict, files)
+    spec = checkpoint_spec(model)
+    _check(spec, src)
+    for key, entry in spec.items():
+        _load_one(entry, src.get(key))
+
+
+@torch.no_grad()
+def _load_one(entry: tuple, t: torch.Tensor) -> None:
+    param, loader, shard, _ = entry
+    t = t.to(device=param.device, dtype=param.dtype)
+    if shard is not None:
+        loader(param, t, shard)
+    else:
+        loader(param, t)
+
+
+def read_checkpoint_config(files: list[str]) -> dict | None:
+    """The `config` JSON official checkpoints carry in their safetensors metadata, if any."""
+    from safetensors import safe_open
+
+    for f in files:
+        with safe_open(f, framework="pt") as h:
+            meta = h.metadata() or {}
+        if "config" in meta:
+            return json.loads(meta["config"])
+    return None
+
+
+def build_model(cfg: LTX2Config, ctx: ParallelContext = SINGLE, device: str | torch.device = "cpu",
+                dtype: torch.dtype = torch.bfloat16, files: list[str] | None = None,
+                state_dict: dict[str, torch.Tensor] | None = None, plan: ExecutionPlan | None = None,
+                seed: int | None = None) -> LTX2Model:
+    """Meta-device construction, then materialise: from a checkpoint, or seeded random weights."""
+    with torch.device("meta"):
+        model = LTX2Model(cfg, ctx, plan)
+    model = model.to(dtype=dtype).to_empty(device=device).eval()
+    if files is not None or state_dict is not None:
+        load_weights(model, state_dict=state_dict, files=files)
+    else:
+        init_random(model, seed if seed is not None else 0)
+    return model
+
+
+def init_random(model: LTX2Model, seed: int, std: float = 0.02) -> None:
+    """Seeded random weights that are identical on every TP rank: each checkpoint tensor is drawn
+    at full size (one layer at a time) and passed through the same loaders as a checkpoint."""
+    g = torch.Generator().manual_seed(seed)
+    spec = checkpoint_spec(model)
+    sd = {}
+    for key, (_, _, _, full) in spec.items():
+        if "scale_shift_table" in key:
+            t = torch.randn(full, generator=g) / full[-1] ** 0.5
+        elif key.endswith("norm.weight"):
+            t = 1 + 0.1 * torch.randn(full, generator=g)
+        else:
+            t = torch.randn(full, generator=g) * std
+        sd[key] = t
+        # flush per block to bound host memory at full size
+        if len(sd) > 64:
+            load_partial(model, sd, spec)
+            sd = {}
+    load_partial(model, sd, spec)
+
+
+def load_partial(model: LTX2Model, sd: dict[str, torch.Tensor], spec=None) -> None:
+    spec = spec or checkpoint_spec(model)
+    for key, t in sd.items():
+        _load_one(spec[key], t)
+
+
+def save_checkpoint(state_dict: dict[str, torch.Tensor], path: str | Path, config: dict | None = None,
+                    prefix: str = "") -> None:
+    """Write tensors in the official layout (used by tests and the tiny model)."""
+    from safetensors.torch import save_file
+
+    meta = {"config": json.dumps(config)} if config is not None else None
+    save_file({prefix + k: v.contiguous() for k, v in state_dict.items()}, str(path), metadata=meta)
+
+
+def official_state_dict(model: LTX2Model) -> dict[str, torch.Tensor]:
+    """Our weights under the official keys, fused q/k/v split back apart (single-rank models)."""
+    if model.ctx.tp_size != 1:
+        raise ValueError("official_state_dict needs an unsharded model (tp_size=1)")
+    out = {}
+    for key, (param, _, shard, shape) in checkpoint_spec(model).items():
+        t = param.detach()
+        out[key] = (t.narrow(0, shard * shape[0], shape[0]) if shard is not None else t).clone()
+    return out
