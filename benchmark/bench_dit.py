@@ -1,0 +1,173 @@
+"""One DiT step (one denoising forward), ours vs Lightricks' ltx-core LTXModel, same weights, same process.
+
+  python benchmark/bench_dit.py --cases 768x512x121,1920x1088x121,1920x1088x481 --out benchmark/results/x.json
+
+Order (two 35 GiB models do not fit one H100 together): ltx-core is built (meta device, random
+weights on the GPU), timed eager (and compiled per block with --compile-ref), profiled; its weights
+move to host memory and it is freed; ours is built from those exact weights, timed, profiled, and
+its outputs are compared with ltx-core's (bf16, relative max error).
+Reports s/step (median), peak GiB, achieved TFLOP/s (common.step_flops) and the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (build_ltx_core_gpu, cuda_time, kernel_summary, median, run_ltx_core, step_flops,  # noqa: E402
+                    summary_markdown, write_json)
+
+from ltx2_tp.memory.plan import ExecutionPlan, plan_for  # noqa: E402
+from ltx2_tp.models.ltx2.config import get_config  # noqa: E402
+from ltx2_tp.models.ltx2.weights import build_model  # noqa: E402
+from ltx2_tp.step_inputs import audio_tokens_for, synthetic_step_inputs  # noqa: E402
+
+
+def parse_case(s: str):
+    w, h, f = (int(x) for x in s.lower().split("x"))
+    return w, h, f
+
+
+def rel(a, b):
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+
+def profile_step(fn, path: Path, title: str, header: str):
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    s = kernel_summary(prof)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(summary_markdown(title, header, s))
+    return s
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="ltx-2-19b")
+    ap.add_argument("--cases", default="768x512x121,1920x1088x121")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--compile-ref", action="store_true", help="also time ltx-core with each block compiled")
+    ap.add_argument("--compile", action="store_true", help="also time ours with each block compiled")
+    ap.add_argument("--plan", default="auto", choices=["auto", "none"])
+    ap.add_argument("--profile-case", default=None, help="WxHxF to profile with torch.profiler")
+    ap.add_argument("--profile-dir", default="profiles")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--layers", type=int, default=None, help="fewer blocks (quick checks)")
+    args = ap.parse_args()
+
+    dev = torch.device("cuda")
+    dtype = torch.bfloat16
+    cfg = get_config(args.model)
+    if args.layers:
+        cfg = cfg.replace(num_layers=args.layers)
+    cases = [parse_case(c) for c in args.cases.split(",")]
+    stamp = f"{torch.cuda.get_device_name()} | {datetime.date.today()} | torch {torch.__version__}"
+    cmd = "python " + " ".join(sys.argv)
+    results = {"device": torch.cuda.get_device_name(), "date": str(datetime.date.today()), "command": cmd,
+               "torch": torch.__version__, "model": args.model, "cases": {}}
+
+    def inputs(w, h, f):
+        return synthetic_step_inputs(cfg, f, h, w, 24.0, dev, dtype, seed=1)
+
+    # ---- ltx-core --------------------------------------------------------------------------
+    ref = build_ltx_core_gpu(cfg, dev, dtype, seed=0)
+    ref_out = {}
+    for w, h, f in cases:
+        v, a = inputs(w, h, f)
+        torch.cuda.reset_peak_memory_stats()
+        times = cuda_time(lambda: run_ltx_core(ref, v, a), 1, args.repeat)
+        ref_out[(w, h, f)] = [t.float().cpu() for t in run_ltx_core(ref, v, a)]
+        r = results["cases"].setdefault(f"{w}x{h}x{f}", {})
+        r["tokens"] = v.latent.shape[1]
+        r["audio_tokens"] = audio_tokens_for(f, 24.0)
+        r["flops"] = step_flops(cfg, r["tokens"], r["audio_tokens"])
+        r["ltx_core_eager_s"] = median(times)
+        r["ltx_core_eager_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        print(f"ltx-core eager {w}x{h}x{f}: {median(times):.3f} s/step", flush=True)
+        if args.profile_case == f"{w}x{h}x{f}":
+            profile_step(lambda: run_ltx_core(ref, v, a), Path(args.profile_dir) / f"ltx_core_eager_{w}x{h}x{f}.md",
+                         f"ltx-core eager, one DiT step {w}x{h}x{f}", f"torch.profiler (CUPTI) | {stamp} | `{cmd}`")
+        del v, a
+    if args.compile_ref:
+        import torch._dynamo
+
+        torch._dynamo.config.allow_unspec_int_on_nn_module = True
+        torch._dynamo.config.cache_size_limit = 256
+        for b in ref.transformer_blocks:
+            b.compile()
+        for w, h, f in cases:
+            v, a = inputs(w, h, f)
+            times = cuda_time(lambda: run_ltx_core(ref, v, a), 2, args.repeat)
+            results["cases"][f"{w}x{h}x{f}"]["ltx_core_compiled_s"] = median(times)
+            print(f"ltx-core compiled {w}x{h}x{f}: {median(times):.3f} s/step", flush=True)
+    sd = {k: t.detach().to("cpu") for k, t in ref.state_dict().items()}
+    del ref
+    gc.collect()
+    torch.cuda.empty_cache()
+
+    # ---- ours ------------------------------------------------------------------------------
+    model = build_model(cfg, device=dev, dtype=dtype, state_dict=sd)
+    del sd
+    for w, h, f in cases:
+        v, a = inputs(w, h, f)
+        model.plan = plan_for(v.latent.shape[1], cfg.inner_dim) if args.plan == "auto" else ExecutionPlan()
+        torch.cuda.reset_peak_memory_stats()
+        times = cuda_time(lambda: model(v, a), 1, args.repeat)
+        ov, oa = model(v, a)
+        rv, ra = ref_out[(w, h, f)]
+        r = results["cases"][f"{w}x{h}x{f}"]
+        r.update(ours_eager_s=median(times), ours_peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+                 plan=model.plan.describe(), rel_err_video_vs_ltx_core=rel(ov, rv), rel_err_audio_vs_ltx_core=rel(oa, ra))
+        print(f"ours eager {w}x{h}x{f}: {median(times):.3f} s/step [{model.plan.describe()}] "
+              f"rel err video {r['rel_err_video_vs_ltx_core']:.2e} audio {r['rel_err_audio_vs_ltx_core']:.2e}", flush=True)
+        if args.profile_case == f"{w}x{h}x{f}":
+            profile_step(lambda: model(v, a), Path(args.profile_dir) / f"ours_eager_{w}x{h}x{f}.md",
+                         f"ltx2_tp eager, one DiT step {w}x{h}x{f}", f"torch.profiler (CUPTI) | {stamp} | `{cmd}`")
+        del v, a
+    if args.compile:
+        from ltx2_tp.compile import compile_blocks
+
+        compile_blocks(model)
+        for w, h, f in cases:
+            v, a = inputs(w, h, f)
+            model.plan = plan_for(v.latent.shape[1], cfg.inner_dim) if args.plan == "auto" else ExecutionPlan()
+            torch.cuda.reset_peak_memory_stats()
+            times = cuda_time(lambda: model(v, a), 2, args.repeat)
+            r = results["cases"][f"{w}x{h}x{f}"]
+            r.update(ours_compiled_s=median(times), ours_compiled_peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+            print(f"ours compiled {w}x{h}x{f}: {median(times):.3f} s/step", flush=True)
+            if args.profile_case == f"{w}x{h}x{f}":
+                profile_step(lambda: model(v, a), Path(args.profile_dir) / f"ours_compiled_{w}x{h}x{f}.md",
+                             f"ltx2_tp compiled blocks, one DiT step {w}x{h}x{f}",
+                             f"torch.profiler (CUPTI) | {stamp} | `{cmd}`")
+
+    # ---- table -----------------------------------------------------------------------------
+    print(f"\n{stamp}\n| case | tokens | ltx-core eager s | ltx-core compiled s | ours s | ours compiled s | "
+          "ours/eager | ours/compiled | TFLOP/s ours | peak GiB ref/ours |")
+    for name, r in results["cases"].items():
+        best = min(x for x in (r.get("ours_eager_s"), r.get("ours_compiled_s")) if x)
+        rc = r.get("ltx_core_compiled_s")
+        r["speedup_vs_eager"] = r["ltx_core_eager_s"] / best
+        r["speedup_vs_compiled"] = rc / best if rc else None
+        r["tflops_ours"] = r["flops"] / best / 1e12
+        print(f"| {name} | {r['tokens']} | {r['ltx_core_eager_s']:.3f} | {rc or float('nan'):.3f} | "
+              f"{r['ours_eager_s']:.3f} | {r.get('ours_compiled_s') or float('nan'):.3f} | {r['speedup_vs_eager']:.2f}x | "
+              f"{(r['speedup_vs_compiled'] or float('nan')):.2f}x | {r['tflops_ours']:.0f} | "
+              f"{r['ltx_core_eager_peak_gib']:.1f}/{r['ours_peak_gib']:.1f} |")
+    if args.out:
+        write_json(args.out, results)
+
+
+if __name__ == "__main__":
+    main()

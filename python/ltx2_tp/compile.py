@@ -1,0 +1,18 @@
+"""torch.compile of the DiT blocks: fuses the elementwise work around AdaLN, RoPE, norms and gates.
+
+Blocks share one graph per input shape (their index is not specialised), so compilation is paid
+once per resolution, not once per block.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def compile_blocks(model, mode: str | None = None) -> None:
+    import torch._dynamo
+
+    torch._dynamo.config.allow_unspec_int_on_nn_module = True
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+    for block in model.transformer_blocks:
+        block.compile(mode=mode, dynamic=False)
