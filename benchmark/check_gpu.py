@@ -46,7 +46,7 @@ def main():
                 e = max(rel_err(ov, rv), rel_err(oa, ra))
                 key = f"{dtype} {sorted(kw)} {plan.describe()}"
                 worst[key] = e
-                print(f"{key}: rel err {e:.2e} (lse kernel: {attention_backend._LSE_KERNEL})", flush=True)
+                print(f"{key}: rel err {e:.2e} (lse kernels: {attention_backend._LSE_KERNEL})", flush=True)
                 assert e <= tol, key
     print("GPU parity OK")
 

@@ -63,7 +63,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         return out.transpose(1, 2)
 
 
-_LSE_KERNEL: str | None = None
+_LSE_KERNEL: dict[torch.dtype, str] = {}
+# cuDNN and FA2 kernels take fp16/bf16 only (cuDNN silently returns garbage for fp32, seen on an
+# H100 with torch 2.11), so fp32 goes to the memory-efficient kernel.
+_LSE_ORDER = {torch.float16: ("cudnn", "flash", "efficient", "math"), torch.bfloat16: ("cudnn", "flash", "efficient", "math")}
 
 
 def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,20 +75,21 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[to
     Used where partial results over K/V blocks are merged (ring attention, audio queries over
     sequence-split video keys).
     """
-    global _LSE_KERNEL
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     nq = q.shape[1]
     with nvtx_range("attention_lse"):
         if not q.is_cuda:
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qt, kt, vt, 0.0, False)[:2]
             return out.transpose(1, 2), lse.float()
-        kernels = [_LSE_KERNEL] if _LSE_KERNEL else ["cudnn", "flash", "efficient", "math"]
-        for name in kernels:
+        known = _LSE_KERNEL.get(q.dtype)
+        for name in (known,) if known else _LSE_ORDER.get(q.dtype, ("efficient", "math")):
             try:
                 out, lse = _cuda_lse(name, qt, kt, vt)
             except (RuntimeError, NotImplementedError):
                 continue
-            _LSE_KERNEL = name
+            if known is None and not bool(torch.isfinite(lse).all()):
+                continue
+            _LSE_KERNEL[q.dtype] = name
             return out.transpose(1, 2), lse.reshape(lse.shape[0], lse.shape[1], -1)[..., :nq].float()
     raise RuntimeError("no attention kernel with log-sum-exp output available")
 
