@@ -100,10 +100,10 @@ def main():
                          f"ltx-core eager, one DiT step {w}x{h}x{f}", f"torch.profiler (CUPTI) | {stamp} | `{cmd}`")
         del v, a
     if args.compile_ref:
-        import torch._dynamo
+        from torch import _dynamo
 
-        torch._dynamo.config.allow_unspec_int_on_nn_module = True
-        torch._dynamo.config.cache_size_limit = 256
+        _dynamo.config.allow_unspec_int_on_nn_module = True
+        _dynamo.config.cache_size_limit = 256
         for b in ref.transformer_blocks:
             b.compile()
         for w, h, f in cases:

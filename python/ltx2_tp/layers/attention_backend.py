@@ -87,10 +87,11 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[to
                 out, lse = _cuda_lse(name, qt, kt, vt)
             except (RuntimeError, NotImplementedError):
                 continue
+            lse = lse.reshape(lse.shape[0], lse.shape[1], -1)[..., :nq].float()
             if known is None and not bool(torch.isfinite(lse).all()):
                 continue
             _LSE_KERNEL[q.dtype] = name
-            return out.transpose(1, 2), lse.reshape(lse.shape[0], lse.shape[1], -1)[..., :nq].float()
+            return out.transpose(1, 2), lse
     raise RuntimeError("no attention kernel with log-sum-exp output available")
 
 
