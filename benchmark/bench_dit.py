@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (build_ltx_core_gpu, cuda_time, kernel_summary, median, run_ltx_core, step_flops,  # noqa: E402
+from common import (_sync, build_ltx_core_gpu, cuda_time, kernel_summary, median, run_ltx_core, step_flops,  # noqa: E402
                     summary_markdown, write_json)
 
 from ltx2_tp.memory.plan import ExecutionPlan, plan_for  # noqa: E402
@@ -34,18 +34,29 @@ def parse_case(s: str):
     return w, h, f
 
 
+def reset_peak():
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib():
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+
+
 def rel(a, b):
-    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+    a, b = a.float().cpu(), b.float().cpu()
+    return float((a - b).abs().max() / b.abs().max())
 
 
 def profile_step(fn, path: Path, title: str, header: str):
     from torch.profiler import ProfilerActivity, profile
 
     fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    _sync()
+    acts = [ProfilerActivity.CUDA] if torch.cuda.is_available() else [ProfilerActivity.CPU]
+    with profile(activities=acts) as prof:
         fn()
-        torch.cuda.synchronize()
+        _sync()
     s = kernel_summary(prof)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(summary_markdown(title, header, s))
@@ -64,17 +75,19 @@ def main():
     ap.add_argument("--profile-dir", default="profiles")
     ap.add_argument("--out", default=None)
     ap.add_argument("--layers", type=int, default=None, help="fewer blocks (quick checks)")
+    ap.add_argument("--device", default="cuda", help="cpu only for smoke tests of this script (with --model tiny)")
     args = ap.parse_args()
 
-    dev = torch.device("cuda")
+    dev = torch.device(args.device)
     dtype = torch.bfloat16
     cfg = get_config(args.model)
     if args.layers:
         cfg = cfg.replace(num_layers=args.layers)
     cases = [parse_case(c) for c in args.cases.split(",")]
-    stamp = f"{torch.cuda.get_device_name()} | {datetime.date.today()} | torch {torch.__version__}"
+    name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
+    stamp = f"{name} | {datetime.date.today()} | torch {torch.__version__}"
     cmd = "python " + " ".join(sys.argv)
-    results = {"device": torch.cuda.get_device_name(), "date": str(datetime.date.today()), "command": cmd,
+    results = {"device": name, "date": str(datetime.date.today()), "command": cmd,
                "torch": torch.__version__, "model": args.model, "cases": {}}
 
     def inputs(w, h, f):
@@ -85,7 +98,7 @@ def main():
     ref_out = {}
     for w, h, f in cases:
         v, a = inputs(w, h, f)
-        torch.cuda.reset_peak_memory_stats()
+        reset_peak()
         times = cuda_time(lambda: run_ltx_core(ref, v, a), 1, args.repeat)
         ref_out[(w, h, f)] = [t.float().cpu() for t in run_ltx_core(ref, v, a)]
         r = results["cases"].setdefault(f"{w}x{h}x{f}", {})
@@ -93,7 +106,7 @@ def main():
         r["audio_tokens"] = audio_tokens_for(f, 24.0)
         r["flops"] = step_flops(cfg, r["tokens"], r["audio_tokens"])
         r["ltx_core_eager_s"] = median(times)
-        r["ltx_core_eager_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        r["ltx_core_eager_peak_gib"] = peak_gib()
         print(f"ltx-core eager {w}x{h}x{f}: {median(times):.3f} s/step", flush=True)
         if args.profile_case == f"{w}x{h}x{f}":
             profile_step(lambda: run_ltx_core(ref, v, a), Path(args.profile_dir) / f"ltx_core_eager_{w}x{h}x{f}.md",
@@ -114,7 +127,8 @@ def main():
     sd = {k: t.detach().to("cpu") for k, t in ref.state_dict().items()}
     del ref
     gc.collect()
-    torch.cuda.empty_cache()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
 
     # ---- ours ------------------------------------------------------------------------------
     model = build_model(cfg, device=dev, dtype=dtype, state_dict=sd)
@@ -122,12 +136,12 @@ def main():
     for w, h, f in cases:
         v, a = inputs(w, h, f)
         model.plan = plan_for(v.latent.shape[1], cfg.inner_dim) if args.plan == "auto" else ExecutionPlan()
-        torch.cuda.reset_peak_memory_stats()
+        reset_peak()
         times = cuda_time(lambda: model(v, a), 1, args.repeat)
         ov, oa = model(v, a)
         rv, ra = ref_out[(w, h, f)]
         r = results["cases"][f"{w}x{h}x{f}"]
-        r.update(ours_eager_s=median(times), ours_peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+        r.update(ours_eager_s=median(times), ours_peak_gib=peak_gib(),
                  plan=model.plan.describe(), rel_err_video_vs_ltx_core=rel(ov, rv), rel_err_audio_vs_ltx_core=rel(oa, ra))
         print(f"ours eager {w}x{h}x{f}: {median(times):.3f} s/step [{model.plan.describe()}] "
               f"rel err video {r['rel_err_video_vs_ltx_core']:.2e} audio {r['rel_err_audio_vs_ltx_core']:.2e}", flush=True)
@@ -142,10 +156,10 @@ def main():
         for w, h, f in cases:
             v, a = inputs(w, h, f)
             model.plan = plan_for(v.latent.shape[1], cfg.inner_dim) if args.plan == "auto" else ExecutionPlan()
-            torch.cuda.reset_peak_memory_stats()
+            reset_peak()
             times = cuda_time(lambda: model(v, a), 2, args.repeat)
             r = results["cases"][f"{w}x{h}x{f}"]
-            r.update(ours_compiled_s=median(times), ours_compiled_peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+            r.update(ours_compiled_s=median(times), ours_compiled_peak_gib=peak_gib())
             print(f"ours compiled {w}x{h}x{f}: {median(times):.3f} s/step", flush=True)
             if args.profile_case == f"{w}x{h}x{f}":
                 profile_step(lambda: model(v, a), Path(args.profile_dir) / f"ours_compiled_{w}x{h}x{f}.md",

@@ -30,15 +30,20 @@ def step_flops(cfg: LTX2Config, t: int, ta: int, s: int = 256) -> float:
     return cfg.num_layers * (2 * lin + attn)
 
 
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def cuda_time(fn, warmup: int = 1, repeat: int = 3) -> list[float]:
     for _ in range(warmup):
         fn()
     out = []
     for _ in range(repeat):
-        torch.cuda.synchronize()
+        _sync()
         t0 = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        _sync()
         out.append(time.perf_counter() - t0)
     return out
 
@@ -49,7 +54,7 @@ def median(xs):
 
 def init_like_ours(named_params, seed: int, device) -> None:
     """The same distribution rules as ltx2_tp's init_random, drawn on the GPU."""
-    g = torch.Generator(device=device).manual_seed(seed)
+    g = torch.Generator(device=torch.device(device)).manual_seed(seed)
     with torch.no_grad():
         for name, p in named_params:
             if "scale_shift_table" in name:

@@ -71,7 +71,10 @@ def init_parallel(tp_size: int = 1, ulysses_size: int = 1, ring_size: int = 1, b
 
 
 def build_groups(tp_size: int, ulysses_size: int, ring_size: int) -> ParallelContext:
-    rank = dist.get_rank()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if tp_size * ulysses_size * ring_size != world:
+        raise ValueError(f"tp_size*ulysses_size*ring_size = {tp_size}*{ulysses_size}*{ring_size} must equal "
+                         f"the world size {world}")
     ctx = ParallelContext(tp_size=tp_size, ulysses_size=ulysses_size, ring_size=ring_size)
     tp_idx = rank % tp_size
     uly_idx = (rank // tp_size) % ulysses_size

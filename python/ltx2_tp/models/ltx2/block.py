@@ -123,23 +123,33 @@ class AVTransformerBlock(nn.Module):
             skip_all = pert.all_in_batch(kind, self.idx)
             partial = not skip_all and pert.any_in_batch(kind, self.idx)
             shape = (b, n, attn.heads_local, attn.dim_head)
-            v = x.new_empty(shape)
-            q = None if skip_all else x.new_empty(shape)
-            k = None if skip_all else x.new_empty(shape)
-            gates = x.new_empty(b, n, attn.heads_local) if attn.to_gate_logits is not None else None
+            single = len(chunks) == 1  # then the projections are used as they are, no copies
+            q = k = v = gates = None
+            if not single:  # chunks write into this rank's whole-sequence buffers (tokens x D each)
+                v = x.new_empty(shape)
+                q, k = (None, None) if skip_all else (x.new_empty(shape), x.new_empty(shape))
+                if attn.to_gate_logits is not None:
+                    gates = x.new_empty(b, n, attn.heads_local)
             for s, e in chunks:
                 shift, scale = ada_values(table, st.mod, s, e, slice(0, 2))
                 h = _modulate(x[:, s:e], eps, scale, shift)
+                qc = kc = None
                 if skip_all:
-                    v[:, s:e] = attn.v_only(h)
+                    vc = attn.v_only(h)
                 else:
                     qc, kc, vc = attn.qkv(h)
                     cos, sin = st.rope(s, e)
-                    q[:, s:e] = apply_rope(qc, cos, sin, self.cfg.rope_type)
-                    k[:, s:e] = apply_rope(kc, cos, sin, self.cfg.rope_type)
-                    v[:, s:e] = vc
-                if gates is not None:
-                    gates[:, s:e] = attn.gates(h)
+                    qc = apply_rope(qc, cos, sin, self.cfg.rope_type)
+                    kc = apply_rope(kc, cos, sin, self.cfg.rope_type)
+                gc = attn.gates(h)
+                if single:
+                    q, k, v, gates = qc, kc, vc, gc
+                    continue
+                v[:, s:e] = vc
+                if qc is not None:
+                    q[:, s:e], k[:, s:e] = qc, kc
+                if gc is not None:
+                    gates[:, s:e] = gc
             if skip_all:
                 o = v
             else:

@@ -157,24 +157,21 @@ def build_model(cfg: LTX2Config, ctx: ParallelContext = SINGLE, device: str | to
 
 
 def init_random(model: LTX2Model, seed: int, std: float = 0.02) -> None:
-    """Seeded random weights that are identical on every TP rank: each checkpoint tensor is drawn
-    at full size (one layer at a time) and passed through the same loaders as a checkpoint."""
-    g = torch.Generator().manual_seed(seed)
+    """Seeded random weights, identical on every TP rank: each checkpoint tensor is drawn at full
+    size on the model's device (one tensor at a time) and passed through the same loaders as a
+    checkpoint. The values depend on the device type (CPU and CUDA generators differ)."""
+    device = next(model.parameters()).device
+    g = torch.Generator(device=device).manual_seed(seed)
     spec = checkpoint_spec(model)
-    sd = {}
-    for key, (_, _, _, full) in spec.items():
+    for key, entry in spec.items():
+        full = entry[3]
         if "scale_shift_table" in key:
-            t = torch.randn(full, generator=g) / full[-1] ** 0.5
+            t = torch.randn(full, generator=g, device=device) / full[-1] ** 0.5
         elif key.endswith("norm.weight"):
-            t = 1 + 0.1 * torch.randn(full, generator=g)
+            t = 1 + 0.1 * torch.randn(full, generator=g, device=device)
         else:
-            t = torch.randn(full, generator=g) * std
-        sd[key] = t
-        # flush per block to bound host memory at full size
-        if len(sd) > 64:
-            load_partial(model, sd, spec)
-            sd = {}
-    load_partial(model, sd, spec)
+            t = torch.randn(full, generator=g, device=device) * std
+        _load_one(entry, t)
 
 
 def load_partial(model: LTX2Model, sd: dict[str, torch.Tensor], spec=None) -> None:

@@ -1,0 +1,153 @@
+"""TP and SP scaling of one DiT step against one GPU, with the share of kernel time in communication.
+
+  torchrun --nproc-per-node 2 benchmark/bench_parallel.py --cases 1920x1088x121,1920x1088x481 \
+      --layouts 2x1x1,1x2x1,1x1x2 --out benchmark/results/parallel.json
+
+A layout is TPxULYSSESxRING. The 1-GPU baseline runs on rank 0 while the others wait; every layout
+uses the same seeded weights (drawn at full size, sharded by the layers' loaders), and its output is
+compared with the 1-GPU output (bf16 relative max error). Communication share = NCCL kernel time /
+all kernel time on rank 0 in one profiled step (torch.profiler, CUPTI).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import _sync, cuda_time, kernel_summary, median, step_flops, summary_markdown, write_json  # noqa: E402
+
+from ltx2_tp.distributed.context import ParallelContext, build_groups  # noqa: E402
+from ltx2_tp.memory.plan import plan_for  # noqa: E402
+from ltx2_tp.models.ltx2.config import get_config  # noqa: E402
+from ltx2_tp.models.ltx2.weights import build_model  # noqa: E402
+from ltx2_tp.step_inputs import audio_tokens_for, synthetic_step_inputs  # noqa: E402
+
+
+def reset_peak():
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib():
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+
+
+def rel(a, b):
+    a, b = a.float().cpu(), b.float().cpu()
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="ltx-2-19b")
+    ap.add_argument("--cases", default="1920x1088x121")
+    ap.add_argument("--layouts", default="2x1x1,1x2x1,1x1x2")
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--profile-cases", default="1920x1088x121")
+    ap.add_argument("--profile-dir", default="profiles")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--layers", type=int, default=None)
+    args = ap.parse_args()
+
+    gpu = torch.cuda.is_available()  # CPU + gloo only to smoke-test this script (--model tiny)
+    dist.init_process_group("nccl" if gpu else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if gpu:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dev = torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
+    cfg = get_config(args.model)
+    if args.layers:
+        cfg = cfg.replace(num_layers=args.layers)
+    layouts = [tuple(int(x) for x in s.split("x")) for s in args.layouts.split(",")]
+    # groups for every layout are created up front, on all ranks, in the same order
+    ctxs = {lay: build_groups(*lay) for lay in layouts}
+    devname = torch.cuda.get_device_name() if gpu else "cpu"
+    stamp = f"{devname} x{world} | {datetime.date.today()} | torch {torch.__version__}"
+    cmd = f"torchrun --nproc-per-node {world} " + " ".join(sys.argv)
+    res = {"device": f"{devname} x{world}", "date": str(datetime.date.today()),
+           "command": cmd, "torch": torch.__version__, "cases": {}}
+
+    for case in args.cases.split(","):
+        w, h, f = (int(x) for x in case.split("x"))
+        video, audio = synthetic_step_inputs(cfg, f, h, w, 24.0, dev, torch.bfloat16, seed=1)
+        tokens = video.latent.shape[1]
+        r = res["cases"].setdefault(case, {"tokens": tokens,
+                                           "flops": step_flops(cfg, tokens, audio_tokens_for(f, 24.0))})
+        profile = case in args.profile_cases.split(",")
+        ref = None
+        if rank == 0:  # 1-GPU baseline
+            model = build_model(cfg, ParallelContext(), device=dev, dtype=torch.bfloat16, seed=0,
+                                plan=plan_for(tokens, cfg.inner_dim))
+            reset_peak()
+            r["1gpu_s"] = median(cuda_time(lambda: model(video, audio), 1, args.repeat))
+            r["1gpu_peak_gib"] = peak_gib()
+            ref = [t.cpu() for t in model(video, audio)]
+            print(f"{case} 1 GPU: {r['1gpu_s']:.3f} s/step [{model.plan.describe()}]", flush=True)
+            del model
+            gc.collect()
+            if gpu:
+                torch.cuda.empty_cache()
+        dist.barrier()
+        for lay in layouts:
+            ctx = ctxs[lay]
+            name = "tp{}_u{}_r{}".format(*lay)
+            local = -(-tokens // ctx.sp_size)
+            model = build_model(cfg, ctx, device=dev, dtype=torch.bfloat16, seed=0,
+                                plan=plan_for(local, cfg.inner_dim, ctx.tp_size))
+            reset_peak()
+            t = median(cuda_time(lambda: model(video, audio), 1, args.repeat))
+            out = model(video, audio)
+            peak = peak_gib()
+            entry = {"s": t, "peak_gib_rank0": peak, "plan": model.plan.describe()}
+            if rank == 0:
+                entry["speedup_vs_1gpu"] = r["1gpu_s"] / t
+                entry["rel_err_video_vs_1gpu"] = rel(out[0], ref[0])
+                entry["rel_err_audio_vs_1gpu"] = rel(out[1], ref[1])
+            if profile:
+                from torch.profiler import ProfilerActivity, profile as prof_ctx
+
+                _sync()
+                with prof_ctx(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
+                    model(video, audio)
+                    _sync()
+                s = kernel_summary(prof)
+                entry["comm_share"] = s["groups"].get("communication", (0.0, 0.0))[1]
+                if rank == 0:
+                    p = Path(args.profile_dir) / f"parallel_{name}_{case}.md"
+                    p.parent.mkdir(parents=True, exist_ok=True)
+                    p.write_text(summary_markdown(f"ltx2_tp {name}, one DiT step {case}, rank 0",
+                                                  f"torch.profiler (CUPTI) | {stamp} | `{cmd}`", s))
+            if rank == 0:
+                r[name] = entry
+                print(f"{case} {name}: {t:.3f} s/step x{entry['speedup_vs_1gpu']:.2f} "
+                      f"comm {entry.get('comm_share', float('nan')):.1%} peak {peak:.1f} GiB "
+                      f"err v {entry['rel_err_video_vs_1gpu']:.1e} a {entry['rel_err_audio_vs_1gpu']:.1e} "
+                      f"[{entry['plan']}]", flush=True)
+            del model, out
+            gc.collect()
+            if gpu:
+                torch.cuda.empty_cache()
+            dist.barrier()
+    if rank == 0:
+        print(f"\n{stamp}\n| case | tokens | 1 GPU s | layout | s | speed-up | comm share | TFLOP/s per GPU |")
+        for case, r in res["cases"].items():
+            for name, e in r.items():
+                if isinstance(e, dict):
+                    tf = r["flops"] / e["s"] / 1e12 / world
+                    print(f"| {case} | {r['tokens']} | {r['1gpu_s']:.3f} | {name} | {e['s']:.3f} | "
+                          f"{e['speedup_vs_1gpu']:.2f}x | {e.get('comm_share', float('nan')):.1%} | {tf:.0f} |")
+        if args.out:
+            write_json(args.out, res)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
