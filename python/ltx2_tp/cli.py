@@ -1,5 +1,6 @@
 """`ltx2-tp` command line.
 
+  ltx2-tp generate --model tiny --prompt "a red fox" --output-path outputs/fox.mp4
   ltx2-tp dit --model tiny                 one DiT forward (random weights): shapes and time
   torchrun --nproc-per-node 2 -m ltx2_tp.cli dit --model ltx-2-19b --tp-size 2 --device cuda ...
 
@@ -83,9 +84,106 @@ def cmd_dit(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    from ltx2_tp.pipelines.request import GenerationRequest, RequestError
+
+    fmt = args.output_format or (args.output_path.rsplit(".", 1)[-1].lower() if "." in args.output_path else "mp4")
+    req = GenerationRequest(prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width,
+                            height=args.height, num_frames=args.num_frames, fps=args.fps,
+                            num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                            seed=args.seed, image_path=args.image_path, output_format=fmt)
+    try:  # every value checked before anything is built
+        req.validate()
+    except RequestError as e:
+        raise UsageError(f"--{e.field.replace('_', '-')}: {str(e).split(': ', 1)[1]}") from None
+    if args.image_path and not _exists(args.image_path):
+        raise UsageError(f"--image-path: no such file {args.image_path!r}")
+    if args.model != "tiny" and not args.model_path:
+        raise UsageError(f"--model {args.model} needs --model-path (only --model tiny is embedded)")
+    if args.model_path and not _exists(args.model_path):
+        raise UsageError(f"--model-path: no such file or directory {args.model_path!r}")
+    if args.model_path:
+        raise UsageError("--model-path: loading official checkpoints into the pipeline is not built yet "
+                         "(the DiT loads them: ltx2_tp.models.ltx2.weights.build_model); use --model tiny")
+    ulysses = args.ulysses_size or max(1, args.sp_size // args.ring_size)
+    if args.tp_size * args.sp_size != args.num_gpus:
+        raise UsageError(f"--num-gpus ({args.num_gpus}) must equal --tp-size x --sp-size ({args.tp_size} x {args.sp_size})")
+    if ulysses * args.ring_size != args.sp_size:
+        raise UsageError(f"--sp-size ({args.sp_size}) must equal --ulysses-size x --ring-size ({ulysses} x {args.ring_size})")
+    from ltx2_tp.models.ltx2.config import get_config
+
+    get_config("tiny").validate_parallel(args.tp_size, ulysses)
+
+    from tqdm import tqdm
+
+    from ltx2_tp.distributed.context import init_parallel
+    from ltx2_tp.pipelines.components import build_tiny_components
+    from ltx2_tp.pipelines.registry import get_pipeline_class
+    from ltx2_tp.pipelines.stages import StageTimer
+
+    ctx = init_parallel(args.tp_size, ulysses, args.ring_size)
+    device = args.device
+    if device == "cuda" and ctx.is_parallel:
+        device = f"cuda:{torch.cuda.current_device()}"
+    comps = build_tiny_components(args.seed, device=device, dtype=_dtype(args.dtype), ctx=ctx)
+    pipe = get_pipeline_class(args.pipeline_class_name)(comps)
+    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    bars: dict[str, tqdm] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if not rank0 or stage == "done":
+            return
+        if stage not in bars:
+            bars[stage] = tqdm(total=total, desc=stage, unit="step")
+        bars[stage].update(done - bars[stage].n)
+
+    timer = StageTimer(sync=comps.device.type == "cuda")
+    out = args.output_path if rank0 else f"{args.output_path}.rank{torch.distributed.get_rank()}"
+    result = pipe(req, out, progress=progress, timer=timer)
+    for b in bars.values():
+        b.close()
+    if not rank0:  # every rank computes the same video; only rank 0 keeps it
+        result.path.unlink(missing_ok=True)
+        return 0
+    print(timer.table())
+    print(f"wrote {result.path} ({result.frames} frames {result.width}x{result.height} @ {result.fps:g} fps, "
+          f"{result.audio_samples} audio samples)")
+    return 0
+
+
+def _exists(p: str) -> bool:
+    import os
+
+    return os.path.exists(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ltx2-tp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="text/image to video with audio (flags named as sglang's)")
+    g.add_argument("--model", default="tiny", help="tiny (embedded; makes noise, not pictures)")
+    g.add_argument("--model-path", default=None)
+    g.add_argument("--pipeline-class-name", default="LTX2LongVideo", choices=["LTX2LongVideo", "LTX2TwoStagePipeline"])
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--negative-prompt", default="")
+    g.add_argument("--image-path", default=None, help="first-frame image (image-to-video)")
+    g.add_argument("--width", type=int, default=384)
+    g.add_argument("--height", type=int, default=256)
+    g.add_argument("--num-frames", type=int, default=49)
+    g.add_argument("--fps", type=float, default=24.0)
+    g.add_argument("--num-inference-steps", type=int, default=8)
+    g.add_argument("--guidance-scale", type=float, default=3.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--num-gpus", type=int, default=1)
+    g.add_argument("--tp-size", type=int, default=1)
+    g.add_argument("--sp-size", type=int, default=1)
+    g.add_argument("--ulysses-size", type=int, default=None)
+    g.add_argument("--ring-size", type=int, default=1)
+    g.add_argument("--output-path", default="outputs/ltx2_tp.mp4")
+    g.add_argument("--output-format", default=None, choices=["mp4", "webm", "gif"], help="default: from --output-path")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--dtype", default="fp32" if not torch.cuda.is_available() else "bf16", choices=["bf16", "fp16", "fp32"])
+    g.set_defaults(func=cmd_generate)
     d = sub.add_parser("dit", help="one DiT forward with random weights: shapes and time")
     d.add_argument("--model", default="tiny", choices=sorted(PRESETS))
     d.add_argument("--num-frames", type=int, default=25)

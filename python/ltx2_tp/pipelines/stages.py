@@ -1,0 +1,169 @@
+"""Pipeline stages, each a plain function over LTX2Components. ltx-core / ltx-pipelines supply the
+latent tools, noiser, scheduler, Euler step, guiders, upsampler and decoders; our DiT runs.
+
+Stages a reader can list: encode_text -> prepare_latents -> denoise (stage 1, guided) ->
+upsample -> denoise (stage 2, distilled sigmas) -> decode_video / decode_audio -> write_media.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from ltx2_tp.compat import ensure_ltx_imports
+from ltx2_tp.pipelines.components import LTX2Components
+from ltx2_tp.profiling import nvtx_range
+
+ensure_ltx_imports()
+
+from ltx_core.components.diffusion_steps import EulerDiffusionStep  # noqa: E402
+from ltx_core.components.guiders import CFGGuider  # noqa: E402
+from ltx_core.components.noisers import GaussianNoiser  # noqa: E402
+from ltx_core.components.patchifiers import AudioPatchifier, VideoLatentPatchifier  # noqa: E402
+from ltx_core.components.schedulers import LTX2Scheduler  # noqa: E402
+from ltx_core.model.transformer.model import X0Model  # noqa: E402
+from ltx_core.tools import AudioLatentTools, VideoLatentTools  # noqa: E402
+from ltx_core.types import AudioLatentShape, LatentState, VideoLatentShape, VideoPixelShape  # noqa: E402
+from ltx_pipelines.utils.constants import STAGE_2_DISTILLED_SIGMA_VALUES, VIDEO_SCALE_FACTORS  # noqa: E402
+from ltx_pipelines.utils.helpers import (create_noised_state, guider_denoising_func,  # noqa: E402
+                                         post_process_latent, simple_denoising_func)
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+@dataclass
+class StageTimer:
+    """Wall time per stage, in order, for the table the CLI prints and the server reports."""
+
+    times: dict[str, float] = field(default_factory=dict)
+    sync: bool = False
+
+    @contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        with nvtx_range(name):
+            yield
+            if self.sync and torch.cuda.is_available():
+                torch.cuda.synchronize()
+        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
+
+    def table(self) -> str:
+        total = sum(self.times.values()) or 1.0
+        rows = [f"{'stage':<22} {'seconds':>9} {'share':>7}"]
+        rows += [f"{k:<22} {v:>9.3f} {v / total:>7.1%}" for k, v in self.times.items()]
+        rows.append(f"{'total':<22} {total:>9.3f}")
+        return "\n".join(rows)
+
+
+@dataclass
+class Streams:
+    video: LatentState
+    audio: LatentState
+    video_tools: VideoLatentTools
+    audio_tools: AudioLatentTools
+
+
+def encode_text(c: LTX2Components, prompt: str, negative_prompt: str):
+    with torch.no_grad():
+        pos = c.text_encoder(prompt)
+        neg = c.text_encoder(negative_prompt or "")
+    cast = lambda t: t.to(device=c.device, dtype=c.dtype)  # noqa: E731
+    return tuple(map(cast, pos)), tuple(map(cast, neg))
+
+
+def prepare_latents(c: LTX2Components, shape: VideoPixelShape, generator: torch.Generator, conditionings=(),
+                    noise_scale: float = 1.0, initial_video: torch.Tensor | None = None,
+                    initial_audio: torch.Tensor | None = None) -> Streams:
+    """Noised video and audio latent states (patchified), as ltx-pipelines' denoise_audio_video."""
+    noiser = GaussianNoiser(generator=generator)
+    vshape = VideoLatentShape.from_pixel_shape(shape=shape, latent_channels=c.video_latent_channels,
+                                               scale_factors=VIDEO_SCALE_FACTORS)
+    vtools = VideoLatentTools(VideoLatentPatchifier(patch_size=1), vshape, shape.fps)
+    ashape = AudioLatentShape.from_video_pixel_shape(shape, channels=c.audio_latent_channels, mel_bins=c.audio_mel_bins)
+    atools = AudioLatentTools(AudioPatchifier(patch_size=1), ashape)
+    common = dict(noiser=noiser, dtype=c.dtype, device=c.device, noise_scale=noise_scale)
+    video = create_noised_state(tools=vtools, conditionings=list(conditionings), initial_latent=initial_video, **common)
+    audio = create_noised_state(tools=atools, conditionings=[], initial_latent=initial_audio, **common)
+    return Streams(video, audio, vtools, atools)
+
+
+def denoise(c: LTX2Components, s: Streams, sigmas: torch.Tensor, denoise_fn, stage: str,
+            progress: Progress | None = None) -> Streams:
+    """Euler loop over `sigmas` (ltx-pipelines' euler_denoising_loop, with progress and NVTX per step)."""
+    stepper = EulerDiffusionStep()
+    video, audio = s.video, s.audio
+    total = len(sigmas) - 1
+    for i in range(total):
+        with nvtx_range(f"{stage}_step{i}"):
+            dv, da = denoise_fn(video, audio, sigmas, i)
+            dv = post_process_latent(dv, video.denoise_mask, video.clean_latent)
+            da = post_process_latent(da, audio.denoise_mask, audio.clean_latent)
+            video = replace(video, latent=stepper.step(video.latent, dv, sigmas, i))
+            audio = replace(audio, latent=stepper.step(audio.latent, da, sigmas, i))
+        if progress:
+            progress(stage, i + 1, total)
+    return Streams(video, audio, s.video_tools, s.audio_tools)
+
+
+def unpatchify(s: Streams) -> tuple[torch.Tensor, torch.Tensor]:
+    v = s.video_tools.unpatchify(s.video_tools.clear_conditioning(s.video))
+    a = s.audio_tools.unpatchify(s.audio_tools.clear_conditioning(s.audio))
+    return v.latent, a.latent
+
+
+def stage1_denoise_fn(c: LTX2Components, ctx_pos, ctx_neg, guidance_scale: float):
+    return guider_denoising_func(CFGGuider(guidance_scale), ctx_pos[0], ctx_neg[0], ctx_pos[1], ctx_neg[1],
+                                 X0Model(c.transformer))
+
+
+def stage2_denoise_fn(c: LTX2Components, ctx_pos):
+    return simple_denoising_func(ctx_pos[0], ctx_pos[1], X0Model(c.transformer))
+
+
+def stage1_sigmas(steps: int, device) -> torch.Tensor:
+    return LTX2Scheduler().execute(steps=steps).to(dtype=torch.float32, device=device)
+
+
+def stage2_sigmas(device) -> torch.Tensor:
+    return torch.tensor(STAGE_2_DISTILLED_SIGMA_VALUES, dtype=torch.float32, device=device)
+
+
+@torch.no_grad()
+def upsample(c: LTX2Components, video_latent: torch.Tensor) -> torch.Tensor:
+    from ltx_core.model.upsampler import upsample_video
+
+    enc, up = c.video_encoder, c.upsampler
+    x = video_latent[:1].to(next(up.parameters()).dtype)
+    return upsample_video(latent=x, video_encoder=enc, upsampler=up).to(c.dtype)
+
+
+def decode_video(c: LTX2Components, video_latent: torch.Tensor, temporal_tile_frames: int | None,
+                 generator: torch.Generator | None = None) -> tuple[Iterator[torch.Tensor], int]:
+    """Frames as uint8 (f, h, w, 3) chunks; in temporal tiles when asked, so decoding never holds
+    the whole video's activations."""
+    from ltx_core.model.video_vae import TemporalTilingConfig, TilingConfig, get_video_chunks_number
+    from ltx_core.model.video_vae import decode_video as vae_decode
+
+    frames = (video_latent.shape[2] - 1) * 8 + 1
+    tiling = None
+    if temporal_tile_frames:
+        tiling = TilingConfig(temporal_config=TemporalTilingConfig(temporal_tile_frames, 8))
+    dec = c.video_decoder
+    lat = video_latent.to(next(dec.parameters()).dtype)
+
+    def gen():
+        with torch.no_grad():
+            yield from vae_decode(lat, dec, tiling, generator)  # batched (B, C, F, H, W), as ltx-pipelines passes it
+
+    return gen(), get_video_chunks_number(frames, tiling)
+
+
+@torch.no_grad()
+def decode_audio(c: LTX2Components, audio_latent: torch.Tensor):
+    from ltx_core.model.audio_vae import decode_audio as vae_decode_audio
+
+    return vae_decode_audio(audio_latent.to(next(c.audio_decoder.parameters()).dtype), c.audio_decoder, c.vocoder)
