@@ -151,6 +151,24 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from ltx2_tp.pipelines.components import build_tiny_components
+    from ltx2_tp.pipelines.registry import get_pipeline_class
+    from ltx2_tp.serving.api import create_app
+    from ltx2_tp.serving.jobs import JobManager
+
+    if args.model != "tiny":
+        raise UsageError("--model: only 'tiny' is embedded; checkpoint serving is not built yet")
+    comps = build_tiny_components(0, device=args.device, dtype=_dtype(args.dtype))
+    manager = JobManager(get_pipeline_class(args.pipeline_class_name)(comps), args.output_dir, args.max_queue, args.ttl_s)
+    app = create_app(manager, model_name=args.served_model_name, api_key=args.api_key,
+                     max_video_tokens=args.max_video_tokens, default_steps=args.num_inference_steps)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
 def _exists(p: str) -> bool:
     import os
 
@@ -184,6 +202,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--dtype", default="fp32" if not torch.cuda.is_available() else "bf16", choices=["bf16", "fp16", "fp32"])
     g.set_defaults(func=cmd_generate)
+    sv = sub.add_parser("serve", help="OpenAI-compatible /v1/videos server")
+    sv.add_argument("--model", default="tiny")
+    sv.add_argument("--served-model-name", default="ltx-2-tiny")
+    sv.add_argument("--pipeline-class-name", default="LTX2LongVideo", choices=["LTX2LongVideo", "LTX2TwoStagePipeline"])
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--output-dir", default="outputs/server")
+    sv.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on every route")
+    sv.add_argument("--max-queue", type=int, default=8)
+    sv.add_argument("--ttl-s", type=int, default=3600, help="finished files are deleted after this many seconds")
+    sv.add_argument("--max-video-tokens", type=int, default=400_000)
+    sv.add_argument("--num-inference-steps", type=int, default=8, help="default when a request gives none")
+    sv.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    sv.add_argument("--dtype", default="fp32" if not torch.cuda.is_available() else "bf16", choices=["bf16", "fp16", "fp32"])
+    sv.set_defaults(func=cmd_serve)
     d = sub.add_parser("dit", help="one DiT forward with random weights: shapes and time")
     d.add_argument("--model", default="tiny", choices=sorted(PRESETS))
     d.add_argument("--num-frames", type=int, default=25)
