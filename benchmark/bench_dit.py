@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (_sync, build_ltx_core_gpu, cuda_time, kernel_summary, median, run_ltx_core, step_flops,  # noqa: E402
+from common import (_sync, build_ltx_core_gpu, peak_gib, rel, reset_peak, cuda_time, kernel_summary, median, run_ltx_core, step_flops,  # noqa: E402
                     summary_markdown, write_json)
 
 from ltx2_tp.memory.plan import ExecutionPlan, plan_for  # noqa: E402
@@ -32,20 +32,6 @@ from ltx2_tp.step_inputs import audio_tokens_for, synthetic_step_inputs  # noqa:
 def parse_case(s: str):
     w, h, f = (int(x) for x in s.lower().split("x"))
     return w, h, f
-
-
-def reset_peak():
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-
-
-def peak_gib():
-    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
-
-
-def rel(a, b):
-    a, b = a.float().cpu(), b.float().cpu()
-    return float((a - b).abs().max() / b.abs().max())
 
 
 def profile_step(fn, path: Path, title: str, header: str):

@@ -22,27 +22,13 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import _sync, cuda_time, kernel_summary, median, step_flops, summary_markdown, write_json  # noqa: E402
+from common import _sync, cuda_time, peak_gib, rel, reset_peak, kernel_summary, median, step_flops, summary_markdown, write_json  # noqa: E402
 
 from ltx2_tp.distributed.context import ParallelContext, build_groups  # noqa: E402
 from ltx2_tp.memory.plan import plan_for  # noqa: E402
 from ltx2_tp.models.ltx2.config import get_config  # noqa: E402
 from ltx2_tp.models.ltx2.weights import build_model  # noqa: E402
 from ltx2_tp.step_inputs import audio_tokens_for, synthetic_step_inputs  # noqa: E402
-
-
-def reset_peak():
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-
-
-def peak_gib():
-    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
-
-
-def rel(a, b):
-    a, b = a.float().cpu(), b.float().cpu()
-    return float((a - b).abs().max() / b.abs().max())
 
 
 def main():

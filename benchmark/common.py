@@ -48,6 +48,20 @@ def cuda_time(fn, warmup: int = 1, repeat: int = 3) -> list[float]:
     return out
 
 
+def reset_peak():
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib():
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+
+
+def rel(a, b):
+    a, b = a.float().cpu(), b.float().cpu()
+    return float((a - b).abs().max() / b.abs().max())
+
+
 def median(xs):
     return statistics.median(xs)
 
