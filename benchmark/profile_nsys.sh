@@ -16,9 +16,10 @@ if [ "$mode" = single ]; then
   nsys stats --report cuda_gpu_kern_sum,nvtx_sum --format csv -o "$out/dit_single" "$out/dit_single.nsys-rep"
 else
   n=${1:-2}; shift || true
-  # %q{RANK}: one report per rank; nccl kernels appear in the cuda trace
-  nsys profile $trace -o "$out/parallel_rank%q{RANK}" --force-overwrite true \
-    torchrun --nproc-per-node "$n" benchmark/bench_parallel.py --cases 1920x1088x121 --repeat 1 "$@"
+  # nsys runs inside each torchrun worker, so %q{RANK} names one report per rank; NCCL kernels
+  # appear in the cuda trace, our collectives as NVTX ranges
+  torchrun --nproc-per-node "$n" --no-python nsys profile $trace -o "$out/parallel_rank%q{RANK}" \
+    --force-overwrite true python benchmark/bench_parallel.py --cases 1920x1088x121 --repeat 1 "$@"
   for f in "$out"/parallel_rank*.nsys-rep; do
     nsys stats --report cuda_gpu_kern_sum,nvtx_sum --format csv -o "${f%.nsys-rep}" "$f"
   done
