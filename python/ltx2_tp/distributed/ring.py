@@ -9,12 +9,8 @@ import torch
 import torch.distributed as dist
 
 from ltx2_tp.layers.attention_backend import LseAccumulator, attention_lse
+from ltx2_tp.memory.plan import token_chunks
 from ltx2_tp.profiling import nvtx_range
-
-
-def _chunks(n: int, size: int | None):
-    size = n if not size or size <= 0 else size
-    return [(s, min(s + size, n)) for s in range(0, max(n, 1), size)] if n else []
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_sizes: list[int], group,
@@ -28,7 +24,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size
     nxt = torch.empty_like(cur)
     send_to = dist.get_global_rank(group, (me + 1) % r)
     recv_from = dist.get_global_rank(group, (me - 1) % r)
-    chunks = _chunks(q.shape[1], q_chunk)
+    chunks = token_chunks(q.shape[1], q_chunk)
     accs = [LseAccumulator() for _ in chunks]
     for step in range(r):
         reqs = []

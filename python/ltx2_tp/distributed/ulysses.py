@@ -13,8 +13,9 @@ import torch
 
 from ltx2_tp.distributed.collectives import part_range, part_sizes, ulysses_heads_to_seq, ulysses_seq_to_heads
 from ltx2_tp.distributed.context import ParallelContext
-from ltx2_tp.distributed.ring import _chunks, ring_attention
+from ltx2_tp.distributed.ring import ring_attention
 from ltx2_tp.layers.attention_backend import attention
+from ltx2_tp.memory.plan import token_chunks
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class SequenceLayout:
 
 def local_attention(q, k, v, q_chunk: int | None, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Queries in chunks against the full K/V; each chunk's output is written over its q rows."""
-    chunks = _chunks(q.shape[1], q_chunk)
+    chunks = token_chunks(q.shape[1], q_chunk)
     if len(chunks) == 1:
         return attention(q, k, v, mask)
     out = torch.empty_like(q)

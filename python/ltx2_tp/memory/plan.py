@@ -9,6 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+def token_chunks(n: int, size: int | None) -> list[tuple[int, int]]:
+    """[start, end) ranges covering n tokens in chunks of `size` (None or <= 0: one chunk)."""
+    if n == 0:
+        return []
+    size = n if not size or size <= 0 else size
+    return [(s, min(s + size, n)) for s in range(0, n, size)]
+
+
 @dataclass
 class ExecutionPlan:
     ffn_chunk_tokens: int | None = None  # FFN processed in token chunks (None: whole sequence)

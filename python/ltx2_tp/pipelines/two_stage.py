@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ltx2_tp.media import write_media
 from ltx2_tp.pipelines import stages
 from ltx2_tp.pipelines.components import LTX2Components
 from ltx2_tp.pipelines.registry import register_pipeline
@@ -88,14 +89,8 @@ class LTX2TwoStagePipeline:
         with timer("decode_and_write"):
             frames, chunks = stages.decode_video(c, video_latent, self.temporal_tile_frames(req), gen)
             audio = stages.decode_audio(c, audio_latent)
-            path = stages_write(frames, chunks, req, audio, output_path)
+            path = write_media(frames, chunks, req.fps, audio, output_path, req.output_format)
         if progress:
             progress("done", 1, 1)
         return GenerationResult(path=path, frames=req.num_frames, width=req.width, height=req.height, fps=req.fps,
                                 audio_samples=int(audio.waveform.shape[-1]), stage_times=dict(timer.times))
-
-
-def stages_write(frames, chunks, req: GenerationRequest, audio, output_path) -> Path:
-    from ltx2_tp.media import write_media
-
-    return write_media(frames, chunks, req.fps, audio, output_path, req.output_format)

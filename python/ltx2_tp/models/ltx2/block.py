@@ -19,7 +19,6 @@ from torch import nn
 
 from ltx2_tp.distributed.collectives import all_reduce_max, all_reduce_sum
 from ltx2_tp.distributed.context import ParallelContext
-from ltx2_tp.distributed.ring import _chunks
 from ltx2_tp.distributed.ulysses import SequenceLayout, local_attention, sp_self_attention
 from ltx2_tp.layers.adaln import TokenModulation, ada_values
 from ltx2_tp.layers.attention import Attention
@@ -27,7 +26,7 @@ from ltx2_tp.layers.attention_backend import LseAccumulator, attention, attentio
 from ltx2_tp.layers.feedforward import FeedForward
 from ltx2_tp.layers.norm import rms_norm
 from ltx2_tp.layers.rope import StreamRope, apply_rope
-from ltx2_tp.memory.plan import ExecutionPlan
+from ltx2_tp.memory.plan import ExecutionPlan, token_chunks
 from ltx2_tp.models.ltx2.config import LTX2Config
 from ltx2_tp.models.ltx2.inputs import SKIP_A2V, SKIP_AUDIO_SELF_ATTN, SKIP_V2A, SKIP_VIDEO_SELF_ATTN
 from ltx2_tp.profiling import nvtx_range
@@ -119,7 +118,7 @@ class AVTransformerBlock(nn.Module):
         with nvtx_range("self_attention"):
             eps, x = self.cfg.norm_eps, st.x
             b, n = x.shape[:2]
-            chunks = _chunks(n, plan.attn_chunk_tokens)
+            chunks = token_chunks(n, plan.attn_chunk_tokens)
             skip_all = pert.all_in_batch(kind, self.idx)
             partial = not skip_all and pert.any_in_batch(kind, self.idx)
             shape = (b, n, attn.heads_local, attn.dim_head)
@@ -176,7 +175,7 @@ class AVTransformerBlock(nn.Module):
                 shift_kv, scale_kv = (pt + st.prompt_mod.reshape(b, st.prompt_mod.shape[1], 2, -1)).unbind(dim=2)
                 context = context * (1 + scale_kv) + shift_kv
             k, v = attn.kv(context)
-            for s, e in _chunks(x.shape[1], plan.attn_chunk_tokens):
+            for s, e in token_chunks(x.shape[1], plan.attn_chunk_tokens):
                 if adaln:
                     shift_q, scale_q, gate = ada_values(table, st.mod, s, e, slice(6, 9))
                     h = _modulate(x[:, s:e], eps, scale_q, shift_q)
@@ -211,7 +210,7 @@ class AVTransformerBlock(nn.Module):
                 qa_in = ax_norm * (1 + scale_a2) + shift_a2
                 qa = apply_rope(v2a.q(qa_in), a_cos, a_sin, rope_type)
                 acc = LseAccumulator()
-            for s, e in _chunks(vx.shape[1], plan.attn_chunk_tokens):
+            for s, e in token_chunks(vx.shape[1], plan.attn_chunk_tokens):
                 vn = rms_norm(vx[:, s:e], eps)  # before this chunk's a2v update, as ltx-core
                 v_cos, v_sin = video.cross_rope(s, e)
                 if do_v2a:
@@ -228,7 +227,7 @@ class AVTransformerBlock(nn.Module):
 
     def _feedforward(self, ff: FeedForward, st: StreamState, table, plan: ExecutionPlan) -> None:
         eps, x = self.cfg.norm_eps, st.x
-        for s, e in _chunks(x.shape[1], plan.ffn_chunk_tokens):
+        for s, e in token_chunks(x.shape[1], plan.ffn_chunk_tokens):
             shift, scale, gate = ada_values(table, st.mod, s, e, slice(3, 6))
             x[:, s:e] += ff(_modulate(x[:, s:e], eps, scale, shift)) * gate
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -161,4 +161,4 @@ def get_config(name: str, **overrides) -> LTX2Config:
     return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
 
 
-__all__ = ["LTX2Config", "PRESETS", "get_config", "field"]
+__all__ = ["LTX2Config", "PRESETS", "get_config"]

@@ -15,11 +15,10 @@ from torch import nn
 
 from ltx2_tp.distributed.collectives import gather_sequence
 from ltx2_tp.distributed.context import SINGLE, ParallelContext
-from ltx2_tp.distributed.ring import _chunks
 from ltx2_tp.distributed.ulysses import SequenceLayout
 from ltx2_tp.layers.adaln import AdaLayerNormSingle, TokenModulation
 from ltx2_tp.layers.rope import RopeSpec, StreamRope
-from ltx2_tp.memory.plan import ExecutionPlan
+from ltx2_tp.memory.plan import ExecutionPlan, token_chunks
 from ltx2_tp.models.ltx2.block import AVTransformerBlock, StreamState
 from ltx2_tp.models.ltx2.config import LTX2Config
 from ltx2_tp.models.ltx2.inputs import Modality, as_perturbations
@@ -151,7 +150,7 @@ class LTX2Model(nn.Module):
         proj = getattr(self, f"{p}proj_out")
         x = st.x
         out = x.new_empty(*x.shape[:2], proj.out_features)
-        for s, e in _chunks(x.shape[1], self.plan.ffn_chunk_tokens):
+        for s, e in token_chunks(x.shape[1], self.plan.ffn_chunk_tokens):
             emb = st.embedded.rows(s, e)
             shift, scale = (table[None, None].to(device=x.device, dtype=x.dtype) + emb[:, :, None]).unbind(dim=2)
             h = F.layer_norm(x[:, s:e], (x.shape[-1],), eps=self.cfg.norm_eps)

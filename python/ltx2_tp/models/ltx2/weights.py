@@ -174,12 +174,6 @@ def init_random(model: LTX2Model, seed: int, std: float = 0.02) -> None:
         _load_one(entry, t)
 
 
-def load_partial(model: LTX2Model, sd: dict[str, torch.Tensor], spec=None) -> None:
-    spec = spec or checkpoint_spec(model)
-    for key, t in sd.items():
-        _load_one(spec[key], t)
-
-
 def save_checkpoint(state_dict: dict[str, torch.Tensor], path: str | Path, config: dict | None = None,
                     prefix: str = "") -> None:
     """Write tensors in the official layout (used by tests and the tiny model)."""
