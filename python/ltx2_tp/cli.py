@@ -47,9 +47,6 @@ def cmd_dit(args) -> int:
 
     validate_video_args(args.num_frames, args.height, args.width)
     cfg = get_config(args.model)
-    if args.ring_size * args.ulysses_size != args.sp_size:
-        raise UsageError(f"--sp-size ({args.sp_size}) must equal --ulysses-size x --ring-size "
-                         f"({args.ulysses_size} x {args.ring_size})")
     cfg.validate_parallel(args.tp_size, args.ulysses_size)
     ctx = init_parallel(args.tp_size, args.ulysses_size, args.ring_size)
     device = torch.device(args.device if args.device != "cuda" else f"cuda:{torch.cuda.current_device()}")
@@ -105,14 +102,11 @@ def cmd_generate(args) -> int:
     if args.model_path:
         raise UsageError("--model-path: loading official checkpoints into the pipeline is not built yet "
                          "(the DiT loads them: ltx2_tp.models.ltx2.weights.build_model); use --model tiny")
-    ulysses = args.ulysses_size or max(1, args.sp_size // args.ring_size)
     if args.tp_size * args.sp_size != args.num_gpus:
         raise UsageError(f"--num-gpus ({args.num_gpus}) must equal --tp-size x --sp-size ({args.tp_size} x {args.sp_size})")
-    if ulysses * args.ring_size != args.sp_size:
-        raise UsageError(f"--sp-size ({args.sp_size}) must equal --ulysses-size x --ring-size ({ulysses} x {args.ring_size})")
     from ltx2_tp.models.ltx2.config import get_config
 
-    get_config("tiny").validate_parallel(args.tp_size, ulysses)
+    get_config("tiny").validate_parallel(args.tp_size, args.ulysses_size)
 
     from tqdm import tqdm
 
@@ -121,7 +115,7 @@ def cmd_generate(args) -> int:
     from ltx2_tp.pipelines.registry import get_pipeline_class
     from ltx2_tp.pipelines.stages import StageTimer
 
-    ctx = init_parallel(args.tp_size, ulysses, args.ring_size)
+    ctx = init_parallel(args.tp_size, args.ulysses_size, args.ring_size)
     device = args.device
     if device == "cuda" and ctx.is_parallel:
         device = f"cuda:{torch.cuda.current_device()}"
@@ -175,6 +169,12 @@ def _exists(p: str) -> bool:
     return os.path.exists(p)
 
 
+def _add_device_args(p: argparse.ArgumentParser, cpu_dtype: str) -> None:
+    gpu = torch.cuda.is_available()
+    p.add_argument("--device", default="cuda" if gpu else "cpu")
+    p.add_argument("--dtype", default="bf16" if gpu else cpu_dtype, choices=["bf16", "fp16", "fp32"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ltx2-tp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -199,8 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ring-size", type=int, default=1)
     g.add_argument("--output-path", default="outputs/ltx2_tp.mp4")
     g.add_argument("--output-format", default=None, choices=["mp4", "webm", "gif"], help="default: from --output-path")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    g.add_argument("--dtype", default="fp32" if not torch.cuda.is_available() else "bf16", choices=["bf16", "fp16", "fp32"])
+    _add_device_args(g, cpu_dtype="fp32")
     g.set_defaults(func=cmd_generate)
     sv = sub.add_parser("serve", help="OpenAI-compatible /v1/videos server")
     sv.add_argument("--model", default="tiny")
@@ -214,8 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--ttl-s", type=int, default=3600, help="finished files are deleted after this many seconds")
     sv.add_argument("--max-video-tokens", type=int, default=400_000)
     sv.add_argument("--num-inference-steps", type=int, default=8, help="default when a request gives none")
-    sv.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    sv.add_argument("--dtype", default="fp32" if not torch.cuda.is_available() else "bf16", choices=["bf16", "fp16", "fp32"])
+    _add_device_args(sv, cpu_dtype="fp32")
     sv.set_defaults(func=cmd_serve)
     d = sub.add_parser("dit", help="one DiT forward with random weights: shapes and time")
     d.add_argument("--model", default="tiny", choices=sorted(PRESETS))
@@ -229,8 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--ring-size", type=int, default=1)
     d.add_argument("--ffn-chunk-tokens", type=int, default=None)
     d.add_argument("--attn-chunk-tokens", type=int, default=None)
-    d.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    d.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    _add_device_args(d, cpu_dtype="bf16")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--repeat", type=int, default=2)
     d.set_defaults(func=cmd_dit)
@@ -239,9 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "ulysses_size", 1) is None:
-        args.ulysses_size = args.sp_size // args.ring_size if args.sp_size % args.ring_size == 0 else args.sp_size
     try:
+        if hasattr(args, "sp_size"):  # dit, generate: SP = Ulysses x ring, Ulysses by default
+            if args.ulysses_size is None:
+                args.ulysses_size = max(1, args.sp_size // args.ring_size)
+            if args.ulysses_size * args.ring_size != args.sp_size:
+                raise UsageError(f"--sp-size ({args.sp_size}) must equal --ulysses-size x --ring-size "
+                                 f"({args.ulysses_size} x {args.ring_size})")
         return args.func(args)
     except ValueError as e:  # UsageError, config validation, layout errors
         print(f"ltx2-tp: error: {e}", file=sys.stderr)
