@@ -95,23 +95,22 @@ def cmd_generate(args) -> int:
         raise UsageError(f"--{e.field.replace('_', '-')}: {str(e).split(': ', 1)[1]}") from None
     if args.image_path and not _exists(args.image_path):
         raise UsageError(f"--image-path: no such file {args.image_path!r}")
-    if args.model != "tiny" and not args.model_path:
-        raise UsageError(f"--model {args.model} needs --model-path (only --model tiny is embedded)")
-    if args.model_path and not _exists(args.model_path):
-        raise UsageError(f"--model-path: no such file or directory {args.model_path!r}")
-    if args.model_path:
-        raise UsageError("--model-path: loading official checkpoints into the pipeline is not built yet "
-                         "(the DiT loads them: ltx2_tp.models.ltx2.weights.build_model); use --model tiny")
     if args.tp_size * args.sp_size != args.num_gpus:
         raise UsageError(f"--num-gpus ({args.num_gpus}) must equal --tp-size x --sp-size ({args.tp_size} x {args.sp_size})")
-    from ltx2_tp.models.ltx2.config import get_config
+    files = _checkpoint_files(args)
+    from ltx2_tp.models.ltx2.config import LTX2Config, get_config
 
-    get_config("tiny").validate_parallel(args.tp_size, args.ulysses_size)
+    if files is None:
+        get_config("tiny").validate_parallel(args.tp_size, args.ulysses_size)
+    else:
+        from ltx2_tp.models.ltx2.weights import read_checkpoint_config
+
+        meta = read_checkpoint_config([files.checkpoint]) or {}
+        LTX2Config.from_checkpoint_config(meta).validate_parallel(args.tp_size, args.ulysses_size)
 
     from tqdm import tqdm
 
     from ltx2_tp.distributed.context import init_parallel
-    from ltx2_tp.pipelines.components import build_tiny_components
     from ltx2_tp.pipelines.registry import get_pipeline_class
     from ltx2_tp.pipelines.stages import StageTimer
 
@@ -119,7 +118,7 @@ def cmd_generate(args) -> int:
     device = args.device
     if device == "cuda" and ctx.is_parallel:
         device = f"cuda:{torch.cuda.current_device()}"
-    comps = build_tiny_components(args.seed, device=device, dtype=_dtype(args.dtype), ctx=ctx)
+    comps = _components(args, files, device, ctx)
     pipe = get_pipeline_class(args.pipeline_class_name)(comps)
     rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     bars: dict[str, tqdm] = {}
@@ -148,19 +147,58 @@ def cmd_generate(args) -> int:
 def cmd_serve(args) -> int:
     import uvicorn
 
-    from ltx2_tp.pipelines.components import build_tiny_components
     from ltx2_tp.pipelines.registry import get_pipeline_class
     from ltx2_tp.serving.api import create_app
     from ltx2_tp.serving.jobs import JobManager
 
-    if args.model != "tiny":
-        raise UsageError("--model: only 'tiny' is embedded; checkpoint serving is not built yet")
-    comps = build_tiny_components(0, device=args.device, dtype=_dtype(args.dtype))
+    files = _checkpoint_files(args)
+    args.seed = 0
+    comps = _components(args, files, args.device, SINGLE_CTX())
     manager = JobManager(get_pipeline_class(args.pipeline_class_name)(comps), args.output_dir, args.max_queue, args.ttl_s)
     app = create_app(manager, model_name=args.served_model_name, api_key=args.api_key,
                      max_video_tokens=args.max_video_tokens, default_steps=args.num_inference_steps)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
+
+
+def SINGLE_CTX():
+    from ltx2_tp.distributed.context import SINGLE
+
+    return SINGLE
+
+
+def _checkpoint_files(args):
+    """None for the embedded tiny model, else the official files (every missing one names its flag)."""
+    from ltx2_tp.pipelines.checkpoints import CheckpointFiles
+    from ltx2_tp.pipelines.request import RequestError
+
+    if not args.model_path:
+        if args.model != "tiny":
+            raise UsageError(f"--model {args.model} needs --model-path (only --model tiny is embedded)")
+        return None
+    try:
+        return CheckpointFiles.discover(args.model_path, args.spatial_upsampler_path, args.text_encoder_path,
+                                        args.distilled_lora_path, args.distilled_lora_strength)
+    except RequestError as e:
+        raise UsageError(f"--{e.field.replace('_', '-')}: {str(e).split(': ', 1)[1]}") from None
+
+
+def _components(args, files, device, ctx):
+    from ltx2_tp.pipelines.checkpoints import build_checkpoint_components
+    from ltx2_tp.pipelines.components import build_tiny_components
+
+    if files is None:
+        return build_tiny_components(args.seed, device=device, dtype=_dtype(args.dtype), ctx=ctx)
+    return build_checkpoint_components(files, device=device, dtype=_dtype(args.dtype), ctx=ctx)
+
+
+def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-path", default=None, help="folder with the official LTX-2 files, or the checkpoint file")
+    p.add_argument("--spatial-upsampler-path", default=None, help="default: *spatial-upscaler*.safetensors beside it")
+    p.add_argument("--text-encoder-path", default=None, help="Gemma 3 folder (default: gemma* beside it); "
+                   "'tiny' = the embedded stand-in")
+    p.add_argument("--distilled-lora-path", default=None, help="stage-2 LoRA (default: *distilled-lora* beside it)")
+    p.add_argument("--distilled-lora-strength", type=float, default=1.0)
 
 
 def _exists(p: str) -> bool:
@@ -180,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="text/image to video with audio (flags named as sglang's)")
     g.add_argument("--model", default="tiny", help="tiny (embedded; makes noise, not pictures)")
-    g.add_argument("--model-path", default=None)
+    _add_checkpoint_args(g)
     g.add_argument("--pipeline-class-name", default="LTX2LongVideo", choices=["LTX2LongVideo", "LTX2TwoStagePipeline"])
     g.add_argument("--prompt", required=True)
     g.add_argument("--negative-prompt", default="")
@@ -203,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
     sv = sub.add_parser("serve", help="OpenAI-compatible /v1/videos server")
     sv.add_argument("--model", default="tiny")
+    _add_checkpoint_args(sv)
     sv.add_argument("--served-model-name", default="ltx-2-tiny")
     sv.add_argument("--pipeline-class-name", default="LTX2LongVideo", choices=["LTX2LongVideo", "LTX2TwoStagePipeline"])
     sv.add_argument("--host", default="127.0.0.1")

@@ -14,6 +14,7 @@ from torch import nn
 from ltx2_tp.compat import ensure_ltx_imports
 from ltx2_tp.distributed.context import SINGLE, ParallelContext
 from ltx2_tp.models.ltx2.config import get_config
+from ltx2_tp.models.ltx2.lora import LoraWeights
 from ltx2_tp.models.ltx2.model import LTX2Model
 from ltx2_tp.models.ltx2.weights import build_model
 
@@ -54,6 +55,7 @@ class LTX2Components:
     device: torch.device
     dtype: torch.dtype
     name: str = "tiny"
+    stage2_lora: "LoraWeights | None" = None  # the distilled LoRA, fused in place for stage 2 only
 
     @property
     def ctx(self) -> ParallelContext:
@@ -111,3 +113,17 @@ def build_tiny_components(seed: int = 0, device: str | torch.device = "cpu", dty
     transformer = build_model(cfg, ctx, device=device, dtype=dtype, seed=seed)
     return LTX2Components(transformer=transformer, video_latent_channels=16, audio_latent_channels=1,
                           audio_mel_bins=16, device=device, dtype=dtype, name="tiny", **parts)
+
+
+def build_components(model: str = "tiny", device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                     ctx: ParallelContext = SINGLE, seed: int = 0, spatial_upsampler_path: str | None = None,
+                     text_encoder_path: str | None = None, distilled_lora_path: str | None = None,
+                     distilled_lora_strength: float = 1.0) -> LTX2Components:
+    """`tiny` (embedded) or a path to the official checkpoint files (pipelines/checkpoints.py)."""
+    if model == "tiny":
+        return build_tiny_components(seed, device=device, dtype=dtype, ctx=ctx)
+    from ltx2_tp.pipelines.checkpoints import CheckpointFiles, build_checkpoint_components
+
+    files = CheckpointFiles.discover(model, spatial_upsampler_path, text_encoder_path, distilled_lora_path,
+                                     distilled_lora_strength)
+    return build_checkpoint_components(files, device=device, dtype=dtype, ctx=ctx)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ltx2_tp.compat import ensure_ltx_imports
+from ltx2_tp.models.ltx2.lora import lora_applied
 from ltx2_tp.pipelines.components import LTX2Components
 from ltx2_tp.profiling import nvtx_range
 
@@ -121,7 +122,12 @@ def stage1_denoise_fn(c: LTX2Components, ctx_pos, ctx_neg, guidance_scale: float
 
 
 def stage2_denoise_fn(c: LTX2Components, ctx_pos):
+    """Call inside `stage2_weights(c)`: stage 2 runs on the weights plus the distilled LoRA."""
     return simple_denoising_func(ctx_pos[0], ctx_pos[1], X0Model(c.transformer))
+
+
+def stage2_weights(c: LTX2Components):
+    return lora_applied(c.transformer, c.stage2_lora)
 
 
 def stage1_sigmas(steps: int, device) -> torch.Tensor:

@@ -84,7 +84,8 @@ class LTX2TwoStagePipeline:
         with timer("stage2_refine"):
             s = stages.prepare_latents(c, full, gen, self._conditionings(req, full.height, full.width),
                                        noise_scale=float(sig2[0]), initial_video=up, initial_audio=audio_latent)
-            s = stages.denoise(c, s, sig2, stages.stage2_denoise_fn(c, pos), "stage2", progress)
+            with stages.stage2_weights(c):
+                s = stages.denoise(c, s, sig2, stages.stage2_denoise_fn(c, pos), "stage2", progress)
             video_latent, audio_latent = stages.unpatchify(s)
         with timer("decode_and_write"):
             frames, chunks = stages.decode_video(c, video_latent, self.temporal_tile_frames(req), gen)

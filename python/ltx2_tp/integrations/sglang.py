@@ -1,0 +1,199 @@
+"""sglang out-of-tree registration: `sglang generate --pipeline-class-name LTX2LongVideo` runs our pipeline.
+
+Three ways in, all ending in `register()` (idempotent):
+- the entry point `ltx2_tp = ltx2_tp.integrations.sglang:register` in the group
+  `sglang.multimodal_gen.plugins` (pyproject.toml): installing ltx2_tp is enough for sglang's
+  workers, which call `load_plugins()` at start-up;
+- `SGLANG_EXTERNAL_MODEL_PACKAGE=ltx2_tp.integrations.sglang`: sglang imports this module while it
+  initialises its registry, before `sglang generate` decides whether the model path is a diffusion
+  model (importing it registers);
+- calling `register()` yourself.
+
+What is registered: our DiT in sglang's `ModelRegistry` as `LTX2TPModel`; `LTX2LongVideo` as a
+native pipeline, recognised for the model paths `ltx2-tp/tiny` (the embedded tiny model) and
+`ltx2-tp/<dir>`-style names; and, only when `LTX2_TP_SGLANG_TWO_STAGE=1`, our
+`LTX2TwoStagePipeline` in place of sglang's own pipeline of that name.
+
+The sglang pipeline is one stage that runs our pipeline end to end (text -> stage 1 -> upsample ->
+stage 2 -> decode -> MP4 with audio) on the DiT built over sglang's TP / Ulysses / ring groups
+(`parallel_context_from_sglang`), and hands sglang the written file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+TINY_MODEL_PATH = "ltx2-tp/tiny"
+MODEL_ARCH = "LTX2TPModel"
+TWO_STAGE_ENV = "LTX2_TP_SGLANG_TWO_STAGE"
+
+_REGISTERED = False
+
+
+def parallel_context_from_sglang():
+    """Our ParallelContext over the groups sglang's worker created (TP, Ulysses, ring)."""
+    from sglang.multimodal_gen.runtime.distributed import parallel_state as ps
+
+    from ltx2_tp.distributed.context import SINGLE, from_groups
+
+    if not ps.model_parallel_is_initialized():
+        return SINGLE
+    tp = ps.get_tp_group()
+    sp = ps.get_sp_group()
+    u, r = ps.get_ulysses_parallel_world_size(), ps.get_ring_parallel_world_size()
+    return from_groups(tp_group=tp.device_group if tp.world_size > 1 else None,
+                       ulysses_group=sp.ulysses_group if u > 1 else None,
+                       ring_group=sp.ring_group if r > 1 else None,
+                       sp_group=sp.device_group if sp.world_size > 1 else None)
+
+
+try:  # the sglang-facing classes subclass sglang's: they exist only where sglang does
+    from sglang.multimodal_gen.configs.pipeline_configs.base import ModelTaskType, PipelineConfig
+    from sglang.multimodal_gen.configs.sample.sampling_params import SamplingParams
+    from sglang.multimodal_gen.runtime.pipelines_core.composed_pipeline_base import ComposedPipelineBase
+    from sglang.multimodal_gen.runtime.pipelines_core.schedule_batch import OutputBatch
+    from sglang.multimodal_gen.runtime.pipelines_core.stages.base import PipelineStage
+except ImportError:  # sglang not installed: nothing to register into
+    HAVE_SGLANG = False
+else:
+    HAVE_SGLANG = True
+
+
+if HAVE_SGLANG:
+
+    @dataclasses.dataclass
+    class LTX2TPPipelineConfig(PipelineConfig):
+        task_type: ModelTaskType = ModelTaskType.TI2V
+        skip_input_image_preprocess: bool = True
+
+    @dataclasses.dataclass
+    class LTX2TPSamplingParams(SamplingParams):
+        # the defaults of ltx-pipelines' two-stage example (GenerationRequest's)
+        height: int = 512
+        width: int = 768
+        num_frames: int = 121
+        fps: int = 24
+        num_inference_steps: int = 40
+        guidance_scale: float = 3.0
+        negative_prompt: str = ""
+        seed: int = 0
+
+    class LTX2TPGenerateStage(PipelineStage):
+        """Runs one of our pipelines for the request and returns the written MP4 to sglang."""
+
+        def __init__(self, pipeline):
+            super().__init__()
+            self.pipeline = pipeline
+
+        def forward(self, batch, server_args):
+            from ltx2_tp.pipelines.request import GenerationRequest
+
+            req = request_from_sglang(batch, GenerationRequest)
+            path = output_path_from_sglang(batch, server_args)
+            import torch.distributed as dist
+
+            rank = dist.get_rank() if dist.is_initialized() else 0
+            if rank:  # every rank computes the same video; rank 0 writes it
+                path = f"{path}.rank{rank}"
+            result = self.pipeline(req, path)
+            out = OutputBatch(output=None, metrics=getattr(batch, "metrics", None))
+            out.fps = int(round(req.fps))
+            if rank:
+                result.path.unlink(missing_ok=True)
+            else:
+                out.output_file_paths = [str(result.path)]
+            return out
+
+    class _LTX2TPPipeline(ComposedPipelineBase):
+        _required_config_modules: list[str] = []
+        ltx2_pipeline_name = ""
+
+        def _load_config(self) -> dict[str, Any]:  # no diffusers model_index.json
+            return {"_class_name": self.pipeline_name, "_diffusers_version": "none"}
+
+        def load_modules(self, server_args, loaded_modules=None) -> dict[str, Any]:
+            return {"ltx2_tp_components": build_components_for_sglang(self.model_path, server_args)}
+
+        def create_pipeline_stages(self, server_args) -> None:
+            from ltx2_tp.pipelines.registry import get_pipeline_class
+
+            cls = get_pipeline_class(self.ltx2_pipeline_name)
+            self.add_stage(LTX2TPGenerateStage(cls(self.modules["ltx2_tp_components"])), "ltx2_tp_generate")
+
+    class SGLangLTX2LongVideo(_LTX2TPPipeline):
+        pipeline_name = "LTX2LongVideo"
+        ltx2_pipeline_name = "LTX2LongVideo"
+
+    class SGLangLTX2TwoStagePipeline(_LTX2TPPipeline):
+        pipeline_name = "LTX2TwoStagePipeline"
+        ltx2_pipeline_name = "LTX2TwoStagePipeline"
+
+
+def is_ltx2_tp_model_path(path: str) -> bool:
+    return str(path).rstrip("/").lower() == TINY_MODEL_PATH or str(path).lower().startswith("ltx2-tp/")
+
+
+def request_from_sglang(batch, request_cls):
+    """sglang's Req (its SamplingParams fields) -> our GenerationRequest, validated (names the field)."""
+
+    def first(v):
+        return v[0] if isinstance(v, (list, tuple)) else v
+
+    req = request_cls(
+        prompt=first(batch.prompt) or "",
+        negative_prompt=first(getattr(batch, "negative_prompt", "")) or "",
+        width=int(batch.width), height=int(batch.height), num_frames=int(batch.num_frames),
+        fps=float(batch.fps), num_inference_steps=int(batch.num_inference_steps),
+        guidance_scale=float(batch.guidance_scale), seed=int(first(batch.seed)),
+        image_path=first(getattr(batch, "image_path", None)),
+    )
+    return req.validate()
+
+
+def output_path_from_sglang(batch, server_args) -> str:
+    out_dir = getattr(batch, "output_path", None) or "outputs"
+    name = getattr(batch, "output_file_name", None) or f"{getattr(batch, 'request_id', None) or 'ltx2_tp'}"
+    if not os.path.splitext(name)[1]:
+        name += ".mp4"
+    os.makedirs(out_dir, exist_ok=True)
+    return os.path.join(out_dir, name)
+
+
+def build_components_for_sglang(model_path: str, server_args):
+    """Components for sglang's worker: our DiT on sglang's groups, ltx-core's VAE & co."""
+    import torch
+
+    from ltx2_tp.pipelines.components import build_components
+
+    ctx = parallel_context_from_sglang()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    model = "tiny" if str(model_path).rstrip("/").lower() == TINY_MODEL_PATH else model_path
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return build_components(model, device=device, dtype=dtype, ctx=ctx)
+
+
+def register() -> None:
+    """Register with sglang's model and pipeline registries (safe to call more than once)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    if not HAVE_SGLANG:
+        raise ImportError("sglang is not installed (pip install sglang; see README 'sglang')")
+    from sglang.multimodal_gen.registry import register_pipeline
+    from sglang.multimodal_gen.runtime.models.registry import ModelRegistry
+
+    _REGISTERED = True  # set first: register_pipeline re-enters the registry, which imports us again
+    ModelRegistry.register_model(MODEL_ARCH, "ltx2_tp.models.ltx2.model:LTX2Model")
+    register_pipeline(SGLangLTX2LongVideo, sampling_param_cls=LTX2TPSamplingParams,
+                      pipeline_config_cls=LTX2TPPipelineConfig, hf_model_paths=[TINY_MODEL_PATH],
+                      model_detectors=[is_ltx2_tp_model_path], overwrite=True)
+    if os.environ.get(TWO_STAGE_ENV) == "1":
+        register_pipeline(SGLangLTX2TwoStagePipeline, sampling_param_cls=LTX2TPSamplingParams,
+                          pipeline_config_cls=LTX2TPPipelineConfig, overwrite=True)
+
+
+# SGLANG_EXTERNAL_MODEL_PACKAGE imports this module: importing registers.
+if HAVE_SGLANG:
+    register()

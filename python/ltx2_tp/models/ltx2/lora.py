@@ -1,0 +1,80 @@
+"""LoRA deltas fused into the DiT for a while (the distilled LoRA of the official stage 2).
+
+The official two-stage pipeline denoises stage 2 with the base weights plus the distilled LoRA
+(ltx-pipelines builds a second, fused transformer). Here the one resident model takes the delta in
+place for stage 2 and gets its exact original weights back afterwards (a copy of the touched
+tensors is kept on the CPU meanwhile), so no second 35 GiB model is ever built.
+
+Fusion matches ltx-core's `fuse_loras`: delta = (B * strength) @ A in the LoRA's dtype, cast to
+the weight's dtype, then added to the weight. Under TP each rank adds only its shard: the delta
+goes through the parameter's own weight loader (the same one the checkpoint used).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from ltx2_tp.models.ltx2.weights import COMFY_PREFIX, checkpoint_spec
+
+LORA_PREFIXES = ("diffusion_model.", COMFY_PREFIX)
+
+
+@dataclass
+class LoraWeights:
+    """A LoRA file: target weight key (official, unprefixed) -> (A, B), and its strength."""
+
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    strength: float = 1.0
+
+    @classmethod
+    def from_file(cls, path: str, strength: float = 1.0) -> "LoraWeights":
+        from safetensors.torch import load_file
+
+        sd = load_file(path)
+        pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for k in sd:
+            if not k.endswith(".lora_A.weight"):
+                continue
+            base = k[: -len(".lora_A.weight")]
+            b = sd.get(base + ".lora_B.weight")
+            if b is None:
+                raise ValueError(f"LoRA {path}: {k} has no matching lora_B")
+            for p in LORA_PREFIXES:
+                if base.startswith(p):
+                    base = base[len(p):]
+                    break
+            pairs[base + ".weight"] = (sd[k], b)
+        if not pairs:
+            raise ValueError(f"LoRA {path}: no lora_A / lora_B tensors found")
+        return cls(pairs, strength)
+
+
+@contextmanager
+@torch.no_grad()
+def lora_applied(model: torch.nn.Module, lora: LoraWeights | None):
+    """Weights + LoRA inside the block, the exact original weights after it."""
+    if lora is None:
+        yield
+        return
+    spec = checkpoint_spec(model)
+    unknown = sorted(set(lora.pairs) - set(spec))
+    if unknown:
+        raise ValueError(f"LoRA targets weights the model does not have: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
+    saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    try:
+        for key, (a, b) in lora.pairs.items():
+            param, loader, shard, _ = spec[key]
+            if id(param) not in saved:
+                saved[id(param)] = (param, param.detach().to("cpu", copy=True))
+            dev = param.device
+            delta = torch.matmul(b.to(dev) * lora.strength, a.to(dev)).to(param.dtype)
+            local = torch.zeros_like(param)  # the loader writes this rank's shard; the rest stays 0
+            loader(local, delta, shard) if shard is not None else loader(local, delta)
+            param.add_(local)
+        yield
+    finally:
+        for param, original in saved.values():
+            param.copy_(original.to(param.device))
