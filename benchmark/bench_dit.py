@@ -56,6 +56,8 @@ def main():
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--compile-ref", action="store_true", help="also time ltx-core with each block compiled")
     ap.add_argument("--compile", action="store_true", help="also time ours with each block compiled")
+    ap.add_argument("--fp8", action="store_true", help="then time ours with fp8 linears (compiled if --compile), "
+                    "with its error vs ltx-core's bf16 output")
     ap.add_argument("--plan", default="auto", choices=["auto", "none"])
     ap.add_argument("--profile-case", default=None, help="WxHxF to profile with torch.profiler")
     ap.add_argument("--profile-dir", default="profiles")
@@ -151,6 +153,35 @@ def main():
                 profile_step(lambda: model(v, a), Path(args.profile_dir) / f"ours_compiled_{w}x{h}x{f}.md",
                              f"ltx2_tp compiled blocks, one DiT step {w}x{h}x{f}",
                              f"torch.profiler (CUPTI) | {stamp} | `{cmd}`")
+
+    if args.fp8:  # after bf16: same model, its block linears quantized in place
+        from ltx2_tp.layers.fp8 import quantize_fp8
+
+        n = quantize_fp8(model)
+        gc.collect()
+        torch.cuda.empty_cache()
+        for w, h, f in cases:
+            v, a = inputs(w, h, f)
+            model.plan = plan_for(v.latent.shape[1], cfg.inner_dim) if args.plan == "auto" else ExecutionPlan()
+            reset_peak()
+            times = cuda_time(lambda: model(v, a), 2 if args.compile else 1, args.repeat)
+            ov, oa = model(v, a)
+            rv, ra = ref_out[(w, h, f)]
+            r = results["cases"][f"{w}x{h}x{f}"]
+            r.update(ours_fp8_s=median(times), ours_fp8_peak_gib=peak_gib(), fp8_linears=n,
+                     fp8_rel_err_video_vs_ltx_core=rel(ov, rv), fp8_rel_err_audio_vs_ltx_core=rel(oa, ra))
+            r["fp8_speedup_vs_eager"] = r["ltx_core_eager_s"] / r["ours_fp8_s"]
+            if r.get("ltx_core_compiled_s"):
+                r["fp8_speedup_vs_compiled"] = r["ltx_core_compiled_s"] / r["ours_fp8_s"]
+            print(f"ours fp8{' compiled' if args.compile else ''} {w}x{h}x{f}: {median(times):.3f} s/step "
+                  f"({r['fp8_speedup_vs_eager']:.2f}x ltx-core eager, "
+                  f"{r.get('fp8_speedup_vs_compiled') or float('nan'):.2f}x compiled), peak {peak_gib():.1f} GiB, "
+                  f"rel err vs ltx-core bf16: video {r['fp8_rel_err_video_vs_ltx_core']:.2e} "
+                  f"audio {r['fp8_rel_err_audio_vs_ltx_core']:.2e}", flush=True)
+            if args.profile_case == f"{w}x{h}x{f}":
+                profile_step(lambda: model(v, a), Path(args.profile_dir) / f"ours_fp8_{w}x{h}x{f}.md",
+                             f"ltx2_tp fp8 linears, one DiT step {w}x{h}x{f}", f"torch.profiler (CUPTI) | {stamp} | `{cmd}`")
+            del v, a
 
     # ---- table -----------------------------------------------------------------------------
     print(f"\n{stamp}\n| case | tokens | ltx-core eager s | ltx-core compiled s | ours s | ours compiled s | "

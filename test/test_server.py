@@ -208,3 +208,55 @@ def test_concurrent_submissions(client):
     for t in threads:
         t.join()
     assert len(results) == 3 and all(r.status == "completed" for r in results)
+
+
+def test_multi_rank_server_drives_every_rank(tmp_path):
+    """`torchrun --nproc-per-node 2 ltx2-tp serve --sp-size 2` (gloo, CPU): rank 0 serves, rank 1 follows
+    each job; two jobs in a row complete, match a single-process pipeline's video, a bad request fails
+    on rank 0 alone without wedging rank 1, and stopping the server ends both ranks."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    port = free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "ltx2_tp.cli",
+                             "serve", "--model", "tiny", "--port", str(port), "--output-dir", str(tmp_path / "srv"),
+                             "--num-gpus", "2", "--sp-size", "2", "--ring-size", "2"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60)
+        for _ in range(600):
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/v1/videos", timeout=1)
+                break
+            except httpx.HTTPError:
+                assert proc.poll() is None, proc.stdout.read()[-3000:]
+                time.sleep(0.2)
+        with pytest.raises(openai.BadRequestError):
+            c.videos.create(prompt="x", extra_body={**SMALL, "num_frames": 24})
+        got = []
+        for seed in (1, 2):
+            v = c.videos.create(prompt="a fox", extra_body={**SMALL, "seed": seed})
+            v = wait(c, v.id, timeout=300)
+            assert v.status == "completed", v.error
+            got.append(decode(c.videos.download_content(v.id).read())[0])
+        for seed, frames in zip((1, 2), got):  # the same two ranks through `ltx2-tp generate`: the same video
+            out = tmp_path / f"gen{seed}.mp4"
+            r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                                str(free_port()), "-m", "ltx2_tp.cli", "generate", "--prompt", "a fox", "--seed", str(seed),
+                                "--width", "128", "--height", "128", "--num-frames", "9", "--num-inference-steps", "2",
+                                "--num-gpus", "2", "--sp-size", "2", "--ring-size", "2", "--output-path", str(out)],
+                               env=env, capture_output=True, text=True, timeout=600)
+            assert r.returncode == 0, r.stderr[-3000:]
+            with open(out, "rb") as f:
+                assert np.array_equal(frames, decode(f.read())[0])
+        assert not list((tmp_path / "srv").rglob("*.rank*"))  # followers keep no copies
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise

@@ -95,18 +95,8 @@ def cmd_generate(args) -> int:
         raise UsageError(f"--{e.field.replace('_', '-')}: {str(e).split(': ', 1)[1]}") from None
     if args.image_path and not _exists(args.image_path):
         raise UsageError(f"--image-path: no such file {args.image_path!r}")
-    if args.tp_size * args.sp_size != args.num_gpus:
-        raise UsageError(f"--num-gpus ({args.num_gpus}) must equal --tp-size x --sp-size ({args.tp_size} x {args.sp_size})")
     files = _checkpoint_files(args)
-    from ltx2_tp.models.ltx2.config import LTX2Config, get_config
-
-    if files is None:
-        get_config("tiny").validate_parallel(args.tp_size, args.ulysses_size)
-    else:
-        from ltx2_tp.models.ltx2.weights import read_checkpoint_config
-
-        meta = read_checkpoint_config([files.checkpoint]) or {}
-        LTX2Config.from_checkpoint_config(meta).validate_parallel(args.tp_size, args.ulysses_size)
+    _check_layout(args, files)
 
     from tqdm import tqdm
 
@@ -151,20 +141,48 @@ def cmd_serve(args) -> int:
     from ltx2_tp.serving.api import create_app
     from ltx2_tp.serving.jobs import JobManager
 
+    from ltx2_tp.distributed.context import init_parallel
+    from ltx2_tp.serving.ranks import ControlChannel, LeaderPipeline, follow
+
     files = _checkpoint_files(args)
-    args.seed = 0
-    comps = _components(args, files, args.device, SINGLE_CTX())
-    manager = JobManager(get_pipeline_class(args.pipeline_class_name)(comps), args.output_dir, args.max_queue, args.ttl_s)
+    _check_layout(args, files)
+    ctx = init_parallel(args.tp_size, args.ulysses_size, args.ring_size)
+    device = args.device
+    if device == "cuda" and ctx.is_parallel:
+        device = f"cuda:{torch.cuda.current_device()}"
+    pipe = get_pipeline_class(args.pipeline_class_name)(_components(args, files, device, ctx))
+    if not torch.distributed.is_initialized():
+        manager = JobManager(pipe, args.output_dir, args.max_queue, args.ttl_s)
+    else:  # one worker drives every rank: rank 0 serves HTTP, the others follow its jobs
+        channel = ControlChannel()
+        if channel.rank != 0:
+            follow(pipe, channel)
+            return 0
+        pipe = LeaderPipeline(pipe, channel)
+        manager = JobManager(pipe, args.output_dir, args.max_queue, args.ttl_s)
     app = create_app(manager, model_name=args.served_model_name, api_key=args.api_key,
                      max_video_tokens=args.max_video_tokens, default_steps=args.num_inference_steps)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    finally:
+        if isinstance(pipe, LeaderPipeline):
+            pipe.stop()
     return 0
 
 
-def SINGLE_CTX():
-    from ltx2_tp.distributed.context import SINGLE
+def _check_layout(args, files) -> None:
+    """--num-gpus = TP x SP, and TP / Ulysses must divide the heads: checked before anything is built."""
+    from ltx2_tp.models.ltx2.config import LTX2Config, get_config
 
-    return SINGLE
+    if args.tp_size * args.sp_size != args.num_gpus:
+        raise UsageError(f"--num-gpus ({args.num_gpus}) must equal --tp-size x --sp-size ({args.tp_size} x {args.sp_size})")
+    if files is None:
+        get_config("tiny").validate_parallel(args.tp_size, args.ulysses_size)
+    else:
+        from ltx2_tp.models.ltx2.weights import read_checkpoint_config
+
+        meta = read_checkpoint_config([files.checkpoint]) or {}
+        LTX2Config.from_checkpoint_config(meta).validate_parallel(args.tp_size, args.ulysses_size)
 
 
 def _checkpoint_files(args):
@@ -188,8 +206,16 @@ def _components(args, files, device, ctx):
     from ltx2_tp.pipelines.components import build_tiny_components
 
     if files is None:
-        return build_tiny_components(args.seed, device=device, dtype=_dtype(args.dtype), ctx=ctx)
+        return build_tiny_components(0, device=device, dtype=_dtype(args.dtype), ctx=ctx)  # fixed weights; --seed is the noise
     return build_checkpoint_components(files, device=device, dtype=_dtype(args.dtype), ctx=ctx)
+
+
+def _add_layout_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num-gpus", type=int, default=1, help="ranks (launch with torchrun --nproc-per-node N)")
+    p.add_argument("--tp-size", type=int, default=1)
+    p.add_argument("--sp-size", type=int, default=1, help="sequence parallel = Ulysses x ring")
+    p.add_argument("--ulysses-size", type=int, default=None, help="default: --sp-size / --ring-size")
+    p.add_argument("--ring-size", type=int, default=1)
 
 
 def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
@@ -230,11 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-inference-steps", type=int, default=8)
     g.add_argument("--guidance-scale", type=float, default=3.0)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--num-gpus", type=int, default=1)
-    g.add_argument("--tp-size", type=int, default=1)
-    g.add_argument("--sp-size", type=int, default=1)
-    g.add_argument("--ulysses-size", type=int, default=None)
-    g.add_argument("--ring-size", type=int, default=1)
+    _add_layout_args(g)
     g.add_argument("--output-path", default="outputs/ltx2_tp.mp4")
     g.add_argument("--output-format", default=None, choices=["mp4", "webm", "gif"], help="default: from --output-path")
     _add_device_args(g, cpu_dtype="fp32")
@@ -252,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--ttl-s", type=int, default=3600, help="finished files are deleted after this many seconds")
     sv.add_argument("--max-video-tokens", type=int, default=400_000)
     sv.add_argument("--num-inference-steps", type=int, default=8, help="default when a request gives none")
+    _add_layout_args(sv)
     _add_device_args(sv, cpu_dtype="fp32")
     sv.set_defaults(func=cmd_serve)
     d = sub.add_parser("dit", help="one DiT forward with random weights: shapes and time")

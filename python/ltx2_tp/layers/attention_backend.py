@@ -88,7 +88,9 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[to
             except (RuntimeError, NotImplementedError):
                 continue
             lse = lse.reshape(lse.shape[0], lse.shape[1], -1)[..., :nq].float()
-            if known is None and not bool(torch.isfinite(lse).all()):
+            # first call per dtype: a kernel that returns a non-finite LSE is skipped (one sync, once;
+            # never inside a compiled graph, where it would break the graph)
+            if known is None and not torch.compiler.is_compiling() and not bool(torch.isfinite(lse).all()):
                 continue
             _LSE_KERNEL[q.dtype] = name
             return out.transpose(1, 2), lse

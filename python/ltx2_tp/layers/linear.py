@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from ltx2_tp.distributed.collectives import all_reduce_sum
 from ltx2_tp.distributed.context import SINGLE, ParallelContext
+from ltx2_tp.layers.fp8 import linear as _linear
 
 
 def default_weight_loader(param: torch.Tensor, loaded: torch.Tensor) -> None:
@@ -45,7 +45,7 @@ class ColumnParallelLinear(nn.Module):
         param.data.copy_(loaded.narrow(0, self.ctx.tp_rank * n, n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = _linear(self, x, self.bias)
         if self.gather_output and self.ctx.tp_size > 1:
             parts = [torch.empty_like(y) for _ in range(self.ctx.tp_size)]
             dist.all_gather(parts, y.contiguous(), group=self.ctx.tp_group)
@@ -77,7 +77,7 @@ class MergedColumnParallelLinear(nn.Module):
         param.data.narrow(0, offset, n).copy_(loaded.narrow(0, self.ctx.tp_rank * n, n))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return F.linear(x, self.weight, self.bias).split(self.local_sizes, dim=-1)
+        return _linear(self, x, self.bias).split(self.local_sizes, dim=-1)
 
 
 class RowParallelLinear(nn.Module):
@@ -101,8 +101,8 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.ctx.tp_size == 1:
-            return F.linear(x, self.weight, self.bias)
+            return _linear(self, x, self.bias)
         if not self.input_is_parallel:
             x = x.narrow(-1, self.ctx.tp_rank * self.in_per_rank, self.in_per_rank)
-        y = all_reduce_sum(F.linear(x, self.weight), self.ctx.tp_group)
+        y = all_reduce_sum(_linear(self, x, None), self.ctx.tp_group)
         return y + self.bias if self.bias is not None else y

@@ -59,6 +59,8 @@ def lora_applied(model: torch.nn.Module, lora: LoraWeights | None):
     if lora is None:
         yield
         return
+    if getattr(model, "fp8", False):
+        raise ValueError("the distilled LoRA cannot be fused into fp8 weights: fuse it before quantize_fp8")
     spec = checkpoint_spec(model)
     unknown = sorted(set(lora.pairs) - set(spec))
     if unknown:

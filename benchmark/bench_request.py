@@ -1,0 +1,209 @@
+"""A whole two-stage request, per stage and per step, in the shape of sglang PR's table
+(../shared/seeds/004: LTX-2.3, 768x512x121, 30 stage-1 steps, 3 refine steps, warm-up excluded).
+
+Full-size DiT with seeded random weights (the speed does not depend on the values); video VAE,
+upsampler, audio VAE and vocoder at the real LTX-2 sizes (configs below, from sglang's LTX-2
+configs) with random weights; the Gemma text encoder is replaced by a fixed random context of
+1024 tokens (text encoding is not timed: it is not our code). Stage 1 runs CFG (2 DiT passes per
+step); the official LTX-2.3 stage 1 adds STG and modality guidance.
+
+    python benchmark/bench_request.py --model ltx-2.3 --width 768 --height 512 --num-frames 121 \
+        --steps 30 --repeat 3 [--compile] [--json benchmark/results/x.json]
+    torchrun --nproc-per-node 4 benchmark/bench_request.py --tp-size 4 ...      (TP / SP layouts)
+    python benchmark/bench_request.py --device cpu --model tiny --width 128 --height 128 --num-frames 9 --steps 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+
+from ltx2_tp.compat import ensure_ltx_imports  # noqa: E402
+
+ensure_ltx_imports()
+
+# ltx-core configs at the sizes of the released LTX-2 VAE / audio VAE / vocoder
+# (sglang configs/models/vaes/ltx_video.py, ltx_audio.py, vocoder/ltx_vocoder.py).
+REAL_VAE = {"vae": {
+    "latent_channels": 128, "patch_size": 4, "decoder_base_channels": 128, "timestep_conditioning": False,
+    "causal_decoder": False,
+    "decoder_blocks": [["res_x", {"num_layers": 5}], ["compress_all", {"residual": True, "multiplier": 2}],
+                       ["res_x", {"num_layers": 5}], ["compress_all", {"residual": True, "multiplier": 2}],
+                       ["res_x", {"num_layers": 5}], ["compress_all", {"residual": True, "multiplier": 2}],
+                       ["res_x", {"num_layers": 5}]],
+}}
+REAL_AUDIO_VAE = {"audio_vae": {
+    "model": {"params": {"sampling_rate": 16000, "ddconfig": {
+        "ch": 128, "out_ch": 2, "ch_mult": [1, 2, 4], "num_res_blocks": 2, "attn_resolutions": [], "resolution": 256,
+        "z_channels": 8, "mel_bins": 64, "mid_block_add_attention": False}}},
+    "preprocessing": {"stft": {"hop_length": 160, "causal": True}, "mel": {"n_mel_channels": 64}},
+}}
+REAL_VOCODER = {"vocoder": {"resblock": "1", "stereo": True, "upsample_initial_channel": 1024,
+                            "resblock_kernel_sizes": [3, 7, 11], "resblock_dilation_sizes": [[1, 3, 5]] * 3,
+                            "upsample_rates": [6, 5, 2, 2, 2], "upsample_kernel_sizes": [16, 15, 8, 4, 4]}}
+
+
+class RandomContext(torch.nn.Module):
+    """Stand-in for Gemma + connectors: one fixed random (video, audio) context per prompt."""
+
+    def __init__(self, video_dim: int, audio_dim: int, tokens: int = 1024):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.register_buffer("v", torch.randn(1, tokens, video_dim, generator=g))
+        self.register_buffer("a", torch.randn(1, tokens, audio_dim, generator=g))
+
+    def forward(self, prompt: str):
+        return self.v, self.a
+
+
+def build_full_size(model: str, device, dtype, ctx, seed: int = 0):
+    from ltx_core.model.audio_vae import AudioDecoderConfigurator, VocoderConfigurator
+    from ltx_core.model.upsampler import LatentUpsamplerConfigurator
+    from ltx_core.model.video_vae import VideoDecoderConfigurator, VideoEncoderConfigurator
+
+    from ltx2_tp.models.ltx2.config import get_config
+    from ltx2_tp.models.ltx2.weights import build_model
+    from ltx2_tp.pipelines.components import LTX2Components
+
+    cfg = get_config(model)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        parts = dict(video_encoder=VideoEncoderConfigurator.from_config(REAL_VAE),
+                     video_decoder=VideoDecoderConfigurator.from_config(REAL_VAE),
+                     upsampler=LatentUpsamplerConfigurator.from_config({}),
+                     audio_decoder=AudioDecoderConfigurator.from_config(REAL_AUDIO_VAE),
+                     vocoder=VocoderConfigurator.from_config(REAL_VOCODER))
+    parts = {k: m.to(dtype=dtype).eval() for k, m in parts.items()}  # all in the working dtype, as ltx-pipelines
+    for m in parts.values():
+        for name, buf in m.named_buffers():
+            if name.endswith("std-of-means"):
+                buf.fill_(1.0)
+            elif name.endswith("mean-of-means"):
+                buf.zero_()
+    ctx_dims = (cfg.caption_channels, cfg.caption_channels) if cfg.caption_projection else (cfg.inner_dim,
+                                                                                            cfg.audio_inner_dim)
+    text = RandomContext(*ctx_dims).to(device)
+    transformer = build_model(cfg, ctx, device=device, dtype=dtype, seed=seed)
+    return LTX2Components(transformer=transformer, text_encoder=text, video_latent_channels=128,
+                          audio_latent_channels=8, audio_mel_bins=16, device=torch.device(device), dtype=dtype,
+                          name=f"{model}-random", **parts)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="ltx-2.3")
+    p.add_argument("--pipeline-class-name", default="LTX2TwoStagePipeline")
+    p.add_argument("--width", type=int, default=768)
+    p.add_argument("--height", type=int, default=512)
+    p.add_argument("--num-frames", type=int, default=121)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--guidance-scale", type=float, default=3.0)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--compile", action="store_true", help="torch.compile each DiT block")
+    p.add_argument("--tp-size", type=int, default=1)
+    p.add_argument("--ulysses-size", type=int, default=1)
+    p.add_argument("--ring-size", type=int, default=1)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", default=None)
+    a = p.parse_args()
+
+    from ltx2_tp.distributed.context import init_parallel
+    from ltx2_tp.pipelines.registry import get_pipeline_class
+    from ltx2_tp.pipelines.request import GenerationRequest
+    from ltx2_tp.pipelines.stages import StageTimer
+
+    ctx = init_parallel(a.tp_size, a.ulysses_size, a.ring_size)
+    device = f"cuda:{torch.cuda.current_device()}" if a.device == "cuda" else a.device
+    dtype = torch.bfloat16 if a.device == "cuda" else torch.float32
+    t0 = time.perf_counter()
+    if a.model == "tiny":
+        from ltx2_tp.pipelines.components import build_tiny_components
+
+        comps = build_tiny_components(0, device=device, dtype=dtype, ctx=ctx)
+    else:
+        comps = build_full_size(a.model, device, dtype, ctx)
+    if a.compile:
+        from ltx2_tp.compile import compile_blocks
+
+        compile_blocks(comps.transformer)
+    build_s = time.perf_counter() - t0
+    pipe = get_pipeline_class(a.pipeline_class_name)(comps)
+    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
+    out_dir = Path("/tmp/ltx2_tp_bench_request")
+    out_dir.mkdir(exist_ok=True)
+
+    runs = []
+    for i in range(a.warmup + a.repeat):
+        step_t: dict[str, list[float]] = {"stage1": [], "stage2": []}
+        last = [time.perf_counter()]
+
+        def progress(stage, done, total):
+            if stage in step_t:
+                sync()
+                now = time.perf_counter()
+                if done:  # done == 0: the loop starts
+                    step_t[stage].append(now - last[0])
+                last[0] = now
+
+        req = GenerationRequest(prompt="SpongeBob talking with patrick", width=a.width, height=a.height,
+                                num_frames=a.num_frames, num_inference_steps=a.steps, guidance_scale=a.guidance_scale,
+                                seed=i)
+        timer = StageTimer(sync=a.device == "cuda")
+        sync()
+        t = time.perf_counter()
+        pipe(req, out_dir / f"r{i}_rank{ctx.tp_rank}.mp4", progress=progress, timer=timer)
+        sync()
+        total = time.perf_counter() - t
+        if i >= a.warmup:
+            runs.append({"request_s": total, "stages": dict(timer.times), "stage1_steps": step_t["stage1"],
+                         "stage2_steps": step_t["stage2"]})
+        if rank0:
+            print(f"run {i}{' (warm-up)' if i < a.warmup else ''}: {total:.3f} s  " +
+                  "  ".join(f"{k} {v:.3f}" for k, v in timer.times.items()), flush=True)
+
+    def mean(xs):
+        return statistics.mean(xs) if xs else float("nan")
+
+    rows = [
+        ("Warmup-excluded request", [r["request_s"] for r in runs]),
+        ("Denoise stage", [r["stages"]["stage1_denoise"] for r in runs]),
+        ("Denoise per step", [mean(r["stage1_steps"]) for r in runs]),
+        ("Upsample", [r["stages"]["upsample"] for r in runs]),
+        ("Refinement stage", [r["stages"]["stage2_refine"] for r in runs]),
+        ("Refinement per step", [mean(r["stage2_steps"]) for r in runs]),
+        ("Decode stage (+MP4 write)", [r["stages"]["decode_and_write"] for r in runs]),
+    ]
+    if rank0:
+        gpus = torch.cuda.device_count() if a.device == "cuda" else 0
+        name = torch.cuda.get_device_name() if a.device == "cuda" else "cpu"
+        print(f"\n{a.model} {a.pipeline_class_name} {a.width}x{a.height}x{a.num_frames}, {a.steps}+3 steps, "
+              f"layout[{ctx.describe()}], compile={a.compile}, {name} x{max(gpus, 1)}, build {build_s:.1f} s")
+        print(f"| Metric | mean | runs |\n|---|---|---|")
+        for k, xs in rows:
+            print(f"| {k} | {mean(xs):.4f} s | {', '.join(f'{x:.4f}' for x in xs)} |")
+        if a.device == "cuda":
+            print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+        if a.json:
+            Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.json).write_text(json.dumps({
+                "date": datetime.date.today().isoformat(), "device": name, "command": " ".join(sys.argv),
+                "layout": ctx.describe(), "compile": a.compile, "runs": runs,
+                "table": {k: {"mean": mean(xs), "runs": xs} for k, xs in rows},
+                "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if a.device == "cuda" else None,
+            }, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
