@@ -72,7 +72,7 @@ def build_full_size(model: str, device, dtype, ctx, seed: int = 0):
 
     from ltx2_tp.models.ltx2.config import get_config
     from ltx2_tp.models.ltx2.weights import build_model
-    from ltx2_tp.pipelines.components import LTX2Components
+    from ltx2_tp.pipelines.components import LTX2Components, neutral_latent_statistics
 
     cfg = get_config(model)
     torch.manual_seed(seed)
@@ -83,12 +83,7 @@ def build_full_size(model: str, device, dtype, ctx, seed: int = 0):
                      audio_decoder=AudioDecoderConfigurator.from_config(REAL_AUDIO_VAE),
                      vocoder=VocoderConfigurator.from_config(REAL_VOCODER))
     parts = {k: m.to(dtype=dtype).eval() for k, m in parts.items()}  # all in the working dtype, as ltx-pipelines
-    for m in parts.values():
-        for name, buf in m.named_buffers():
-            if name.endswith("std-of-means"):
-                buf.fill_(1.0)
-            elif name.endswith("mean-of-means"):
-                buf.zero_()
+    neutral_latent_statistics(parts.values())
     ctx_dims = (cfg.caption_channels, cfg.caption_channels) if cfg.caption_projection else (cfg.inner_dim,
                                                                                             cfg.audio_inner_dim)
     text = RandomContext(*ctx_dims).to(device)
@@ -189,7 +184,7 @@ def main() -> int:
         name = torch.cuda.get_device_name() if a.device == "cuda" else "cpu"
         print(f"\n{a.model} {a.pipeline_class_name} {a.width}x{a.height}x{a.num_frames}, {a.steps}+3 steps, "
               f"layout[{ctx.describe()}], compile={a.compile}, {name} x{max(gpus, 1)}, build {build_s:.1f} s")
-        print(f"| Metric | mean | runs |\n|---|---|---|")
+        print("| Metric | mean | runs |\n|---|---|---|")
         for k, xs in rows:
             print(f"| {k} | {mean(xs):.4f} s | {', '.join(f'{x:.4f}' for x in xs)} |")
         if a.device == "cuda":

@@ -100,15 +100,10 @@ def cmd_generate(args) -> int:
 
     from tqdm import tqdm
 
-    from ltx2_tp.distributed.context import init_parallel
     from ltx2_tp.pipelines.registry import get_pipeline_class
     from ltx2_tp.pipelines.stages import StageTimer
 
-    ctx = init_parallel(args.tp_size, args.ulysses_size, args.ring_size)
-    device = args.device
-    if device == "cuda" and ctx.is_parallel:
-        device = f"cuda:{torch.cuda.current_device()}"
-    comps = _components(args, files, device, ctx)
+    comps = _components(args, files)
     pipe = get_pipeline_class(args.pipeline_class_name)(comps)
     rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     bars: dict[str, tqdm] = {}
@@ -141,16 +136,11 @@ def cmd_serve(args) -> int:
     from ltx2_tp.serving.api import create_app
     from ltx2_tp.serving.jobs import JobManager
 
-    from ltx2_tp.distributed.context import init_parallel
     from ltx2_tp.serving.ranks import ControlChannel, LeaderPipeline, follow
 
     files = _checkpoint_files(args)
     _check_layout(args, files)
-    ctx = init_parallel(args.tp_size, args.ulysses_size, args.ring_size)
-    device = args.device
-    if device == "cuda" and ctx.is_parallel:
-        device = f"cuda:{torch.cuda.current_device()}"
-    pipe = get_pipeline_class(args.pipeline_class_name)(_components(args, files, device, ctx))
+    pipe = get_pipeline_class(args.pipeline_class_name)(_components(args, files))
     if not torch.distributed.is_initialized():
         manager = JobManager(pipe, args.output_dir, args.max_queue, args.ttl_s)
     else:  # one worker drives every rank: rank 0 serves HTTP, the others follow its jobs
@@ -201,9 +191,16 @@ def _checkpoint_files(args):
         raise UsageError(f"--{e.field.replace('_', '-')}: {str(e).split(': ', 1)[1]}") from None
 
 
-def _components(args, files, device, ctx):
+def _components(args, files):
+    """Join the torchrun ranks (if any), then build the components on this rank's device."""
+    from ltx2_tp.distributed.context import init_parallel
     from ltx2_tp.pipelines.checkpoints import build_checkpoint_components
     from ltx2_tp.pipelines.components import build_tiny_components
+
+    ctx = init_parallel(args.tp_size, args.ulysses_size, args.ring_size)
+    device = args.device
+    if device == "cuda" and ctx.is_parallel:
+        device = f"cuda:{torch.cuda.current_device()}"
 
     if files is None:
         return build_tiny_components(0, device=device, dtype=_dtype(args.dtype), ctx=ctx)  # fixed weights; --seed is the noise

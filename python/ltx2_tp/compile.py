@@ -6,8 +6,6 @@ once per resolution, not once per block.
 
 from __future__ import annotations
 
-import torch
-
 
 def compile_blocks(model, mode: str | None = None) -> None:
     import torch._dynamo

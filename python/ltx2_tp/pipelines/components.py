@@ -86,6 +86,17 @@ TINY_VOCODER = {"vocoder": {"resblock": "1", "stereo": True, "upsample_initial_c
 TINY_UPSAMPLER = {"in_channels": 16, "mid_channels": 32, "num_blocks_per_stage": 1}
 
 
+def neutral_latent_statistics(modules) -> None:
+    """Mean 0, std 1 for the VAEs' per-channel latent statistics, which ltx-core leaves
+    uninitialised (checkpoints fill them): for randomly initialised components."""
+    for m in modules:
+        for name, buf in m.named_buffers():
+            if name.endswith("std-of-means"):
+                buf.fill_(1.0)
+            elif name.endswith("mean-of-means"):
+                buf.zero_()
+
+
 def build_tiny_components(seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                           ctx: ParallelContext = SINGLE) -> LTX2Components:
     from ltx_core.model.audio_vae import AudioDecoderConfigurator, VocoderConfigurator
@@ -104,12 +115,7 @@ def build_tiny_components(seed: int = 0, device: str | torch.device = "cpu", dty
         text_encoder=TinyTextEncoder(cfg.caption_channels),
     )
     parts = {k: m.to(device=device, dtype=torch.float32).eval() for k, m in parts.items()}
-    for m in parts.values():  # ltx-core leaves these buffers uninitialised (checkpoints fill them)
-        for name, buf in m.named_buffers():
-            if name.endswith("std-of-means"):
-                buf.fill_(1.0)
-            elif name.endswith("mean-of-means"):
-                buf.zero_()
+    neutral_latent_statistics(parts.values())
     transformer = build_model(cfg, ctx, device=device, dtype=dtype, seed=seed)
     return LTX2Components(transformer=transformer, video_latent_channels=16, audio_latent_channels=1,
                           audio_mel_bins=16, device=device, dtype=dtype, name="tiny", **parts)
