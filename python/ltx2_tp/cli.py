@@ -102,10 +102,11 @@ def cmd_generate(args) -> int:
 
     from ltx2_tp.pipelines.registry import get_pipeline_class
     from ltx2_tp.pipelines.stages import StageTimer
+    from ltx2_tp.pipelines.two_stage import run_on_rank, this_rank
 
     comps = _components(args, files)
     pipe = get_pipeline_class(args.pipeline_class_name)(comps)
-    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    rank0 = this_rank() == 0
     bars: dict[str, tqdm] = {}
 
     def progress(stage: str, done: int, total: int) -> None:
@@ -116,12 +117,10 @@ def cmd_generate(args) -> int:
         bars[stage].update(done - bars[stage].n)
 
     timer = StageTimer(sync=comps.device.type == "cuda")
-    out = args.output_path if rank0 else f"{args.output_path}.rank{torch.distributed.get_rank()}"
-    result = pipe(req, out, progress=progress, timer=timer)
+    result = run_on_rank(pipe, req, args.output_path, this_rank(), progress=progress, timer=timer)
     for b in bars.values():
         b.close()
-    if not rank0:  # every rank computes the same video; only rank 0 keeps it
-        result.path.unlink(missing_ok=True)
+    if result is None:  # not rank 0
         return 0
     print(timer.table())
     print(f"wrote {result.path} ({result.frames} frames {result.width}x{result.height} @ {result.fps:g} fps, "

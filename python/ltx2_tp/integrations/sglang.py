@@ -25,11 +25,17 @@ import dataclasses
 import os
 from typing import Any
 
+import torch
+
+from ltx2_tp.pipelines.request import GenerationRequest
+from ltx2_tp.pipelines.two_stage import run_on_rank, this_rank
+
 TINY_MODEL_PATH = "ltx2-tp/tiny"
 MODEL_ARCH = "LTX2TPModel"
 TWO_STAGE_ENV = "LTX2_TP_SGLANG_TWO_STAGE"
 
 _REGISTERED = False
+_REQUEST_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GenerationRequest)}
 
 
 def parallel_context_from_sglang():
@@ -70,15 +76,15 @@ if HAVE_SGLANG:
 
     @dataclasses.dataclass
     class LTX2TPSamplingParams(SamplingParams):
-        # the defaults of ltx-pipelines' two-stage example (GenerationRequest's)
-        height: int = 512
-        width: int = 768
-        num_frames: int = 121
-        fps: int = 24
-        num_inference_steps: int = 40
-        guidance_scale: float = 3.0
-        negative_prompt: str = ""
-        seed: int = 0
+        # GenerationRequest's defaults (those of ltx-pipelines' two-stage example)
+        height: int = _REQUEST_DEFAULTS["height"]
+        width: int = _REQUEST_DEFAULTS["width"]
+        num_frames: int = _REQUEST_DEFAULTS["num_frames"]
+        fps: int = int(_REQUEST_DEFAULTS["fps"])
+        num_inference_steps: int = _REQUEST_DEFAULTS["num_inference_steps"]
+        guidance_scale: float = _REQUEST_DEFAULTS["guidance_scale"]
+        negative_prompt: str = _REQUEST_DEFAULTS["negative_prompt"]
+        seed: int = _REQUEST_DEFAULTS["seed"]
 
     class LTX2TPGenerateStage(PipelineStage):
         """Runs one of our pipelines for the request and returns the written MP4 to sglang."""
@@ -88,27 +94,16 @@ if HAVE_SGLANG:
             self.pipeline = pipeline
 
         def forward(self, batch, server_args):
-            from ltx2_tp.pipelines.request import GenerationRequest
-
-            req = request_from_sglang(batch, GenerationRequest)
-            path = output_path_from_sglang(batch, server_args)
-            import torch.distributed as dist
-
-            rank = dist.get_rank() if dist.is_initialized() else 0
-            if rank:  # every rank computes the same video; rank 0 writes it
-                path = f"{path}.rank{rank}"
-            result = self.pipeline(req, path)
+            req = request_from_sglang(batch)
+            result = run_on_rank(self.pipeline, req, output_path_from_sglang(batch), this_rank())
             out = OutputBatch(output=None, metrics=getattr(batch, "metrics", None))
             out.fps = int(round(req.fps))
-            if rank:
-                result.path.unlink(missing_ok=True)
-            else:
+            if result is not None:
                 out.output_file_paths = [str(result.path)]
             return out
 
     class _LTX2TPPipeline(ComposedPipelineBase):
         _required_config_modules: list[str] = []
-        ltx2_pipeline_name = ""
 
         def _load_config(self) -> dict[str, Any]:  # no diffusers model_index.json
             return {"_class_name": self.pipeline_name, "_diffusers_version": "none"}
@@ -119,29 +114,27 @@ if HAVE_SGLANG:
         def create_pipeline_stages(self, server_args) -> None:
             from ltx2_tp.pipelines.registry import get_pipeline_class
 
-            cls = get_pipeline_class(self.ltx2_pipeline_name)
+            cls = get_pipeline_class(self.pipeline_name)  # ours under the same name
             self.add_stage(LTX2TPGenerateStage(cls(self.modules["ltx2_tp_components"])), "ltx2_tp_generate")
 
     class SGLangLTX2LongVideo(_LTX2TPPipeline):
         pipeline_name = "LTX2LongVideo"
-        ltx2_pipeline_name = "LTX2LongVideo"
 
     class SGLangLTX2TwoStagePipeline(_LTX2TPPipeline):
         pipeline_name = "LTX2TwoStagePipeline"
-        ltx2_pipeline_name = "LTX2TwoStagePipeline"
 
 
 def is_ltx2_tp_model_path(path: str) -> bool:
-    return str(path).rstrip("/").lower() == TINY_MODEL_PATH or str(path).lower().startswith("ltx2-tp/")
+    return str(path).lower().startswith("ltx2-tp/")
 
 
-def request_from_sglang(batch, request_cls):
+def request_from_sglang(batch) -> GenerationRequest:
     """sglang's Req (its SamplingParams fields) -> our GenerationRequest, validated (names the field)."""
 
     def first(v):
         return v[0] if isinstance(v, (list, tuple)) else v
 
-    req = request_cls(
+    req = GenerationRequest(
         prompt=first(batch.prompt) or "",
         negative_prompt=first(getattr(batch, "negative_prompt", "")) or "",
         width=int(batch.width), height=int(batch.height), num_frames=int(batch.num_frames),
@@ -152,7 +145,7 @@ def request_from_sglang(batch, request_cls):
     return req.validate()
 
 
-def output_path_from_sglang(batch, server_args) -> str:
+def output_path_from_sglang(batch) -> str:
     out_dir = getattr(batch, "output_path", None) or "outputs"
     name = getattr(batch, "output_file_name", None) or f"{getattr(batch, 'request_id', None) or 'ltx2_tp'}"
     if not os.path.splitext(name)[1]:
@@ -163,8 +156,6 @@ def output_path_from_sglang(batch, server_args) -> str:
 
 def build_components_for_sglang(model_path: str, server_args):
     """Components for sglang's worker: our DiT on sglang's groups, ltx-core's VAE & co."""
-    import torch
-
     from ltx2_tp.pipelines.components import build_components
 
     ctx = parallel_context_from_sglang()

@@ -10,12 +10,12 @@ is sent, so the followers never start it.
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict
 
 import torch.distributed as dist
 
 from ltx2_tp.pipelines.request import GenerationRequest
+from ltx2_tp.pipelines.two_stage import run_on_rank
 
 _STOP = "stop"
 
@@ -60,13 +60,7 @@ def follow(pipeline, channel: ControlChannel) -> None:
         kind, fields, path = channel.receive()
         if kind == _STOP:
             return
-        req = GenerationRequest(**fields)
-        out = f"{path}.rank{channel.rank}"
         try:
-            result = pipeline(req, out)
-            os.unlink(result.path)
+            run_on_rank(pipeline, GenerationRequest(**fields), path, channel.rank)
         except BaseException as e:  # rank 0 reports the job; keep following
             print(f"[rank {channel.rank}] job failed: {type(e).__name__}: {e}", flush=True)
-            for p in (out,):
-                if os.path.exists(p):
-                    os.unlink(p)
