@@ -49,6 +49,22 @@ def profile_step(fn, path: Path, title: str, header: str):
     return s
 
 
+def chunk_check(model, v, a, unchunked_out, r: dict, kind: str, args) -> None:
+    """Time the same step with FFN and attention forced into chunks of --chunk-check tokens."""
+    plan = model.plan
+    model.plan = ExecutionPlan(ffn_chunk_tokens=args.chunk_check, attn_chunk_tokens=args.chunk_check)
+    times = cuda_time(lambda: model(v, a), 2 if kind == "compiled" else 1, args.repeat)
+    ov, oa = model(v, a)
+    chunked, model.plan = model.plan.describe(), plan
+    base = r[f"ours_{kind}_s"]
+    r[f"ours_{kind}_chunked_s"] = median(times)
+    r[f"chunked_{kind}_vs_unchunked"] = median(times) / base
+    r[f"chunked_{kind}_rel_err_video"] = rel(ov, unchunked_out[0])
+    print(f"ours {kind} chunked [{chunked}]: {median(times):.3f} s/step, "
+          f"{median(times) / base:.3f}x the unchunked time, rel err vs unchunked {r[f'chunked_{kind}_rel_err_video']:.1e}",
+          flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="ltx-2-19b")
@@ -61,6 +77,9 @@ def main():
     ap.add_argument("--fp8-first", action="store_true", help="with --compile --fp8: quantize before compiling, "
                     "so only the fp8 graphs are compiled (skips the compiled bf16 timing; saves a compilation)")
     ap.add_argument("--plan", default="auto", choices=["auto", "none"])
+    ap.add_argument("--chunk-check", type=int, default=None, metavar="TOKENS",
+                    help="also time ours (eager, and compiled with --compile) with FFN and attention forced into "
+                         "chunks of TOKENS, against the unchunked plan (the chunked-within-5%% check)")
     ap.add_argument("--profile-case", default=None, help="WxHxF to profile with torch.profiler")
     ap.add_argument("--profile-dir", default="profiles")
     ap.add_argument("--out", default=None)
@@ -135,6 +154,8 @@ def main():
                  plan=model.plan.describe(), rel_err_video_vs_ltx_core=rel(ov, rv), rel_err_audio_vs_ltx_core=rel(oa, ra))
         print(f"ours eager {w}x{h}x{f}: {median(times):.3f} s/step [{model.plan.describe()}] "
               f"rel err video {r['rel_err_video_vs_ltx_core']:.2e} audio {r['rel_err_audio_vs_ltx_core']:.2e}", flush=True)
+        if args.chunk_check:
+            chunk_check(model, v, a, (ov, oa), r, "eager", args)
         if args.profile_case == f"{w}x{h}x{f}":
             profile_step(lambda: model(v, a), Path(args.profile_dir) / f"ours_eager_{w}x{h}x{f}.md",
                          f"ltx2_tp eager, one DiT step {w}x{h}x{f}", f"torch.profiler (CUPTI) | {stamp} | `{cmd}`")
@@ -151,6 +172,8 @@ def main():
             r = results["cases"][f"{w}x{h}x{f}"]
             r.update(ours_compiled_s=median(times), ours_compiled_peak_gib=peak_gib())
             print(f"ours compiled {w}x{h}x{f}: {median(times):.3f} s/step", flush=True)
+            if args.chunk_check:
+                chunk_check(model, v, a, model(v, a), r, "compiled", args)
             if args.profile_case == f"{w}x{h}x{f}":
                 profile_step(lambda: model(v, a), Path(args.profile_dir) / f"ours_compiled_{w}x{h}x{f}.md",
                              f"ltx2_tp compiled blocks, one DiT step {w}x{h}x{f}",

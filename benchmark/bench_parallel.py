@@ -6,12 +6,14 @@
 A layout is TPxULYSSESxRING. The 1-GPU baseline runs on rank 0 while the others wait; every layout
 uses the same seeded weights (drawn at full size, sharded by the layers' loaders), and its output is
 compared with the 1-GPU output (bf16 relative max error). Communication share = NCCL kernel time /
-all kernel time on rank 0 in one profiled step (torch.profiler, CUPTI).
+all kernel time on rank 0 in one profiled step (torch.profiler, CUPTI); exposed = time an NCCL
+kernel runs with no compute kernel beside it / time any kernel runs (what overlap is meant to cut).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
 import os
@@ -24,6 +26,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import _sync, cuda_time, peak_gib, rel, reset_peak, kernel_summary, median, step_flops, summary_markdown, write_json  # noqa: E402
 
+from ltx2_tp.compile import compile_blocks  # noqa: E402
 from ltx2_tp.distributed.context import ParallelContext, build_groups  # noqa: E402
 from ltx2_tp.memory.plan import plan_for  # noqa: E402
 from ltx2_tp.models.ltx2.config import get_config  # noqa: E402
@@ -41,6 +44,10 @@ def main():
     ap.add_argument("--profile-dir", default="profiles")
     ap.add_argument("--out", default=None)
     ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--overlap", default="on", choices=["on", "off", "both"],
+                    help="communication overlap (TP all-reduce per token chunk, Ulysses head groups); "
+                         "both: time every layout with and without")
+    ap.add_argument("--compile", action="store_true", help="torch.compile each block (1 GPU and every layout)")
     args = ap.parse_args()
 
     gpu = torch.cuda.is_available()  # CPU + gloo only to smoke-test this script (--model tiny)
@@ -59,7 +66,7 @@ def main():
     stamp = f"{devname} x{world} | {datetime.date.today()} | torch {torch.__version__}"
     cmd = f"torchrun --nproc-per-node {world} " + " ".join(sys.argv)
     res = {"device": f"{devname} x{world}", "date": str(datetime.date.today()),
-           "command": cmd, "torch": torch.__version__, "cases": {}}
+           "command": cmd, "torch": torch.__version__, "compiled": args.compile, "cases": {}}
 
     for case in args.cases.split(","):
         w, h, f = (int(x) for x in case.split("x"))
@@ -72,6 +79,9 @@ def main():
         if rank == 0:  # 1-GPU baseline
             model = build_model(cfg, ParallelContext(), device=dev, dtype=torch.bfloat16, seed=0,
                                 plan=plan_for(tokens, cfg.inner_dim))
+            if args.compile:
+                compile_blocks(model)
+                model(video, audio)  # compile outside the clock
             reset_peak()
             r["1gpu_s"] = median(cuda_time(lambda: model(video, audio), 1, args.repeat))
             r["1gpu_peak_gib"] = peak_gib()
@@ -82,12 +92,18 @@ def main():
             if gpu:
                 torch.cuda.empty_cache()
         dist.barrier()
-        for lay in layouts:
+        variants = {"on": [True], "off": [False], "both": [True, False]}[args.overlap]
+        for lay, overlap in [(lay, o) for lay in layouts for o in variants]:
             ctx = ctxs[lay]
-            name = "tp{}_u{}_r{}".format(*lay)
+            name = "tp{}_u{}_r{}".format(*lay) + ("" if overlap else "_nooverlap")
             local = -(-tokens // ctx.sp_size)
-            model = build_model(cfg, ctx, device=dev, dtype=torch.bfloat16, seed=0,
-                                plan=plan_for(local, cfg.inner_dim, ctx.tp_size))
+            plan = plan_for(local, cfg.inner_dim, ctx.tp_size, ulysses_size=ctx.ulysses_size)
+            if not overlap:
+                plan = dataclasses.replace(plan, comm_chunk_tokens=None, ulysses_head_groups=1)
+            model = build_model(cfg, ctx, device=dev, dtype=torch.bfloat16, seed=0, plan=plan)
+            if args.compile:
+                compile_blocks(model)
+                model(video, audio)
             reset_peak()
             t = median(cuda_time(lambda: model(video, audio), 1, args.repeat))
             out = model(video, audio)
@@ -106,15 +122,17 @@ def main():
                     _sync()
                 s = kernel_summary(prof)
                 entry["comm_share"] = s["groups"].get("communication", (0.0, 0.0))[1]
+                entry["exposed_comm_share"] = s["exposed_comm_share"]
                 if rank == 0:
-                    p = Path(args.profile_dir) / f"parallel_{name}_{case}.md"
+                    p = Path(args.profile_dir) / f"parallel_{name}{'_compiled' if args.compile else ''}_{case}.md"
                     p.parent.mkdir(parents=True, exist_ok=True)
                     p.write_text(summary_markdown(f"ltx2_tp {name}, one DiT step {case}, rank 0",
                                                   f"torch.profiler (CUPTI) | {stamp} | `{cmd}`", s))
             if rank == 0:
                 r[name] = entry
                 print(f"{case} {name}: {t:.3f} s/step x{entry['speedup_vs_1gpu']:.2f} "
-                      f"comm {entry.get('comm_share', float('nan')):.1%} peak {peak:.1f} GiB "
+                      f"comm {entry.get('comm_share', float('nan')):.1%} "
+                      f"(exposed {entry.get('exposed_comm_share', float('nan')):.1%}) peak {peak:.1f} GiB "
                       f"err v {entry['rel_err_video_vs_1gpu']:.1e} a {entry['rel_err_audio_vs_1gpu']:.1e} "
                       f"[{entry['plan']}]", flush=True)
             del model, out
@@ -123,13 +141,14 @@ def main():
                 torch.cuda.empty_cache()
             dist.barrier()
     if rank == 0:
-        print(f"\n{stamp}\n| case | tokens | 1 GPU s | layout | s | speed-up | comm share | TFLOP/s per GPU |")
+        print(f"\n{stamp}\n| case | tokens | 1 GPU s | layout | s | speed-up | comm share | exposed comm | TFLOP/s per GPU |")
         for case, r in res["cases"].items():
             for name, e in r.items():
                 if isinstance(e, dict):
                     tf = r["flops"] / e["s"] / 1e12 / world
                     print(f"| {case} | {r['tokens']} | {r['1gpu_s']:.3f} | {name} | {e['s']:.3f} | "
-                          f"{e['speedup_vs_1gpu']:.2f}x | {e.get('comm_share', float('nan')):.1%} | {tf:.0f} |")
+                          f"{e['speedup_vs_1gpu']:.2f}x | {e.get('comm_share', float('nan')):.1%} | "
+                          f"{e.get('exposed_comm_share', float('nan')):.1%} | {tf:.0f} |")
         if args.out:
             write_json(args.out, res)
     dist.destroy_process_group()

@@ -140,18 +140,55 @@ def kernel_group(name: str) -> str:
     return "elementwise/other"
 
 
+def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[list[float]] = []
+    for s, e in sorted(intervals):
+        if out and s <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], e)
+        else:
+            out.append([s, e])
+    return [(s, e) for s, e in out]
+
+
+def _length(intervals) -> float:
+    return sum(e - s for s, e in intervals)
+
+
+def _intersection(a, b) -> float:
+    """Total length of the overlap of two unions of disjoint sorted intervals."""
+    i = j = 0
+    total = 0.0
+    while i < len(a) and j < len(b):
+        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        total += max(0.0, hi - lo)
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
 def kernel_summary(prof) -> dict:
+    """Kernel time per group, plus exposed communication: the time a collective kernel runs while
+    no compute kernel does (overlapped collectives still count in the group's kernel time)."""
     per_kernel = defaultdict(float)
+    comm, compute = [], []
     for evt in prof.events():
         if evt.device_type == torch.autograd.DeviceType.CUDA:
             per_kernel[evt.name] += evt.device_time_total  # us
+            iv = (evt.time_range.start, evt.time_range.end)
+            (comm if kernel_group(evt.name) == "communication" else compute).append(iv)
     groups = defaultdict(float)
     for k, v in per_kernel.items():
         groups[kernel_group(k)] += v
     total = sum(groups.values()) or 1.0
     top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:15]
+    comm, compute = _union(comm), _union(compute)
+    busy = _length(_union(comm + compute)) or 1.0
+    exposed = _length(comm) - _intersection(comm, compute)
     return {"total_ms": total / 1e3, "groups": {g: (v / 1e3, v / total) for g, v in groups.items()},
-            "top": [(k[:110], v / 1e3, v / total, kernel_group(k)) for k, v in top]}
+            "top": [(k[:110], v / 1e3, v / total, kernel_group(k)) for k, v in top],
+            "busy_ms": busy / 1e3, "exposed_comm_ms": exposed / 1e3, "exposed_comm_share": exposed / busy}
 
 
 def summary_markdown(title: str, header: str, s: dict) -> str:
@@ -159,6 +196,9 @@ def summary_markdown(title: str, header: str, s: dict) -> str:
              "| group | ms | share |", "|---|---|---|"]
     for g, (ms, share) in sorted(s["groups"].items(), key=lambda kv: -kv[1][0]):
         lines.append(f"| {g} | {ms:.1f} | {share:.1%} |")
+    if "exposed_comm_ms" in s:
+        lines += ["", f"GPU busy (any kernel running): {s['busy_ms']:.1f} ms; communication with no compute "
+                  f"kernel beside it (exposed): {s['exposed_comm_ms']:.1f} ms = {s['exposed_comm_share']:.1%} of busy time"]
     lines += ["", "| kernel | group | ms | share |", "|---|---|---|---|"]
     for name, ms, share, g in s["top"]:
         lines.append(f"| `{name}` | {g} | {ms:.1f} | {share:.1%} |")

@@ -19,7 +19,10 @@ from ltx2_tp.models.ltx2.weights import build_model, official_state_dict
 # (tp, ulysses, ring)
 LAYOUTS = {2: [(2, 1, 1), (1, 2, 1), (1, 1, 2)],
            4: [(4, 1, 1), (1, 4, 1), (1, 1, 4), (2, 2, 1), (2, 1, 2), (1, 2, 2)]}
-CHUNKINGS = [ExecutionPlan(), ExecutionPlan(ffn_chunk_tokens=7, attn_chunk_tokens=5, cache_rope=False)]
+CHUNKINGS = [ExecutionPlan(),
+             ExecutionPlan(ffn_chunk_tokens=7, attn_chunk_tokens=5, cache_rope=False, comm_chunk_tokens=3),
+             # communication overlap alone: TP all-reduce per 4 tokens, Ulysses in 2 head groups
+             ExecutionPlan(comm_chunk_tokens=4, ulysses_head_groups=2)]
 CASES = {  # name: (config overrides, make_inputs kwargs)
     "av_odd_tokens": (dict(), dict(frames=3, h=3, w=5, audio_tokens=11)),  # 45 video tokens
     "video_only_input": (dict(rope_type="split", double_precision_rope=True), dict(frames=2, h=3, w=3, audio_tokens=0)),

@@ -51,7 +51,7 @@ def cmd_dit(args) -> int:
     ctx = init_parallel(args.tp_size, args.ulysses_size, args.ring_size)
     device = torch.device(args.device if args.device != "cuda" else f"cuda:{torch.cuda.current_device()}")
     tokens = video_tokens(args.num_frames, args.height, args.width)
-    plan = plan_for(-(-tokens // ctx.sp_size), cfg.inner_dim, ctx.tp_size)
+    plan = plan_for(-(-tokens // ctx.sp_size), cfg.inner_dim, ctx.tp_size, ulysses_size=ctx.ulysses_size)
     if args.ffn_chunk_tokens or args.attn_chunk_tokens:
         plan = ExecutionPlan(args.ffn_chunk_tokens, args.attn_chunk_tokens, cache_rope=not args.attn_chunk_tokens)
     dtype = _dtype(args.dtype)

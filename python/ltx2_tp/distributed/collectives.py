@@ -38,6 +38,34 @@ def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
     return x
 
 
+class Pending:
+    """A collective in flight: `wait()` returns its result. NCCL runs it on its own stream, so
+    compute issued before `wait()` overlaps it; under torch.compile collectives are issued
+    synchronously (the compiler schedules its own functional collectives)."""
+
+    def __init__(self, work, finish):
+        self.work, self.finish = work, finish
+
+    def wait(self):
+        if self.work is not None:
+            self.work.wait()
+        return self.finish()
+
+
+def _async() -> bool:
+    return not torch.compiler.is_compiling()
+
+
+def all_reduce_sum_start(x: torch.Tensor, group) -> Pending:
+    """all_reduce_sum, returned in flight (row-parallel outputs overlapped with the next chunk)."""
+    if _size(group) == 1:
+        return Pending(None, lambda: x)
+    x = x.contiguous()
+    with nvtx_range("all_reduce"):
+        work = dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group, async_op=_async())
+    return Pending(work, lambda: x)
+
+
 def all_reduce_max(x: torch.Tensor, group) -> torch.Tensor:
     if _size(group) > 1:
         x = x.contiguous()
@@ -61,9 +89,13 @@ def gather_sequence(x: torch.Tensor, sizes: list[int], group, dim: int = 1) -> t
 
 def ulysses_seq_to_heads(x: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
     """(B, n_local, H, d) -> (B, sum(sizes), H / U, d): scatter heads, gather the sequence."""
+    return ulysses_seq_to_heads_start(x, sizes, group).wait()
+
+
+def ulysses_seq_to_heads_start(x: torch.Tensor, sizes: list[int], group) -> Pending:
     u = _size(group)
     if u == 1:
-        return x
+        return Pending(None, lambda: x)
     with nvtx_range("all_to_all_seq_to_heads"):
         b, n, h, d = x.shape
         nmax, hu = max(sizes), h // u
@@ -71,15 +103,19 @@ def ulysses_seq_to_heads(x: torch.Tensor, sizes: list[int], group) -> torch.Tens
             x = torch.cat([x, x.new_zeros(b, nmax - n, h, d)], dim=1)
         send = x.view(b, nmax, u, hu, d).permute(2, 0, 1, 3, 4).contiguous()  # (U, B, nmax, hu, d)
         recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send, group=group)
-        return torch.cat([recv[i, :, : sizes[i]] for i in range(u)], dim=1)
+        work = dist.all_to_all_single(recv, send, group=group, async_op=_async())
+    return Pending(work, lambda: torch.cat([recv[i, :, : sizes[i]] for i in range(u)], dim=1))
 
 
 def ulysses_heads_to_seq(x: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
     """(B, sum(sizes), H / U, d) -> (B, n_local, H, d): the inverse of ulysses_seq_to_heads."""
+    return ulysses_heads_to_seq_start(x, sizes, group).wait()
+
+
+def ulysses_heads_to_seq_start(x: torch.Tensor, sizes: list[int], group) -> Pending:
     u = _size(group)
     if u == 1:
-        return x
+        return Pending(None, lambda: x)
     with nvtx_range("all_to_all_heads_to_seq"):
         b, _, hu, d = x.shape
         nmax, me = max(sizes), dist.get_rank(group)
@@ -89,6 +125,5 @@ def ulysses_heads_to_seq(x: torch.Tensor, sizes: list[int], group) -> torch.Tens
             send[i, :, :s] = x[:, start : start + s]
             start += s
         recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send, group=group)
-        out = recv.permute(1, 2, 0, 3, 4).reshape(b, nmax, u * hu, d)
-        return out[:, : sizes[me]]
+        work = dist.all_to_all_single(recv, send, group=group, async_op=_async())
+    return Pending(work, lambda: recv.permute(1, 2, 0, 3, 4).reshape(b, nmax, u * hu, d)[:, : sizes[me]])

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ltx2_tp.distributed.collectives import part_range, part_sizes, ulysses_heads_to_seq, ulysses_seq_to_heads
+from ltx2_tp.distributed.collectives import (part_range, part_sizes, ulysses_heads_to_seq, ulysses_heads_to_seq_start,
+                                            ulysses_seq_to_heads, ulysses_seq_to_heads_start)
 from ltx2_tp.distributed.context import ParallelContext
 from ltx2_tp.distributed.ring import ring_attention
 from ltx2_tp.layers.attention_backend import attention
@@ -57,11 +58,13 @@ def local_attention(q, k, v, q_chunk: int | None, mask: torch.Tensor | None = No
 
 
 def sp_self_attention(q, k, v, layout: SequenceLayout, ctx: ParallelContext, q_chunk: int | None,
-                      mask: torch.Tensor | None = None) -> torch.Tensor:
+                      mask: torch.Tensor | None = None, head_groups: int = 1) -> torch.Tensor:
     if ctx.sp_size == 1:
         return local_attention(q, k, v, q_chunk, mask)
     if mask is not None:
         raise NotImplementedError("a self-attention mask (Modality.attention_mask) is supported only with sp_size=1")
+    if ctx.ulysses_size > 1 and ctx.ring_size == 1:
+        return _ulysses_pipelined(q, k, v, layout.ulysses_sizes, ctx, q_chunk, head_groups)
     if ctx.ulysses_size > 1:
         sizes = layout.ulysses_sizes
         q, k, v = (ulysses_seq_to_heads(t, sizes, ctx.ulysses_group) for t in (q, k, v))
@@ -72,3 +75,25 @@ def sp_self_attention(q, k, v, layout: SequenceLayout, ctx: ParallelContext, q_c
     if ctx.ulysses_size > 1:
         out = ulysses_heads_to_seq(out, layout.ulysses_sizes, ctx.ulysses_group)
     return out
+
+
+def _ulysses_pipelined(q, k, v, sizes: list[int], ctx: ParallelContext, q_chunk: int | None,
+                       head_groups: int) -> torch.Tensor:
+    """Ulysses in head groups: group g+1's all-to-all is in flight while group g attends, and
+    group g's way back while group g+1 attends. Each group is an independent Ulysses attention
+    over its heads, so the result equals one all-to-all of all heads."""
+    h, u = q.shape[2], ctx.ulysses_size
+    g = head_groups if head_groups > 1 and h % (head_groups * u) == 0 else 1
+    hg, group = h // g, ctx.ulysses_group
+
+    def send(i):
+        return [ulysses_seq_to_heads_start(t[:, :, i * hg : (i + 1) * hg], sizes, group) for t in (q, k, v)]
+
+    inflight, back = send(0), []
+    for i in range(g):
+        qi, ki, vi = (p.wait() for p in inflight)
+        if i + 1 < g:
+            inflight = send(i + 1)
+        back.append(ulysses_heads_to_seq_start(local_attention(qi, ki, vi, q_chunk), sizes, group))
+    outs = [p.wait() for p in back]
+    return outs[0] if g == 1 else torch.cat(outs, dim=2)

@@ -12,9 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ltx2_tp.distributed.collectives import Pending
 from ltx2_tp.distributed.context import SINGLE, ParallelContext
 from ltx2_tp.layers.linear import ColumnParallelLinear, MergedColumnParallelLinear, RowParallelLinear
-from ltx2_tp.layers.norm import ShardedRMSNorm
+from ltx2_tp.layers.norm import ShardedRMSNorm, rms_norm_pair
 
 
 class Attention(nn.Module):
@@ -43,7 +44,8 @@ class Attention(nn.Module):
     def qkv(self, h: torch.Tensor):
         """Self-attention: normed q, k and v, each (B, n, H_local, d)."""
         q, k, v = self.to_qkv(h)
-        return self._heads(self.q_norm(q)), self._heads(self.k_norm(k)), self._heads(v)
+        q, k = rms_norm_pair(self.q_norm, self.k_norm, q, k)
+        return self._heads(q), self._heads(k), self._heads(v)
 
     def v_only(self, h: torch.Tensor) -> torch.Tensor:
         """The value projection alone (STG skips the attention and passes v through)."""
@@ -66,6 +68,10 @@ class Attention(nn.Module):
 
     def out(self, o: torch.Tensor, gates: torch.Tensor | None) -> torch.Tensor:
         """o (B, n, H_local, d) -> (B, n, query_dim), all-reduced over TP."""
+        return self.out_start(o, gates).wait()
+
+    def out_start(self, o: torch.Tensor, gates: torch.Tensor | None) -> Pending:
+        """`out` with the all-reduce left in flight (RowParallelLinear.start)."""
         if gates is not None:
             o = o * gates.unsqueeze(-1)
-        return self.to_out[0](o.flatten(-2))
+        return self.to_out[0].start(o.flatten(-2))

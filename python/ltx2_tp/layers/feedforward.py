@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ltx2_tp.distributed.collectives import Pending
 from ltx2_tp.distributed.context import SINGLE, ParallelContext
 from ltx2_tp.layers.linear import ColumnParallelLinear, RowParallelLinear
 from ltx2_tp.profiling import nvtx_range
@@ -30,5 +31,9 @@ class FeedForward(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.start(x).wait()
+
+    def start(self, x: torch.Tensor) -> Pending:
+        """The FFN with its all-reduce left in flight (RowParallelLinear.start)."""
         with nvtx_range("ffn"):
-            return self.net[2](F.gelu(self.net[0].proj(x), approximate="tanh"))
+            return self.net[2].start(F.gelu(self.net[0].proj(x), approximate="tanh"))

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ltx2_tp.distributed.collectives import all_reduce_sum
+from ltx2_tp.distributed.collectives import Pending, all_reduce_sum_start
 from ltx2_tp.distributed.context import SINGLE, ParallelContext
 from ltx2_tp.layers.fp8 import linear as _linear
 
@@ -100,9 +100,17 @@ class RowParallelLinear(nn.Module):
         param.data.copy_(loaded.narrow(1, self.ctx.tp_rank * n, n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.start(x).wait()
+
+    def start(self, x: torch.Tensor) -> Pending:
+        """The GEMM now, its all-reduce in flight: `.wait()` gives the output. Callers that walk
+        tokens in chunks wait one chunk later, so the all-reduce overlaps the next chunk's GEMMs."""
         if self.ctx.tp_size == 1:
-            return _linear(self, x, self.bias)
+            y = _linear(self, x, self.bias)
+            return Pending(None, lambda: y)
         if not self.input_is_parallel:
             x = x.narrow(-1, self.ctx.tp_rank * self.in_per_rank, self.in_per_rank)
-        y = all_reduce_sum(_linear(self, x, None), self.ctx.tp_group)
-        return y + self.bias if self.bias is not None else y
+        p = all_reduce_sum_start(_linear(self, x, None), self.ctx.tp_group)
+        if self.bias is None:
+            return p
+        return Pending(p.work, lambda: p.finish() + self.bias)

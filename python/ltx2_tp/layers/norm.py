@@ -37,4 +37,18 @@ class ShardedRMSNorm(nn.Module):
             return F.rms_norm(x, (self.full_dim,), self.weight, self.eps)
         xf = x.float()
         ss = all_reduce_sum(xf.pow(2).sum(-1, keepdim=True), self.ctx.tp_group)
-        return (xf * torch.rsqrt(ss / self.full_dim + self.eps)).to(x.dtype) * self.weight
+        return self._scale(xf, ss, x.dtype)
+
+    def _scale(self, xf: torch.Tensor, ss: torch.Tensor, dtype) -> torch.Tensor:
+        return (xf * torch.rsqrt(ss / self.full_dim + self.eps)).to(dtype) * self.weight
+
+
+def rms_norm_pair(q_norm: ShardedRMSNorm, k_norm: ShardedRMSNorm, q: torch.Tensor, k: torch.Tensor):
+    """q_norm(q), k_norm(k) for q and k of the same tokens, with one all-reduce for both sums of
+    squares instead of two (each is a latency-bound tokens x 1 collective)."""
+    if q_norm.ctx.tp_size == 1:
+        return q_norm(q), k_norm(k)
+    qf, kf = q.float(), k.float()
+    ss = torch.cat([qf.pow(2).sum(-1, keepdim=True), kf.pow(2).sum(-1, keepdim=True)], dim=-1)
+    ss = all_reduce_sum(ss, q_norm.ctx.tp_group)
+    return q_norm._scale(qf, ss[..., :1], q.dtype), k_norm._scale(kf, ss[..., 1:], k.dtype)

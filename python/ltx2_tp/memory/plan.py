@@ -22,17 +22,37 @@ class ExecutionPlan:
     ffn_chunk_tokens: int | None = None  # FFN processed in token chunks (None: whole sequence)
     attn_chunk_tokens: int | None = None  # query chunks against the full K/V; also the QKV / modulation chunk
     cache_rope: bool = True  # build this rank's RoPE table once per forward instead of per chunk
+    # TP: row-parallel outputs (attention out, FFN) are all-reduced per chunk of this many tokens,
+    # each chunk's all-reduce running under the next chunk's compute (None: one all-reduce per call)
+    comm_chunk_tokens: int | None = None
+    # Ulysses: heads go through all-to-all -> attention -> all-to-all in this many groups, so one
+    # group's all-to-all runs under another group's attention (1: no pipelining)
+    ulysses_head_groups: int = 1
 
     def describe(self) -> str:
-        return f"ffn_chunk={self.ffn_chunk_tokens} attn_chunk={self.attn_chunk_tokens} cache_rope={self.cache_rope}"
+        return (f"ffn_chunk={self.ffn_chunk_tokens} attn_chunk={self.attn_chunk_tokens} cache_rope={self.cache_rope}"
+                f" comm_chunk={self.comm_chunk_tokens} ulysses_head_groups={self.ulysses_head_groups}")
+
+    def out_chunks(self, n: int, size: int | None) -> list[tuple[int, int]]:
+        """Chunks of a loop that ends in a row-parallel linear: `size`, or smaller for overlap."""
+        sizes = [c for c in (size, self.comm_chunk_tokens) if c and c > 0]
+        return token_chunks(n, min(sizes) if sizes else None)
+
+
+OVERLAP_MIN_TOKENS = 4096  # below this a chunk's GEMMs get less efficient than the comm they hide
 
 
 def plan_for(local_video_tokens: int, inner_dim: int = 4096, tp_size: int = 1, ffn_mult: int = 4,
-             budget_bytes: float = 2 * 2**30, dtype_bytes: int = 2) -> ExecutionPlan:
-    """Chunk so that no FFN intermediate (tokens x 4D / tp) or per-chunk QKV exceeds budget_bytes."""
+             budget_bytes: float = 2 * 2**30, dtype_bytes: int = 2, ulysses_size: int = 1) -> ExecutionPlan:
+    """Chunk so that no FFN intermediate (tokens x 4D / tp) or per-chunk QKV exceeds budget_bytes;
+    with TP or Ulysses and enough tokens, split communication into 4 / 2 pieces to overlap it."""
     ffn_row = inner_dim * ffn_mult // tp_size * dtype_bytes
     ffn_chunk = None if local_video_tokens * ffn_row <= budget_bytes else max(256, int(budget_bytes // ffn_row))
     qkv_row = 3 * inner_dim // tp_size * dtype_bytes
     attn_chunk = None if local_video_tokens * qkv_row <= budget_bytes else max(256, int(budget_bytes // qkv_row))
     rope_bytes = 2 * local_video_tokens * inner_dim // tp_size * dtype_bytes
-    return ExecutionPlan(ffn_chunk, attn_chunk, cache_rope=rope_bytes <= budget_bytes)
+    big = local_video_tokens >= 2 * OVERLAP_MIN_TOKENS
+    comm_chunk = max(OVERLAP_MIN_TOKENS, -(-local_video_tokens // 4)) if tp_size > 1 and big else None
+    head_groups = 2 if ulysses_size > 1 and big else 1
+    return ExecutionPlan(ffn_chunk, attn_chunk, cache_rope=rope_bytes <= budget_bytes,
+                         comm_chunk_tokens=comm_chunk, ulysses_head_groups=head_groups)

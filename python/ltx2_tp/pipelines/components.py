@@ -25,7 +25,8 @@ class TinyTextEncoder(nn.Module):
     """Stand-in for Gemma 3 in the tiny model: UTF-8 bytes -> seeded embeddings (caption features).
 
     Deterministic, so one prompt always gives one context. Real checkpoints use ltx-core's Gemma
-    encoder, whose output (caption channels) has the same role.
+    encoder, whose output (caption channels) has the same role. Like it, every prompt gives the
+    same number of tokens (padded with the end id), so CFG's two prompts batch together.
     """
 
     def __init__(self, channels: int, max_tokens: int = 32):
@@ -35,7 +36,8 @@ class TinyTextEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = list(prompt.encode("utf-8")[: self.max_tokens - 1]) + [256]
+        ids = list(prompt.encode("utf-8")[: self.max_tokens - 1])
+        ids += [256] * (self.max_tokens - len(ids))
         x = self.table(torch.tensor([ids], device=self.table.weight.device))
         return x, x  # (video context, audio context)
 

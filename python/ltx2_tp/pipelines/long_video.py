@@ -27,7 +27,8 @@ class LTX2LongVideo(LTX2TwoStagePipeline):
     def prepare(self, req: GenerationRequest) -> None:
         t = self.c.transformer
         local = -(-req.video_tokens // t.ctx.sp_size)
-        t.plan = plan_for(local, t.cfg.inner_dim, t.ctx.tp_size, budget_bytes=self.memory_budget_gib * 2**30)
+        t.plan = plan_for(local, t.cfg.inner_dim, t.ctx.tp_size, budget_bytes=self.memory_budget_gib * 2**30,
+                          ulysses_size=t.ctx.ulysses_size)
 
     def temporal_tile_frames(self, req: GenerationRequest) -> int | None:
         return DECODE_TILE_FRAMES if req.num_frames > DECODE_TILE_FRAMES else None

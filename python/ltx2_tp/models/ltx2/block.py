@@ -153,16 +153,21 @@ class AVTransformerBlock(nn.Module):
                 o = v
             else:
                 if st.split:
-                    o = sp_self_attention(q, k, v, st.layout, self.ctx, plan.attn_chunk_tokens, st.self_mask)
+                    o = sp_self_attention(q, k, v, st.layout, self.ctx, plan.attn_chunk_tokens, st.self_mask,
+                                          plan.ulysses_head_groups)
                 else:
                     o = local_attention(q, k, v, plan.attn_chunk_tokens, st.self_mask)
                 del q, k
                 if partial:
                     m = pert.mask(kind, self.idx, x.device, x.dtype).view(b, 1, 1, 1)
                     o = o * m + v * (1 - m)
-            for s, e in chunks:
+
+            def out(s, e):
                 (gate,) = ada_values(table, st.mod, s, e, slice(2, 3))
-                x[:, s:e] += attn.out(o[:, s:e], None if gates is None else gates[:, s:e]) * gate
+                p = attn.out_start(o[:, s:e], None if gates is None else gates[:, s:e])
+                return lambda: x[:, s:e].add_(p.wait() * gate)
+
+            _pipelined(plan.out_chunks(n, plan.attn_chunk_tokens), out)
 
     def _text_attention(self, attn: Attention, st: StreamState, table, prompt_table, plan: ExecutionPlan) -> None:
         with nvtx_range("text_attention"):
@@ -175,14 +180,18 @@ class AVTransformerBlock(nn.Module):
                 shift_kv, scale_kv = (pt + st.prompt_mod.reshape(b, st.prompt_mod.shape[1], 2, -1)).unbind(dim=2)
                 context = context * (1 + scale_kv) + shift_kv
             k, v = attn.kv(context)
-            for s, e in token_chunks(x.shape[1], plan.attn_chunk_tokens):
+
+            def chunk(s, e):
+                gate = None
                 if adaln:
                     shift_q, scale_q, gate = ada_values(table, st.mod, s, e, slice(6, 9))
                     h = _modulate(x[:, s:e], eps, scale_q, shift_q)
                 else:
                     h = rms_norm(x[:, s:e], eps)
-                y = attn.out(attention(attn.q(h), k, v, st.context_mask), attn.gates(h))
-                x[:, s:e] += y * gate if adaln else y
+                p = attn.out_start(attention(attn.q(h), k, v, st.context_mask), attn.gates(h))
+                return lambda: x[:, s:e].add_(p.wait() * gate if adaln else p.wait())
+
+            _pipelined(plan.out_chunks(x.shape[1], plan.attn_chunk_tokens), chunk)
 
     def _av_cross_attention(self, video: StreamState, audio: StreamState, run_a2v: bool, run_v2a: bool,
                             pert, plan: ExecutionPlan) -> None:
@@ -210,16 +219,21 @@ class AVTransformerBlock(nn.Module):
                 qa_in = ax_norm * (1 + scale_a2) + shift_a2
                 qa = apply_rope(v2a.q(qa_in), a_cos, a_sin, rope_type)
                 acc = LseAccumulator()
-            for s, e in token_chunks(vx.shape[1], plan.attn_chunk_tokens):
+
+            def chunk(s, e):
                 vn = rms_norm(vx[:, s:e], eps)  # before this chunk's a2v update, as ltx-core
                 v_cos, v_sin = video.cross_rope(s, e)
                 if do_v2a:
                     kc, vc = v2a.kv(vn * (1 + scale_v2) + shift_v2)
                     acc.add(*attention_lse(qa, apply_rope(kc, v_cos, v_sin, rope_type), vc))
-                if do_a2v:
-                    q_in = vn * (1 + scale_v) + shift_v
-                    qv = apply_rope(a2v.q(q_in), v_cos, v_sin, rope_type)
-                    vx[:, s:e] += a2v.out(attention(qv, ka, va), a2v.gates(q_in)) * gate_a2v * mask_a2v
+                if not do_a2v:
+                    return None
+                q_in = vn * (1 + scale_v) + shift_v
+                qv = apply_rope(a2v.q(q_in), v_cos, v_sin, rope_type)
+                p = a2v.out_start(attention(qv, ka, va), a2v.gates(q_in))
+                return lambda: vx[:, s:e].add_(p.wait() * gate_a2v * mask_a2v)
+
+            _pipelined(plan.out_chunks(vx.shape[1], plan.attn_chunk_tokens), chunk)
             if do_v2a:
                 o = _merge_over_sequence(acc, qa, video.split, self.ctx)
                 mask_v2a = pert.mask(SKIP_V2A, self.idx, ax.device, ax.dtype).view(-1, 1, 1)
@@ -227,9 +241,28 @@ class AVTransformerBlock(nn.Module):
 
     def _feedforward(self, ff: FeedForward, st: StreamState, table, plan: ExecutionPlan) -> None:
         eps, x = self.cfg.norm_eps, st.x
-        for s, e in token_chunks(x.shape[1], plan.ffn_chunk_tokens):
+
+        def chunk(s, e):
             shift, scale, gate = ada_values(table, st.mod, s, e, slice(3, 6))
-            x[:, s:e] += ff(_modulate(x[:, s:e], eps, scale, shift)) * gate
+            p = ff.start(_modulate(x[:, s:e], eps, scale, shift))
+            return lambda: x[:, s:e].add_(p.wait() * gate)
+
+        _pipelined(plan.out_chunks(x.shape[1], plan.ffn_chunk_tokens), chunk)
+
+
+def _pipelined(chunks: list[tuple[int, int]], issue) -> None:
+    """`issue(s, e)` computes one token chunk up to its row-parallel all-reduce and returns the
+    closure that waits for it and updates the stream. Each chunk is completed after the next one
+    is issued, so its TP all-reduce runs under the next chunk's GEMMs. Chunks are disjoint token
+    ranges, so completing chunk i late never changes what chunk i+1 reads."""
+    done = None
+    for s, e in chunks:
+        nxt = issue(s, e)
+        if done is not None:
+            done()
+        done = nxt
+    if done is not None:
+        done()
 
 
 def _av_ada(table: torch.Tensor, st: StreamState, sl: slice):
