@@ -29,6 +29,7 @@ CASES = {  # name: (config overrides, make_inputs kwargs)
     "ltx23_like": (dict(rope_type="split", apply_gated_attention=True, cross_attention_adaln=True, caption_projection=False),
                    dict(frames=2, h=2, w=5, audio_tokens=6, per_token=False)),
     "fewer_tokens_than_ranks": (dict(), dict(frames=1, h=1, w=3, audio_tokens=4)),  # 3 tokens: a rank holds none
+    "batch1_even_tokens": (dict(), dict(batch=1, frames=2, h=2, w=6, audio_tokens=5)),  # 24 tokens: copy-free Ulysses
 }
 
 
@@ -37,8 +38,12 @@ def _reference(case):
     cfg = tiny_config(**cfg_kw)
     model = build_model(cfg, dtype=torch.float32, seed=11)
     v, a = make_inputs(cfg, **in_kw)
-    pert = Perturbations([[(SKIP_VIDEO_SELF_ATTN, [1])], []])
-    return cfg, official_state_dict(model), (v, a), model(v, a), model(v, a, pert)
+    return cfg, official_state_dict(model), (v, a), model(v, a), model(v, a, _stg(v.latent.shape[0]))
+
+
+def _stg(batch: int) -> Perturbations:
+    """STG on block 1's video self-attention for the first sample only (all of them at batch 1)."""
+    return Perturbations([[(SKIP_VIDEO_SELF_ATTN, [1])]] + [[] for _ in range(batch - 1)])
 
 
 def _check_layouts(rank, world, cases):
@@ -52,7 +57,7 @@ def _check_layouts(rank, world, cases):
                 ov, oa = model(v, a)
                 e = [rel_err(ov, rv)] + ([rel_err(oa, ra)] if ra is not None else [])
                 if i == 1:  # STG perturbation path, chunked
-                    qv, qa = model(v, a, Perturbations([[(SKIP_VIDEO_SELF_ATTN, [1])], []]))
+                    qv, qa = model(v, a, _stg(v.latent.shape[0]))
                     e += [rel_err(qv, pv)] + ([rel_err(qa, pa)] if pa is not None else [])
                 errs[(tp, u, r, case, i)] = max(e)
     return errs

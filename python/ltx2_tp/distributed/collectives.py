@@ -52,8 +52,13 @@ class Pending:
         return self.finish()
 
 
-def _async() -> bool:
-    return not torch.compiler.is_compiling()
+def _issue(collective, *args, **kwargs):
+    """Start `collective`: async in eager (returns its Work), blocking under torch.compile, whose
+    traced collectives return tensors rather than Work (returns None)."""
+    if torch.compiler.is_compiling():
+        collective(*args, **kwargs)
+        return None
+    return collective(*args, async_op=True, **kwargs)
 
 
 def all_reduce_sum_start(x: torch.Tensor, group) -> Pending:
@@ -62,7 +67,7 @@ def all_reduce_sum_start(x: torch.Tensor, group) -> Pending:
         return Pending(None, lambda: x)
     x = x.contiguous()
     with nvtx_range("all_reduce"):
-        work = dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group, async_op=_async())
+        work = _issue(dist.all_reduce, x, op=dist.ReduceOp.SUM, group=group)
     return Pending(work, lambda: x)
 
 
@@ -103,7 +108,9 @@ def ulysses_seq_to_heads_start(x: torch.Tensor, sizes: list[int], group) -> Pend
             x = torch.cat([x, x.new_zeros(b, nmax - n, h, d)], dim=1)
         send = x.view(b, nmax, u, hu, d).permute(2, 0, 1, 3, 4).contiguous()  # (U, B, nmax, hu, d)
         recv = torch.empty_like(send)
-        work = dist.all_to_all_single(recv, send, group=group, async_op=_async())
+        work = _issue(dist.all_to_all_single, recv, send, group=group)
+    if b == 1 and len(set(sizes)) == 1:  # (U, 1, n, hu, d) is already (1, U*n, hu, d): no copy
+        return Pending(work, lambda: recv.view(1, u * nmax, hu, d))
     return Pending(work, lambda: torch.cat([recv[i, :, : sizes[i]] for i in range(u)], dim=1))
 
 
@@ -119,11 +126,14 @@ def ulysses_heads_to_seq_start(x: torch.Tensor, sizes: list[int], group) -> Pend
     with nvtx_range("all_to_all_heads_to_seq"):
         b, _, hu, d = x.shape
         nmax, me = max(sizes), dist.get_rank(group)
-        send = x.new_zeros(u, b, nmax, hu, d)
-        start = 0
-        for i, s in enumerate(sizes):
-            send[i, :, :s] = x[:, start : start + s]
-            start += s
+        if b == 1 and len(set(sizes)) == 1:  # (1, U*n, hu, d) is (U, 1, n, hu, d): at most one copy
+            send = x.reshape(u, 1, nmax, hu, d).contiguous()
+        else:
+            send = x.new_zeros(u, b, nmax, hu, d)
+            start = 0
+            for i, s in enumerate(sizes):
+                send[i, :, :s] = x[:, start : start + s]
+                start += s
         recv = torch.empty_like(send)
-        work = dist.all_to_all_single(recv, send, group=group, async_op=_async())
+        work = _issue(dist.all_to_all_single, recv, send, group=group)
     return Pending(work, lambda: recv.permute(1, 2, 0, 3, 4).reshape(b, nmax, u * hu, d)[:, : sizes[me]])

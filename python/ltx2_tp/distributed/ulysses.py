@@ -57,6 +57,7 @@ def local_attention(q, k, v, q_chunk: int | None, mask: torch.Tensor | None = No
     return out
 
 
+@torch.compiler.disable  # left eager inside compiled blocks: its collectives stay async and overlap
 def sp_self_attention(q, k, v, layout: SequenceLayout, ctx: ParallelContext, q_chunk: int | None,
                       mask: torch.Tensor | None = None, head_groups: int = 1) -> torch.Tensor:
     if ctx.sp_size == 1:
