@@ -97,6 +97,7 @@ def cmd_generate(args) -> int:
         raise UsageError(f"--image-path: no such file {args.image_path!r}")
     files = _checkpoint_files(args)
     _check_layout(args, files)
+    _check_speed_args(args, files)
 
     from tqdm import tqdm
 
@@ -139,6 +140,7 @@ def cmd_serve(args) -> int:
 
     files = _checkpoint_files(args)
     _check_layout(args, files)
+    _check_speed_args(args, files)
     pipe = get_pipeline_class(args.pipeline_class_name)(_components(args, files))
     if not torch.distributed.is_initialized():
         manager = JobManager(pipe, args.output_dir, args.max_queue, args.ttl_s)
@@ -202,8 +204,38 @@ def _components(args, files):
         device = f"cuda:{torch.cuda.current_device()}"
 
     if files is None:
-        return build_tiny_components(0, device=device, dtype=_dtype(args.dtype), ctx=ctx)  # fixed weights; --seed is the noise
-    return build_checkpoint_components(files, device=device, dtype=_dtype(args.dtype), ctx=ctx)
+        comps = build_tiny_components(0, device=device, dtype=_dtype(args.dtype), ctx=ctx)  # fixed weights; --seed is the noise
+    else:
+        comps = build_checkpoint_components(files, device=device, dtype=_dtype(args.dtype), ctx=ctx)
+    _speed_options(args, comps)
+    return comps
+
+
+def _check_speed_args(args, files) -> None:
+    """--fp8 needs a GPU with fp8 tensor cores and no LoRA to fuse: checked before anything is built."""
+    if not getattr(args, "fp8", False):
+        return
+    if not str(args.device).startswith("cuda") or not torch.cuda.is_available():
+        raise UsageError(f"--fp8: needs a CUDA device (torch._scaled_mm), got --device {args.device}")
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) < (8, 9):
+        raise UsageError(f"--fp8: needs compute capability >= 8.9 (Ada / Hopper), this GPU has {major}.{minor}")
+    if files is not None and files.distilled_lora:
+        raise UsageError(f"--fp8: not supported with a stage-2 distilled LoRA ({files.distilled_lora}), which is "
+                         "fused into the bf16 weights for stage 2")
+
+
+def _speed_options(args, comps) -> None:
+    """--fp8 quantizes the block linears (layers/fp8.py); --enable-torch-compile compiles each block
+    (the first request at each resolution pays the compilation: minutes at full size)."""
+    if getattr(args, "fp8", False):
+        from ltx2_tp.layers.fp8 import quantize_fp8
+
+        quantize_fp8(comps.transformer)
+    if getattr(args, "enable_torch_compile", False):
+        from ltx2_tp.compile import compile_blocks
+
+        compile_blocks(comps.transformer)
 
 
 def _add_layout_args(p: argparse.ArgumentParser) -> None:
@@ -221,6 +253,12 @@ def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
                    "'tiny' = the embedded stand-in")
     p.add_argument("--distilled-lora-path", default=None, help="stage-2 LoRA (default: *distilled-lora* beside it)")
     p.add_argument("--distilled-lora-strength", type=float, default=1.0)
+
+
+def _add_speed_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--enable-torch-compile", action="store_true",
+                   help="torch.compile each DiT block (first request per resolution compiles: minutes at full size)")
+    p.add_argument("--fp8", action="store_true", help="fp8 block linears (torch._scaled_mm; GPU with CC >= 8.9)")
 
 
 def _exists(p: str) -> bool:
@@ -253,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance-scale", type=float, default=3.0)
     g.add_argument("--seed", type=int, default=0)
     _add_layout_args(g)
+    _add_speed_args(g)
     g.add_argument("--output-path", default="outputs/ltx2_tp.mp4")
     g.add_argument("--output-format", default=None, choices=["mp4", "webm", "gif"], help="default: from --output-path")
     _add_device_args(g, cpu_dtype="fp32")
@@ -271,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-video-tokens", type=int, default=400_000)
     sv.add_argument("--num-inference-steps", type=int, default=8, help="default when a request gives none")
     _add_layout_args(sv)
+    _add_speed_args(sv)
     _add_device_args(sv, cpu_dtype="fp32")
     sv.set_defaults(func=cmd_serve)
     d = sub.add_parser("dit", help="one DiT forward with random weights: shapes and time")

@@ -162,7 +162,12 @@ def build_components_for_sglang(model_path: str, server_args):
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     model = "tiny" if str(model_path).rstrip("/").lower() == TINY_MODEL_PATH else model_path
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return build_components(model, device=device, dtype=dtype, ctx=ctx)
+    comps = build_components(model, device=device, dtype=dtype, ctx=ctx)
+    if getattr(server_args, "enable_torch_compile", False):  # sglang's --enable-torch-compile
+        from ltx2_tp.compile import compile_blocks
+
+        compile_blocks(comps.transformer)
+    return comps
 
 
 def register() -> None:
