@@ -213,7 +213,7 @@ def _components(args, files):
 
 def _check_speed_args(args, files) -> None:
     """--fp8 needs a GPU with fp8 tensor cores and no LoRA to fuse: checked before anything is built."""
-    if not getattr(args, "fp8", False):
+    if not args.fp8:
         return
     if not str(args.device).startswith("cuda") or not torch.cuda.is_available():
         raise UsageError(f"--fp8: needs a CUDA device (torch._scaled_mm), got --device {args.device}")
@@ -228,11 +228,11 @@ def _check_speed_args(args, files) -> None:
 def _speed_options(args, comps) -> None:
     """--fp8 quantizes the block linears (layers/fp8.py); --enable-torch-compile compiles each block
     (the first request at each resolution pays the compilation: minutes at full size)."""
-    if getattr(args, "fp8", False):
+    if args.fp8:
         from ltx2_tp.layers.fp8 import quantize_fp8
 
         quantize_fp8(comps.transformer)
-    if getattr(args, "enable_torch_compile", False):
+    if args.enable_torch_compile:
         from ltx2_tp.compile import compile_blocks
 
         compile_blocks(comps.transformer)
