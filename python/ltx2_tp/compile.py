@@ -7,10 +7,10 @@ once per resolution, not once per block.
 from __future__ import annotations
 
 
-def compile_blocks(model, mode: str | None = None) -> None:
+def compile_blocks(model, mode: str | None = None, backend="inductor") -> None:
     import torch._dynamo
 
     torch._dynamo.config.allow_unspec_int_on_nn_module = True
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
     for block in model.transformer_blocks:
-        block.compile(mode=mode, dynamic=False)
+        block.compile(backend=backend, mode=mode, dynamic=False)

@@ -39,5 +39,9 @@ class _Range:
         return False
 
 
-def nvtx_range(name: str):
-    return _Range(name) if _ENABLED else _NULL
+def nvtx_range(name: str, *suffix):
+    """`suffix` (e.g. a block index) is formatted only when ranges are on: an f-string at the call
+    site would make torch.compile specialise every block on its index (one graph per block)."""
+    if not _ENABLED:
+        return _NULL
+    return _Range(name + "".join(str(s) for s in suffix))

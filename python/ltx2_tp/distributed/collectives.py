@@ -97,16 +97,35 @@ def ulysses_seq_to_heads(x: torch.Tensor, sizes: list[int], group) -> torch.Tens
     return ulysses_seq_to_heads_start(x, sizes, group).wait()
 
 
+def ulysses_pack(x: torch.Tensor, sizes: list[int], u: int, groups: int = 1) -> torch.Tensor:
+    """(B, n_local, H, d) -> (G, U, B, nmax, H / (G U), d), contiguous: for each of G head groups,
+    the heads each of the U ranks attends, padded to the largest part. Plain tensor ops, so
+    inside a compiled block the copy fuses with the RoPE kernel that produces x."""
+    b, n, h, d = x.shape
+    nmax = max(sizes)
+    if n < nmax:
+        x = torch.cat([x, x.new_zeros(b, nmax - n, h, d)], dim=1)
+    return x.view(b, nmax, groups, u, h // (groups * u), d).permute(2, 3, 0, 1, 4, 5).contiguous()
+
+
+def ulysses_unpack(recv: torch.Tensor, n_local: int) -> torch.Tensor:
+    """(G, U, B, nmax, H / (G U), d) from ulysses_heads_to_seq_packed_start -> (B, n_local, H, d),
+    the inverse of ulysses_pack (traced, like it: fuses with the output gate in a compiled block)."""
+    g, u, b, nmax, hg, d = recv.shape
+    return recv.permute(2, 3, 0, 1, 4, 5).reshape(b, nmax, g * u * hg, d)[:, :n_local]
+
+
 def ulysses_seq_to_heads_start(x: torch.Tensor, sizes: list[int], group) -> Pending:
     u = _size(group)
     if u == 1:
         return Pending(None, lambda: x)
+    return ulysses_seq_to_heads_packed_start(ulysses_pack(x, sizes, u)[0], sizes, group)
+
+
+def ulysses_seq_to_heads_packed_start(send: torch.Tensor, sizes: list[int], group) -> Pending:
+    """send (U, B, nmax, hu, d) from ulysses_pack -> in flight to (B, sum(sizes), hu, d)."""
+    u, b, nmax, hu, d = send.shape
     with nvtx_range("all_to_all_seq_to_heads"):
-        b, n, h, d = x.shape
-        nmax, hu = max(sizes), h // u
-        if n < nmax:
-            x = torch.cat([x, x.new_zeros(b, nmax - n, h, d)], dim=1)
-        send = x.view(b, nmax, u, hu, d).permute(2, 0, 1, 3, 4).contiguous()  # (U, B, nmax, hu, d)
         recv = torch.empty_like(send)
         work = _issue(dist.all_to_all_single, recv, send, group=group)
     if b == 1 and len(set(sizes)) == 1:  # (U, 1, n, hu, d) is already (1, U*n, hu, d): no copy
@@ -120,12 +139,22 @@ def ulysses_heads_to_seq(x: torch.Tensor, sizes: list[int], group) -> torch.Tens
 
 
 def ulysses_heads_to_seq_start(x: torch.Tensor, sizes: list[int], group) -> Pending:
-    u = _size(group)
-    if u == 1:
+    if _size(group) == 1:
         return Pending(None, lambda: x)
+    me = dist.get_rank(group)
+    p = ulysses_heads_to_seq_packed_start(x, sizes, group)
+    return Pending(p.work, lambda: ulysses_unpack(p.finish()[None], sizes[me]))
+
+
+def ulysses_heads_to_seq_packed_start(x: torch.Tensor, sizes: list[int], group,
+                                      recv: torch.Tensor | None = None) -> Pending:
+    """(B, sum(sizes), hu, d) -> in flight to recv (U, B, nmax, hu, d): from each rank, this rank's
+    tokens of that rank's heads (ulysses_unpack puts them in place). `recv` may be given (a slice of
+    one buffer for all head groups)."""
+    u = _size(group)
     with nvtx_range("all_to_all_heads_to_seq"):
         b, _, hu, d = x.shape
-        nmax, me = max(sizes), dist.get_rank(group)
+        nmax = max(sizes)
         if b == 1 and len(set(sizes)) == 1:  # (1, U*n, hu, d) is (U, 1, n, hu, d): at most one copy
             send = x.reshape(u, 1, nmax, hu, d).contiguous()
         else:
@@ -134,6 +163,6 @@ def ulysses_heads_to_seq_start(x: torch.Tensor, sizes: list[int], group) -> Pend
             for i, s in enumerate(sizes):
                 send[i, :, :s] = x[:, start : start + s]
                 start += s
-        recv = torch.empty_like(send)
+        recv = torch.empty_like(send) if recv is None else recv
         work = _issue(dist.all_to_all_single, recv, send, group=group)
-    return Pending(work, lambda: recv.permute(1, 2, 0, 3, 4).reshape(b, nmax, u * hu, d)[:, : sizes[me]])
+    return Pending(work, lambda: recv)

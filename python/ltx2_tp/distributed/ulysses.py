@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ltx2_tp.distributed.collectives import (part_range, part_sizes, ulysses_heads_to_seq, ulysses_heads_to_seq_start,
-                                            ulysses_seq_to_heads, ulysses_seq_to_heads_start)
+from ltx2_tp.distributed.collectives import (part_range, part_sizes, ulysses_heads_to_seq,
+                                            ulysses_heads_to_seq_packed_start, ulysses_pack, ulysses_seq_to_heads,
+                                            ulysses_seq_to_heads_packed_start, ulysses_unpack)
 from ltx2_tp.distributed.context import ParallelContext
 from ltx2_tp.distributed.ring import ring_attention
 from ltx2_tp.layers.attention_backend import attention
@@ -57,44 +58,52 @@ def local_attention(q, k, v, q_chunk: int | None, mask: torch.Tensor | None = No
     return out
 
 
-@torch.compiler.disable  # left eager inside compiled blocks: its collectives stay async and overlap
 def sp_self_attention(q, k, v, layout: SequenceLayout, ctx: ParallelContext, q_chunk: int | None,
                       mask: torch.Tensor | None = None, head_groups: int = 1) -> torch.Tensor:
-    if ctx.sp_size == 1:
+    if ctx.sp_size == 1:  # traced with the rest of a compiled block: no graph break on one GPU
         return local_attention(q, k, v, q_chunk, mask)
     if mask is not None:
         raise NotImplementedError("a self-attention mask (Modality.attention_mask) is supported only with sp_size=1")
     if ctx.ulysses_size > 1 and ctx.ring_size == 1:
-        return _ulysses_pipelined(q, k, v, layout.ulysses_sizes, ctx, q_chunk, head_groups)
+        # Packing for the all-to-all and unpacking after it are plain tensor ops, traced with the
+        # block: compiled, they fuse with RoPE and the output gate instead of being eager copies.
+        u, h = ctx.ulysses_size, q.shape[2]
+        g = head_groups if head_groups > 1 and h % (head_groups * u) == 0 else 1
+        sizes = layout.ulysses_sizes
+        qs, ks, vs = (ulysses_pack(t, sizes, u, g) for t in (q, k, v))
+        return ulysses_unpack(_ulysses_pipelined(qs, ks, vs, sizes, ctx, q_chunk), q.shape[1])
+    return _sp_attention(q, k, v, layout, ctx, q_chunk)
+
+
+@torch.compiler.disable  # left eager inside compiled blocks: its collectives stay async and overlap
+def _sp_attention(q, k, v, layout: SequenceLayout, ctx: ParallelContext, q_chunk: int | None) -> torch.Tensor:
+    """Ring attention, with Ulysses inside each ring member when ulysses_size > 1."""
     if ctx.ulysses_size > 1:
         sizes = layout.ulysses_sizes
         q, k, v = (ulysses_seq_to_heads(t, sizes, ctx.ulysses_group) for t in (q, k, v))
-    if ctx.ring_size > 1:
-        out = ring_attention(q, k, v, layout.ring_block_sizes, ctx.ring_group, q_chunk)
-    else:
-        out = local_attention(q, k, v, q_chunk)
+    out = ring_attention(q, k, v, layout.ring_block_sizes, ctx.ring_group, q_chunk)
     if ctx.ulysses_size > 1:
         out = ulysses_heads_to_seq(out, layout.ulysses_sizes, ctx.ulysses_group)
     return out
 
 
-def _ulysses_pipelined(q, k, v, sizes: list[int], ctx: ParallelContext, q_chunk: int | None,
-                       head_groups: int) -> torch.Tensor:
-    """Ulysses in head groups: group g+1's all-to-all is in flight while group g attends, and
-    group g's way back while group g+1 attends. Each group is an independent Ulysses attention
-    over its heads, so the result equals one all-to-all of all heads."""
-    h, u = q.shape[2], ctx.ulysses_size
-    g = head_groups if head_groups > 1 and h % (head_groups * u) == 0 else 1
-    hg, group = h // g, ctx.ulysses_group
+@torch.compiler.disable  # eager inside compiled blocks, as above
+def _ulysses_pipelined(qs, ks, vs, sizes: list[int], ctx: ParallelContext, q_chunk: int | None) -> torch.Tensor:
+    """Ulysses over packed (G, U, B, nmax, hg, d) q/k/v in G head groups: group g+1's all-to-all is
+    in flight while group g attends, and group g's way back while group g+1 attends. Each group is
+    an independent Ulysses attention over its heads, so the result equals one all-to-all of all
+    heads. Returns the packed (G, U, B, nmax, hg, d) outputs for ulysses_unpack."""
+    group, out = ctx.ulysses_group, torch.empty_like(qs)
 
     def send(i):
-        return [ulysses_seq_to_heads_start(t[:, :, i * hg : (i + 1) * hg], sizes, group) for t in (q, k, v)]
+        return [ulysses_seq_to_heads_packed_start(t[i], sizes, group) for t in (qs, ks, vs)]
 
     inflight, back = send(0), []
-    for i in range(g):
+    for i in range(qs.shape[0]):
         qi, ki, vi = (p.wait() for p in inflight)
-        if i + 1 < g:
+        if i + 1 < qs.shape[0]:
             inflight = send(i + 1)
-        back.append(ulysses_heads_to_seq_start(local_attention(qi, ki, vi, q_chunk), sizes, group))
-    outs = [p.wait() for p in back]
-    return outs[0] if g == 1 else torch.cat(outs, dim=2)
+        back.append(ulysses_heads_to_seq_packed_start(local_attention(qi, ki, vi, q_chunk), sizes, group, out[i]))
+    for p in back:
+        p.wait()
+    return out

@@ -94,7 +94,7 @@ class AVTransformerBlock(nn.Module):
     def forward(self, video: StreamState | None, audio: StreamState | None, pert, plan: ExecutionPlan) -> None:
         run_v = video is not None and video.enabled and video.total > 0
         run_a = audio is not None and audio.enabled and audio.total > 0
-        with nvtx_range(f"block{self.idx}"):
+        with nvtx_range("block", self.idx):
             if run_v:
                 self._self_attention(self.attn1, video, self.scale_shift_table, pert, SKIP_VIDEO_SELF_ATTN, plan)
                 self._text_attention(self.attn2, video, self.scale_shift_table,
@@ -211,7 +211,7 @@ class AVTransformerBlock(nn.Module):
                 scale_a, shift_a, _ = _av_ada(at, audio, slice(0, 2))
                 ka, va = a2v.kv(ax_norm * (1 + scale_a) + shift_a)
                 ka = apply_rope(ka, a_cos, a_sin, rope_type)
-                mask_a2v = pert.mask(SKIP_A2V, self.idx, vx.device, vx.dtype).view(-1, 1, 1)
+                mask_a2v = _skip_mask(pert, SKIP_A2V, self.idx, vx)
             if do_v2a:  # audio queries, video keys (video may be split over SP ranks)
                 v2a = self.video_to_audio_attn
                 scale_a2, shift_a2, gate_v2a = _av_ada(at, audio, slice(2, 4))
@@ -231,13 +231,16 @@ class AVTransformerBlock(nn.Module):
                 q_in = vn * (1 + scale_v) + shift_v
                 qv = apply_rope(a2v.q(q_in), v_cos, v_sin, rope_type)
                 p = a2v.out_start(attention(qv, ka, va), a2v.gates(q_in))
+                if mask_a2v is None:
+                    return lambda: vx[:, s:e].add_(p.wait() * gate_a2v)
                 return lambda: vx[:, s:e].add_(p.wait() * gate_a2v * mask_a2v)
 
             _pipelined(plan.out_chunks(vx.shape[1], plan.attn_chunk_tokens), chunk)
             if do_v2a:
                 o = _merge_over_sequence(acc, qa, video.split, self.ctx)
-                mask_v2a = pert.mask(SKIP_V2A, self.idx, ax.device, ax.dtype).view(-1, 1, 1)
-                ax += v2a.out(o, v2a.gates(qa_in)) * gate_v2a * mask_v2a
+                mask_v2a = _skip_mask(pert, SKIP_V2A, self.idx, ax)
+                upd = v2a.out(o, v2a.gates(qa_in)) * gate_v2a
+                ax += upd if mask_v2a is None else upd * mask_v2a
 
     def _feedforward(self, ff: FeedForward, st: StreamState, table, plan: ExecutionPlan) -> None:
         eps, x = self.cfg.norm_eps, st.x
@@ -263,6 +266,14 @@ def _pipelined(chunks: list[tuple[int, int]], issue) -> None:
         done = nxt
     if done is not None:
         done()
+
+
+def _skip_mask(pert, kind: str, block: int, x: torch.Tensor) -> torch.Tensor | None:
+    """(B, 1, 1) zeros for the batch elements that skip this attention; None when none does (no
+    multiply, and a compiled block does not specialise on its index)."""
+    if not pert.any_in_batch(kind, block):
+        return None
+    return pert.mask(kind, block, x.device, x.dtype).view(-1, 1, 1)
 
 
 def _av_ada(table: torch.Tensor, st: StreamState, sl: slice):
