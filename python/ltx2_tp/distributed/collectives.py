@@ -31,11 +31,7 @@ def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
     """Sum over `group` (TP partial sums of a row-parallel linear, qk-norm squares). Use the
     return value: a non-contiguous input is reduced in a contiguous copy, since the collective
     reads raw memory and ranks may hold the same shape with different strides."""
-    if _size(group) > 1:
-        x = x.contiguous()
-        with nvtx_range("all_reduce"):
-            dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
-    return x
+    return all_reduce_sum_start(x, group).wait()
 
 
 class Pending:
@@ -94,7 +90,10 @@ def gather_sequence(x: torch.Tensor, sizes: list[int], group, dim: int = 1) -> t
 
 def ulysses_seq_to_heads(x: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
     """(B, n_local, H, d) -> (B, sum(sizes), H / U, d): scatter heads, gather the sequence."""
-    return ulysses_seq_to_heads_start(x, sizes, group).wait()
+    u = _size(group)
+    if u == 1:
+        return x
+    return ulysses_seq_to_heads_packed_start(ulysses_pack(x, sizes, u)[0], sizes, group).wait()
 
 
 def ulysses_pack(x: torch.Tensor, sizes: list[int], u: int, groups: int = 1) -> torch.Tensor:
@@ -115,13 +114,6 @@ def ulysses_unpack(recv: torch.Tensor, n_local: int) -> torch.Tensor:
     return recv.permute(2, 3, 0, 1, 4, 5).reshape(b, nmax, g * u * hg, d)[:, :n_local]
 
 
-def ulysses_seq_to_heads_start(x: torch.Tensor, sizes: list[int], group) -> Pending:
-    u = _size(group)
-    if u == 1:
-        return Pending(None, lambda: x)
-    return ulysses_seq_to_heads_packed_start(ulysses_pack(x, sizes, u)[0], sizes, group)
-
-
 def ulysses_seq_to_heads_packed_start(send: torch.Tensor, sizes: list[int], group) -> Pending:
     """send (U, B, nmax, hu, d) from ulysses_pack -> in flight to (B, sum(sizes), hu, d)."""
     u, b, nmax, hu, d = send.shape
@@ -135,15 +127,10 @@ def ulysses_seq_to_heads_packed_start(send: torch.Tensor, sizes: list[int], grou
 
 def ulysses_heads_to_seq(x: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
     """(B, sum(sizes), H / U, d) -> (B, n_local, H, d): the inverse of ulysses_seq_to_heads."""
-    return ulysses_heads_to_seq_start(x, sizes, group).wait()
-
-
-def ulysses_heads_to_seq_start(x: torch.Tensor, sizes: list[int], group) -> Pending:
     if _size(group) == 1:
-        return Pending(None, lambda: x)
-    me = dist.get_rank(group)
-    p = ulysses_heads_to_seq_packed_start(x, sizes, group)
-    return Pending(p.work, lambda: ulysses_unpack(p.finish()[None], sizes[me]))
+        return x
+    recv = ulysses_heads_to_seq_packed_start(x, sizes, group).wait()
+    return ulysses_unpack(recv[None], sizes[dist.get_rank(group)])
 
 
 def ulysses_heads_to_seq_packed_start(x: torch.Tensor, sizes: list[int], group,

@@ -101,7 +101,7 @@ def denoise(c: LTX2Components, s: Streams, sigmas: torch.Tensor, denoise_fn, sta
     if progress:
         progress(stage, 0, total)  # the loop starts (benchmarks start their per-step clock here)
     for i in range(total):
-        with nvtx_range(f"{stage}_step{i}"):
+        with nvtx_range(stage, "_step", i):
             dv, da = denoise_fn(video, audio, sigmas, i)
             dv = post_process_latent(dv, video.denoise_mask, video.clean_latent)
             da = post_process_latent(da, audio.denoise_mask, audio.clean_latent)

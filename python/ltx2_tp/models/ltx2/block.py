@@ -212,6 +212,8 @@ class AVTransformerBlock(nn.Module):
                 ka, va = a2v.kv(ax_norm * (1 + scale_a) + shift_a)
                 ka = apply_rope(ka, a_cos, a_sin, rope_type)
                 mask_a2v = _skip_mask(pert, SKIP_A2V, self.idx, vx)
+                if mask_a2v is not None:  # 0 / 1 per sample: folding it into the gate is exact
+                    gate_a2v = gate_a2v * mask_a2v
             if do_v2a:  # audio queries, video keys (video may be split over SP ranks)
                 v2a = self.video_to_audio_attn
                 scale_a2, shift_a2, gate_v2a = _av_ada(at, audio, slice(2, 4))
@@ -231,16 +233,15 @@ class AVTransformerBlock(nn.Module):
                 q_in = vn * (1 + scale_v) + shift_v
                 qv = apply_rope(a2v.q(q_in), v_cos, v_sin, rope_type)
                 p = a2v.out_start(attention(qv, ka, va), a2v.gates(q_in))
-                if mask_a2v is None:
-                    return lambda: vx[:, s:e].add_(p.wait() * gate_a2v)
-                return lambda: vx[:, s:e].add_(p.wait() * gate_a2v * mask_a2v)
+                return lambda: vx[:, s:e].add_(p.wait() * gate_a2v)
 
             _pipelined(plan.out_chunks(vx.shape[1], plan.attn_chunk_tokens), chunk)
             if do_v2a:
                 o = _merge_over_sequence(acc, qa, video.split, self.ctx)
                 mask_v2a = _skip_mask(pert, SKIP_V2A, self.idx, ax)
-                upd = v2a.out(o, v2a.gates(qa_in)) * gate_v2a
-                ax += upd if mask_v2a is None else upd * mask_v2a
+                if mask_v2a is not None:
+                    gate_v2a = gate_v2a * mask_v2a
+                ax += v2a.out(o, v2a.gates(qa_in)) * gate_v2a
 
     def _feedforward(self, ff: FeedForward, st: StreamState, table, plan: ExecutionPlan) -> None:
         eps, x = self.cfg.norm_eps, st.x
