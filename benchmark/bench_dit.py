@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (_sync, build_ltx_core_gpu, peak_gib, rel, reset_peak, cuda_time, kernel_summary, median, run_ltx_core, step_flops,  # noqa: E402
-                    summary_markdown, write_json)
+from common import (_sync, build_ltx_core_gpu, case_tokens, peak_gib, rel, reset_peak, cuda_time, kernel_summary,  # noqa: E402
+                    median, run_ltx_core, step_flops, summary_markdown, write_json)
 
-from ltx2_tp.memory.plan import ExecutionPlan, plan_for  # noqa: E402
+from ltx2_tp.memory.plan import ExecutionPlan  # noqa: E402
 from ltx2_tp.models.ltx2.config import get_config  # noqa: E402
 from ltx2_tp.models.ltx2.weights import build_model  # noqa: E402
-from ltx2_tp.step_inputs import audio_tokens_for, synthetic_step_inputs  # noqa: E402
+from ltx2_tp.step_inputs import synthetic_step_inputs  # noqa: E402
 
 
 def parse_case(s: str):
@@ -51,11 +51,10 @@ def profile_step(fn, path: Path, title: str, header: str):
 
 def chunk_check(model, v, a, unchunked_out, r: dict, kind: str, args) -> None:
     """Time the same step with FFN and attention forced into chunks of --chunk-check tokens."""
-    plan = model.plan
-    model.plan = ExecutionPlan(ffn_chunk_tokens=args.chunk_check, attn_chunk_tokens=args.chunk_check)
-    times = cuda_time(lambda: model(v, a), 2 if kind == "compiled" else 1, args.repeat)
-    ov, oa = model(v, a)
-    chunked, model.plan = model.plan.describe(), plan
+    plan = ExecutionPlan(ffn_chunk_tokens=args.chunk_check, attn_chunk_tokens=args.chunk_check)
+    times = cuda_time(lambda: model(v, a, plan=plan), 2 if kind == "compiled" else 1, args.repeat)
+    ov, oa = model(v, a, plan=plan)
+    chunked = plan.describe()
     base = r[f"ours_{kind}_s"]
     r[f"ours_{kind}_chunked_s"] = median(times)
     r[f"chunked_{kind}_vs_unchunked"] = median(times) / base
@@ -111,8 +110,7 @@ def main():
         times = cuda_time(lambda: run_ltx_core(ref, v, a), 1, args.repeat)
         ref_out[(w, h, f)] = [t.float().cpu() for t in run_ltx_core(ref, v, a)]
         r = results["cases"].setdefault(f"{w}x{h}x{f}", {})
-        r["tokens"] = v.latent.shape[1]
-        r["audio_tokens"] = audio_tokens_for(f, 24.0)
+        r["tokens"], r["audio_tokens"] = case_tokens(w, h, f)
         r["flops"] = step_flops(cfg, r["tokens"], r["audio_tokens"])
         r["ltx_core_eager_s"] = median(times)
         r["ltx_core_eager_peak_gib"] = peak_gib()
@@ -142,22 +140,26 @@ def main():
     # ---- ours ------------------------------------------------------------------------------
     model = build_model(cfg, device=dev, dtype=dtype, state_dict=sd)
     del sd
+
+    def plan_of(v):  # auto: what the model derives by itself for these tokens
+        return model.execution_plan(v.latent.shape[1]) if args.plan == "auto" else ExecutionPlan()
+
     for w, h, f in cases:
         v, a = inputs(w, h, f)
-        model.plan = plan_for(v.latent.shape[1], cfg.inner_dim) if args.plan == "auto" else ExecutionPlan()
+        plan = plan_of(v)
         reset_peak()
-        times = cuda_time(lambda: model(v, a), 1, args.repeat)
-        ov, oa = model(v, a)
+        times = cuda_time(lambda: model(v, a, plan=plan), 1, args.repeat)
+        ov, oa = model(v, a, plan=plan)
         rv, ra = ref_out[(w, h, f)]
         r = results["cases"][f"{w}x{h}x{f}"]
         r.update(ours_eager_s=median(times), ours_peak_gib=peak_gib(),
-                 plan=model.plan.describe(), rel_err_video_vs_ltx_core=rel(ov, rv), rel_err_audio_vs_ltx_core=rel(oa, ra))
-        print(f"ours eager {w}x{h}x{f}: {median(times):.3f} s/step [{model.plan.describe()}] "
+                 plan=plan.describe(), rel_err_video_vs_ltx_core=rel(ov, rv), rel_err_audio_vs_ltx_core=rel(oa, ra))
+        print(f"ours eager {w}x{h}x{f}: {median(times):.3f} s/step [{plan.describe()}] "
               f"rel err video {r['rel_err_video_vs_ltx_core']:.2e} audio {r['rel_err_audio_vs_ltx_core']:.2e}", flush=True)
         if args.chunk_check:
             chunk_check(model, v, a, (ov, oa), r, "eager", args)
         if args.profile_case == f"{w}x{h}x{f}":
-            profile_step(lambda: model(v, a), Path(args.profile_dir) / f"ours_eager_{w}x{h}x{f}.md",
+            profile_step(lambda: model(v, a, plan=plan), Path(args.profile_dir) / f"ours_eager_{w}x{h}x{f}.md",
                          f"ltx2_tp eager, one DiT step {w}x{h}x{f}", f"torch.profiler (CUPTI) | {stamp} | `{cmd}`")
         del v, a
     if args.compile and not args.fp8_first:
@@ -166,16 +168,16 @@ def main():
         compile_blocks(model)
         for w, h, f in cases:
             v, a = inputs(w, h, f)
-            model.plan = plan_for(v.latent.shape[1], cfg.inner_dim) if args.plan == "auto" else ExecutionPlan()
+            plan = plan_of(v)
             reset_peak()
-            times = cuda_time(lambda: model(v, a), 2, args.repeat)
+            times = cuda_time(lambda: model(v, a, plan=plan), 2, args.repeat)
             r = results["cases"][f"{w}x{h}x{f}"]
             r.update(ours_compiled_s=median(times), ours_compiled_peak_gib=peak_gib())
             print(f"ours compiled {w}x{h}x{f}: {median(times):.3f} s/step", flush=True)
             if args.chunk_check:
-                chunk_check(model, v, a, model(v, a), r, "compiled", args)
+                chunk_check(model, v, a, model(v, a, plan=plan), r, "compiled", args)
             if args.profile_case == f"{w}x{h}x{f}":
-                profile_step(lambda: model(v, a), Path(args.profile_dir) / f"ours_compiled_{w}x{h}x{f}.md",
+                profile_step(lambda: model(v, a, plan=plan), Path(args.profile_dir) / f"ours_compiled_{w}x{h}x{f}.md",
                              f"ltx2_tp compiled blocks, one DiT step {w}x{h}x{f}",
                              f"torch.profiler (CUPTI) | {stamp} | `{cmd}`")
 
@@ -191,10 +193,10 @@ def main():
         torch.cuda.empty_cache()
         for w, h, f in cases:
             v, a = inputs(w, h, f)
-            model.plan = plan_for(v.latent.shape[1], cfg.inner_dim) if args.plan == "auto" else ExecutionPlan()
+            plan = plan_of(v)
             reset_peak()
-            times = cuda_time(lambda: model(v, a), 2 if args.compile else 1, args.repeat)
-            ov, oa = model(v, a)
+            times = cuda_time(lambda: model(v, a, plan=plan), 2 if args.compile else 1, args.repeat)
+            ov, oa = model(v, a, plan=plan)
             rv, ra = ref_out[(w, h, f)]
             r = results["cases"][f"{w}x{h}x{f}"]
             r.update(ours_fp8_s=median(times), ours_fp8_peak_gib=peak_gib(), fp8_linears=n,
@@ -208,7 +210,7 @@ def main():
                   f"rel err vs ltx-core bf16: video {r['fp8_rel_err_video_vs_ltx_core']:.2e} "
                   f"audio {r['fp8_rel_err_audio_vs_ltx_core']:.2e}", flush=True)
             if args.profile_case == f"{w}x{h}x{f}":
-                profile_step(lambda: model(v, a), Path(args.profile_dir) / f"ours_fp8_{w}x{h}x{f}.md",
+                profile_step(lambda: model(v, a, plan=plan), Path(args.profile_dir) / f"ours_fp8_{w}x{h}x{f}.md",
                              f"ltx2_tp fp8 linears, one DiT step {w}x{h}x{f}", f"torch.profiler (CUPTI) | {stamp} | `{cmd}`")
             del v, a
 

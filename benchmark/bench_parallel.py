@@ -24,14 +24,14 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import _sync, cuda_time, peak_gib, rel, reset_peak, kernel_summary, median, step_flops, summary_markdown, write_json  # noqa: E402
+from common import (_sync, case_tokens, cuda_time, peak_gib, rel, reset_peak, kernel_summary, median, step_flops,  # noqa: E402
+                    summary_markdown, write_json)
 
 from ltx2_tp.compile import compile_blocks  # noqa: E402
 from ltx2_tp.distributed.context import ParallelContext, build_groups  # noqa: E402
-from ltx2_tp.memory.plan import plan_for  # noqa: E402
 from ltx2_tp.models.ltx2.config import get_config  # noqa: E402
 from ltx2_tp.models.ltx2.weights import build_model  # noqa: E402
-from ltx2_tp.step_inputs import audio_tokens_for, synthetic_step_inputs  # noqa: E402
+from ltx2_tp.step_inputs import synthetic_step_inputs  # noqa: E402
 
 
 def main():
@@ -71,22 +71,21 @@ def main():
     for case in args.cases.split(","):
         w, h, f = (int(x) for x in case.split("x"))
         video, audio = synthetic_step_inputs(cfg, f, h, w, 24.0, dev, torch.bfloat16, seed=1)
-        tokens = video.latent.shape[1]
-        r = res["cases"].setdefault(case, {"tokens": tokens,
-                                           "flops": step_flops(cfg, tokens, audio_tokens_for(f, 24.0))})
+        tokens, audio_tokens = case_tokens(w, h, f)
+        r = res["cases"].setdefault(case, {"tokens": tokens, "flops": step_flops(cfg, tokens, audio_tokens)})
         profile = case in args.profile_cases.split(",")
         ref = None
         if rank == 0:  # 1-GPU baseline
-            model = build_model(cfg, ParallelContext(), device=dev, dtype=torch.bfloat16, seed=0,
-                                plan=plan_for(tokens, cfg.inner_dim))
+            model = build_model(cfg, ParallelContext(), device=dev, dtype=torch.bfloat16, seed=0)
+            plan = model.execution_plan(tokens)
             if args.compile:
                 compile_blocks(model)
-                model(video, audio)  # compile outside the clock
+                model(video, audio, plan=plan)  # compile outside the clock
             reset_peak()
-            r["1gpu_s"] = median(cuda_time(lambda: model(video, audio), 1, args.repeat))
+            r["1gpu_s"] = median(cuda_time(lambda: model(video, audio, plan=plan), 1, args.repeat))
             r["1gpu_peak_gib"] = peak_gib()
-            ref = [t.cpu() for t in model(video, audio)]
-            print(f"{case} 1 GPU: {r['1gpu_s']:.3f} s/step [{model.plan.describe()}]", flush=True)
+            ref = [t.cpu() for t in model(video, audio, plan=plan)]
+            print(f"{case} 1 GPU: {r['1gpu_s']:.3f} s/step [{plan.describe()}]", flush=True)
             del model
             gc.collect()
             if gpu:
@@ -96,19 +95,18 @@ def main():
         for lay, overlap in [(lay, o) for lay in layouts for o in variants]:
             ctx = ctxs[lay]
             name = "tp{}_u{}_r{}".format(*lay) + ("" if overlap else "_nooverlap")
-            local = -(-tokens // ctx.sp_size)
-            plan = plan_for(local, cfg.inner_dim, ctx.tp_size, ulysses_size=ctx.ulysses_size)
+            model = build_model(cfg, ctx, device=dev, dtype=torch.bfloat16, seed=0)
+            plan = model.execution_plan(tokens)  # for the tokens this rank holds
             if not overlap:
                 plan = dataclasses.replace(plan, comm_chunk_tokens=None, ulysses_head_groups=1)
-            model = build_model(cfg, ctx, device=dev, dtype=torch.bfloat16, seed=0, plan=plan)
             if args.compile:
                 compile_blocks(model)
-                model(video, audio)
+                model(video, audio, plan=plan)
             reset_peak()
-            t = median(cuda_time(lambda: model(video, audio), 1, args.repeat))
-            out = model(video, audio)
+            t = median(cuda_time(lambda: model(video, audio, plan=plan), 1, args.repeat))
+            out = model(video, audio, plan=plan)
             peak = peak_gib()
-            entry = {"s": t, "peak_gib_rank0": peak, "plan": model.plan.describe()}
+            entry = {"s": t, "peak_gib_rank0": peak, "plan": plan.describe()}
             if rank == 0:
                 entry["speedup_vs_1gpu"] = r["1gpu_s"] / t
                 entry["rel_err_video_vs_1gpu"] = rel(out[0], ref[0])
@@ -118,7 +116,7 @@ def main():
 
                 _sync()
                 with prof_ctx(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
-                    model(video, audio)
+                    model(video, audio, plan=plan)
                     _sync()
                 s = kernel_summary(prof)
                 entry["comm_share"] = s["groups"].get("communication", (0.0, 0.0))[1]

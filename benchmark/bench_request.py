@@ -72,7 +72,8 @@ def build_full_size(model: str, device, dtype, ctx, seed: int = 0):
 
     from ltx2_tp.models.ltx2.config import get_config
     from ltx2_tp.models.ltx2.weights import build_model
-    from ltx2_tp.pipelines.components import LTX2Components, neutral_latent_statistics
+    from ltx2_tp.pipelines.components import LTX2Components
+    from ltx2_tp.pipelines.tiny import neutral_latent_statistics
 
     cfg = get_config(model)
     torch.manual_seed(seed)
@@ -122,7 +123,7 @@ def main() -> int:
     dtype = torch.bfloat16 if a.device == "cuda" else torch.float32
     t0 = time.perf_counter()
     if a.model == "tiny":
-        from ltx2_tp.pipelines.components import build_tiny_components
+        from ltx2_tp.pipelines.tiny import build_tiny_components
 
         comps = build_tiny_components(0, device=device, dtype=dtype, ctx=ctx)
     else:

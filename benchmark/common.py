@@ -13,7 +13,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
+from ltx2_tp.latent_grid import LatentGrid  # noqa: E402
 from ltx2_tp.models.ltx2.config import LTX2Config  # noqa: E402
+
+
+def case_tokens(w: int, h: int, f: int, fps: float = 24.0) -> tuple[int, int]:
+    """(video tokens, audio tokens) of a WxHxF case."""
+    grid = LatentGrid(f, h, w)
+    return grid.video_tokens, grid.audio_tokens(fps)
 
 
 def step_flops(cfg: LTX2Config, t: int, ta: int, s: int = 256) -> float:

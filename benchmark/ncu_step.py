@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ltx2_tp.layers.fp8 import quantize_fp8  # noqa: E402
-from ltx2_tp.memory.plan import ExecutionPlan, plan_for  # noqa: E402
+from ltx2_tp.memory.plan import ExecutionPlan  # noqa: E402
 from ltx2_tp.models.ltx2.config import get_config  # noqa: E402
 from ltx2_tp.models.ltx2.weights import build_model  # noqa: E402
 from ltx2_tp.step_inputs import synthetic_step_inputs  # noqa: E402
@@ -33,15 +33,15 @@ def main():
     dev = torch.device("cuda")
     video, audio = synthetic_step_inputs(cfg, f, h, w, 24.0, dev, torch.bfloat16, seed=1)
     model = build_model(cfg, device=dev, dtype=torch.bfloat16, seed=0)
-    model.plan = plan_for(video.latent.shape[1], cfg.inner_dim) if args.plan == "auto" else ExecutionPlan()
+    plan = model.execution_plan(video.latent.shape[1]) if args.plan == "auto" else ExecutionPlan()
     if args.fp8:
         quantize_fp8(model)
     with torch.no_grad():
         for _ in range(2):
-            model(video, audio)
+            model(video, audio, plan=plan)
         torch.cuda.synchronize()
         torch.cuda.profiler.start()
-        model(video, audio)
+        model(video, audio, plan=plan)
         torch.cuda.synchronize()
         torch.cuda.profiler.stop()
     print(f"profiled one step of {args.layers} blocks at {args.case} ({video.latent.shape[1]} video tokens)")

@@ -14,8 +14,8 @@ import torch
 
 from ltx2_tp.models.ltx2.lora import LoraWeights, lora_applied
 from ltx2_tp.models.ltx2.weights import official_state_dict
-from ltx2_tp.pipelines.checkpoints import CheckpointFiles, write_official_files
-from ltx2_tp.pipelines.components import build_components, build_tiny_components
+from ltx2_tp.pipelines.checkpoints import CheckpointFiles, build_components
+from ltx2_tp.pipelines.tiny import build_tiny_components, write_official_files
 from ltx2_tp.pipelines.registry import get_pipeline_class
 from ltx2_tp.pipelines.request import GenerationRequest, RequestError
 

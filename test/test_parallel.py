@@ -53,11 +53,10 @@ def _check_layouts(rank, world, cases):
         for case, (cfg, sd, (v, a), (rv, ra), (pv, pa)) in cases.items():
             model = build_model(cfg, ctx, dtype=torch.float32, state_dict=sd)
             for i, plan in enumerate(CHUNKINGS):
-                model.plan = plan
-                ov, oa = model(v, a)
+                ov, oa = model(v, a, plan=plan)
                 e = [rel_err(ov, rv)] + ([rel_err(oa, ra)] if ra is not None else [])
                 if i == 1:  # STG perturbation path, chunked
-                    qv, qa = model(v, a, _stg(v.latent.shape[0]))
+                    qv, qa = model(v, a, _stg(v.latent.shape[0]), plan=plan)
                     e += [rel_err(qv, pv)] + ([rel_err(qa, pa)] if pa is not None else [])
                 errs[(tp, u, r, case, i)] = max(e)
     return errs

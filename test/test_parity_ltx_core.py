@@ -22,6 +22,12 @@ VARIANTS = {
     "ltx23_like": dict(rope_type="split", double_precision_rope=True, apply_gated_attention=True,
                        cross_attention_adaln=True, caption_projection=False, av_ca_timestep_scale_multiplier=1000.0),
     "no_middle_grid": dict(use_middle_indices_grid=False),
+    # interleaved RoPE pairs channels over the whole inner dim, so odd groups run as in ltx-core:
+    # the a<->v RoPE group (audio inner dim / video heads) is 3 here; and heads of odd size
+    "odd_av_rope_group": dict(num_attention_heads=2, attention_head_dim=6, cross_attention_dim=12,
+                              audio_num_attention_heads=1, audio_attention_head_dim=6, audio_cross_attention_dim=6),
+    "odd_head_dims": dict(num_attention_heads=4, attention_head_dim=5, cross_attention_dim=20,
+                          audio_num_attention_heads=4, audio_attention_head_dim=3, audio_cross_attention_dim=12),
 }
 
 

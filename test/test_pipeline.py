@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ltx2_tp.pipelines.components import build_tiny_components
+from ltx2_tp.pipelines.tiny import build_tiny_components
 from ltx2_tp.pipelines.registry import get_pipeline_class, pipeline_names
 from ltx2_tp.pipelines.request import GenerationRequest, RequestError
 

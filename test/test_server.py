@@ -16,7 +16,7 @@ import uvicorn
 from dist_utils import free_port
 from PIL import Image
 
-from ltx2_tp.pipelines.components import build_tiny_components
+from ltx2_tp.pipelines.tiny import build_tiny_components
 from ltx2_tp.pipelines.registry import get_pipeline_class
 from ltx2_tp.serving.api import create_app
 from ltx2_tp.serving.jobs import JobManager

@@ -22,16 +22,9 @@ class UsageError(ValueError):
     pass
 
 
-def video_tokens(frames: int, height: int, width: int) -> int:
-    return ((frames - 1) // 8 + 1) * (height // 32) * (width // 32)
-
-
-def validate_video_args(frames: int, height: int, width: int, multiple: int = 32) -> None:
-    if frames < 1 or (frames - 1) % 8:
-        raise UsageError(f"--num-frames must be 8k+1 (1, 9, 17, ..., 121, ...), got {frames}")
-    for flag, v in (("--height", height), ("--width", width)):
-        if v < multiple or v % multiple:
-            raise UsageError(f"{flag} must be a positive multiple of {multiple}, got {v}")
+def _flag_error(e) -> UsageError:
+    """A RequestError (field name) as the CLI says it (flag name)."""
+    return UsageError(f"--{e.field.replace('_', '-')}: {str(e).split(': ', 1)[1]}")
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -40,32 +33,37 @@ def _dtype(name: str) -> torch.dtype:
 
 def cmd_dit(args) -> int:
     from ltx2_tp.distributed.context import init_parallel
-    from ltx2_tp.memory.plan import ExecutionPlan, plan_for
+    from ltx2_tp.latent_grid import SPATIAL_SCALE
+    from ltx2_tp.memory.plan import ExecutionPlan
     from ltx2_tp.models.ltx2.config import get_config
     from ltx2_tp.models.ltx2.weights import build_model
+    from ltx2_tp.pipelines.request import RequestError, check_video_size
     from ltx2_tp.step_inputs import synthetic_step_inputs
 
-    validate_video_args(args.num_frames, args.height, args.width)
+    try:  # the DiT alone: multiples of 32 (the pipelines, with a half-size stage 1, need 64)
+        check_video_size(args.num_frames, args.height, args.width, SPATIAL_SCALE)
+    except RequestError as e:
+        raise _flag_error(e) from None
     cfg = get_config(args.model)
     cfg.validate_parallel(args.tp_size, args.ulysses_size)
     ctx = init_parallel(args.tp_size, args.ulysses_size, args.ring_size)
     device = torch.device(args.device if args.device != "cuda" else f"cuda:{torch.cuda.current_device()}")
-    tokens = video_tokens(args.num_frames, args.height, args.width)
-    plan = plan_for(-(-tokens // ctx.sp_size), cfg.inner_dim, ctx.tp_size, ulysses_size=ctx.ulysses_size)
-    if args.ffn_chunk_tokens or args.attn_chunk_tokens:
-        plan = ExecutionPlan(args.ffn_chunk_tokens, args.attn_chunk_tokens, cache_rope=not args.attn_chunk_tokens)
     dtype = _dtype(args.dtype)
     t0 = time.perf_counter()
-    model = build_model(cfg, ctx, device=device, dtype=dtype, seed=args.seed, plan=plan)
+    model = build_model(cfg, ctx, device=device, dtype=dtype, seed=args.seed)
     t_build = time.perf_counter() - t0
     video, audio = synthetic_step_inputs(cfg, args.num_frames, args.height, args.width, args.fps, device, dtype,
                                          seed=args.seed)
+    if args.ffn_chunk_tokens or args.attn_chunk_tokens:
+        plan = ExecutionPlan(args.ffn_chunk_tokens, args.attn_chunk_tokens, cache_rope=not args.attn_chunk_tokens)
+    else:  # what the model derives by itself for the tokens this rank holds
+        plan = model.execution_plan(video.latent.shape[1])
     times = []
     for _ in range(args.repeat):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        vx, ax = model(video, audio)
+        vx, ax = model(video, audio, plan=plan)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
@@ -82,6 +80,7 @@ def cmd_dit(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    from ltx2_tp.pipelines.registry import get_pipeline_class
     from ltx2_tp.pipelines.request import GenerationRequest, RequestError
 
     fmt = args.output_format or (args.output_path.rsplit(".", 1)[-1].lower() if "." in args.output_path else "mp4")
@@ -89,10 +88,11 @@ def cmd_generate(args) -> int:
                             height=args.height, num_frames=args.num_frames, fps=args.fps,
                             num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                             seed=args.seed, image_path=args.image_path, output_format=fmt)
-    try:  # every value checked before anything is built
-        req.validate()
+    pipeline_class = get_pipeline_class(args.pipeline_class_name)
+    try:  # every value checked before anything is built, sizes by the pipeline's own rule
+        req.validate(spatial_multiple=pipeline_class.spatial_multiple)
     except RequestError as e:
-        raise UsageError(f"--{e.field.replace('_', '-')}: {str(e).split(': ', 1)[1]}") from None
+        raise _flag_error(e) from None
     if args.image_path and not _exists(args.image_path):
         raise UsageError(f"--image-path: no such file {args.image_path!r}")
     files = _checkpoint_files(args)
@@ -101,12 +101,11 @@ def cmd_generate(args) -> int:
 
     from tqdm import tqdm
 
-    from ltx2_tp.pipelines.registry import get_pipeline_class
     from ltx2_tp.pipelines.stages import StageTimer
     from ltx2_tp.pipelines.two_stage import run_on_rank, this_rank
 
     comps = _components(args, files)
-    pipe = get_pipeline_class(args.pipeline_class_name)(comps)
+    pipe = pipeline_class(comps)
     rank0 = this_rank() == 0
     bars: dict[str, tqdm] = {}
 
@@ -189,14 +188,14 @@ def _checkpoint_files(args):
         return CheckpointFiles.discover(args.model_path, args.spatial_upsampler_path, args.text_encoder_path,
                                         args.distilled_lora_path, args.distilled_lora_strength)
     except RequestError as e:
-        raise UsageError(f"--{e.field.replace('_', '-')}: {str(e).split(': ', 1)[1]}") from None
+        raise _flag_error(e) from None
 
 
 def _components(args, files):
     """Join the torchrun ranks (if any), then build the components on this rank's device."""
     from ltx2_tp.distributed.context import init_parallel
     from ltx2_tp.pipelines.checkpoints import build_checkpoint_components
-    from ltx2_tp.pipelines.components import build_tiny_components
+    from ltx2_tp.pipelines.tiny import build_tiny_components
 
     ctx = init_parallel(args.tp_size, args.ulysses_size, args.ring_size)
     device = args.device
@@ -315,9 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.set_defaults(func=cmd_serve)
     d = sub.add_parser("dit", help="one DiT forward with random weights: shapes and time")
     d.add_argument("--model", default="tiny", choices=sorted(PRESETS))
-    d.add_argument("--num-frames", type=int, default=25)
-    d.add_argument("--height", type=int, default=256)
-    d.add_argument("--width", type=int, default=384)
+    d.add_argument("--num-frames", type=int, default=25, help="8k+1")
+    d.add_argument("--height", type=int, default=256, help="a multiple of 32, the DiT's latent cell "
+                   "(generate/serve need 64: the two-stage pipelines run stage 1 at half size)")
+    d.add_argument("--width", type=int, default=384, help="a multiple of 32, as --height")
     d.add_argument("--fps", type=float, default=24.0)
     d.add_argument("--tp-size", type=int, default=1)
     d.add_argument("--sp-size", type=int, default=1)

@@ -2,32 +2,31 @@
 
 Video positions are [start, end) per latent token in pixel-ish units: time in seconds
 (8 frames per latent frame, over fps), height and width in pixels (32 per latent cell).
-Audio has 25 tokens per second. Used by the CLI's `dit` command and the benchmarks.
+Audio has 25 tokens per second (latent_grid.py). Used by the CLI's `dit` command and the benchmarks.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ltx2_tp.latent_grid import AUDIO_TOKENS_PER_SECOND, SPATIAL_SCALE, TEMPORAL_SCALE, LatentGrid
 from ltx2_tp.models.ltx2.config import LTX2Config
 from ltx2_tp.models.ltx2.inputs import Modality
 
 
 def video_positions(frames: int, height: int, width: int, fps: float, batch: int = 1) -> torch.Tensor:
-    lf, lh, lw = (frames - 1) // 8 + 1, height // 32, width // 32
-    f, y, x = torch.meshgrid(torch.arange(lf), torch.arange(lh), torch.arange(lw), indexing="ij")
-    start = torch.stack([f.flatten() * 8.0 / fps, y.flatten() * 32.0, x.flatten() * 32.0])
-    end = start + torch.tensor([8.0 / fps, 32.0, 32.0])[:, None]
+    g = LatentGrid(frames, height, width)
+    f, y, x = torch.meshgrid(torch.arange(g.latent_frames), torch.arange(g.latent_height),
+                             torch.arange(g.latent_width), indexing="ij")
+    t, s = float(TEMPORAL_SCALE), float(SPATIAL_SCALE)
+    start = torch.stack([f.flatten() * t / fps, y.flatten() * s, x.flatten() * s])
+    end = start + torch.tensor([t / fps, s, s])[:, None]
     return torch.stack([start, end], dim=-1)[None].expand(batch, -1, -1, -1).contiguous()
 
 
 def audio_positions(tokens: int, batch: int = 1) -> torch.Tensor:
-    s = torch.arange(tokens, dtype=torch.float32) / 25.0
-    return torch.stack([s, s + 1 / 25.0], dim=-1)[None, None].expand(batch, 1, -1, -1).contiguous()
-
-
-def audio_tokens_for(frames: int, fps: float) -> int:
-    return max(1, round(frames / fps * 25))
+    s = torch.arange(tokens, dtype=torch.float32) / AUDIO_TOKENS_PER_SECOND
+    return torch.stack([s, s + 1 / AUDIO_TOKENS_PER_SECOND], dim=-1)[None, None].expand(batch, 1, -1, -1).contiguous()
 
 
 def synthetic_step_inputs(cfg: LTX2Config, frames: int, height: int, width: int, fps: float, device, dtype,
@@ -43,7 +42,7 @@ def synthetic_step_inputs(cfg: LTX2Config, frames: int, height: int, width: int,
                          timesteps=s[:, None].to(device), positions=pos.to(device),
                          context=torch.randn(1, text_tokens, ctx_dim, generator=g).to(device, dtype))
     if cfg.has_audio:
-        n = audio_tokens_for(frames, fps)
+        n = LatentGrid(frames, height, width).audio_tokens(fps)
         ctx_dim = cfg.caption_channels if cfg.caption_projection else cfg.audio_inner_dim
         audio = Modality(latent=torch.randn(1, n, cfg.audio_in_channels, generator=g).to(device, dtype),
                          sigma=s.to(device), timesteps=s[:, None].to(device), positions=audio_positions(n).to(device),

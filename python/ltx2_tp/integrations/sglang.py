@@ -156,7 +156,7 @@ def output_path_from_sglang(batch) -> str:
 
 def build_components_for_sglang(model_path: str, server_args):
     """Components for sglang's worker: our DiT on sglang's groups, ltx-core's VAE & co."""
-    from ltx2_tp.pipelines.components import build_components
+    from ltx2_tp.pipelines.checkpoints import build_components
 
     ctx = parallel_context_from_sglang()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")

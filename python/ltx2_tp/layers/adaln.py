@@ -78,5 +78,5 @@ def ada_values(table: torch.Tensor, mod: TokenModulation, start: int, end: int, 
     """ltx-core get_ada_values for a token range: table[sl] + timestep rows, split per parameter."""
     rows = mod.rows(start, end)
     k = table.shape[0]
-    vals = table[sl].to(device=rows.device, dtype=rows.dtype)[None, None] + rows.view(*rows.shape[:2], k, -1)[:, :, sl]
+    vals = table[sl].to(device=rows.device, dtype=rows.dtype)[None, None] + rows.unflatten(-1, (k, -1))[:, :, sl]
     return vals.unbind(dim=2)

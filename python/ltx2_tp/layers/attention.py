@@ -9,7 +9,6 @@ here: the block decides what attends to what (local, Ulysses, ring) and calls th
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ltx2_tp.distributed.collectives import Pending
@@ -27,12 +26,10 @@ class Attention(nn.Module):
         self.heads_local = heads // ctx.tp_size
         self.is_self = context_dim is None
         if self.is_self:
-            self.to_qkv = MergedColumnParallelLinear(query_dim, [inner] * 3, ctx=ctx)
-            self.to_qkv.shard_names = ["to_q", "to_k", "to_v"]
+            self.to_qkv = MergedColumnParallelLinear(query_dim, [inner] * 3, ("to_q", "to_k", "to_v"), ctx=ctx)
         else:
             self.to_q = ColumnParallelLinear(query_dim, inner, ctx=ctx)
-            self.to_kv = MergedColumnParallelLinear(context_dim, [inner] * 2, ctx=ctx)
-            self.to_kv.shard_names = ["to_k", "to_v"]
+            self.to_kv = MergedColumnParallelLinear(context_dim, [inner] * 2, ("to_k", "to_v"), ctx=ctx)
         self.q_norm = ShardedRMSNorm(inner, norm_eps, ctx)
         self.k_norm = ShardedRMSNorm(inner, norm_eps, ctx)
         self.to_gate_logits = ColumnParallelLinear(query_dim, heads, ctx=ctx) if gated else None
@@ -49,9 +46,7 @@ class Attention(nn.Module):
 
     def v_only(self, h: torch.Tensor) -> torch.Tensor:
         """The value projection alone (STG skips the attention and passes v through)."""
-        n = self.to_qkv.local_sizes[2]
-        w, b = self.to_qkv.weight[-n:], self.to_qkv.bias[-n:]
-        return self._heads(F.linear(h, w, b))
+        return self._heads(self.to_qkv.forward_shard(h, 2))
 
     def q(self, h: torch.Tensor) -> torch.Tensor:
         return self._heads(self.q_norm(self.to_q(h)))

@@ -13,6 +13,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from ltx2_tp.memory.plan import token_chunks
 from ltx2_tp.profiling import nvtx_range
 
 _BACKEND = "auto"
@@ -61,6 +62,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         with _sdpa_context(q.device):
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
         return out.transpose(1, 2)
+
+
+def local_attention(q, k, v, q_chunk: int | None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """`attention` with the queries in chunks of `q_chunk` against the full K/V; each chunk's output
+    is written over its rows (the whole score matrix of one chunk at a time)."""
+    chunks = token_chunks(q.shape[1], q_chunk)
+    if len(chunks) == 1:
+        return attention(q, k, v, mask)
+    out = torch.empty_like(q)
+    for s, e in chunks:
+        m = None if mask is None else mask[..., s:e, :]
+        out[:, s:e] = attention(q[:, s:e], k, v, m)
+    return out
 
 
 _LSE_KERNEL: dict[torch.dtype, str] = {}

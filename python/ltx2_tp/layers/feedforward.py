@@ -1,6 +1,5 @@
-"""FFN: proj_in column-parallel (gather_output=False), tanh-GELU on the local shard, proj_out
-row-parallel (input_is_parallel=True). One all-reduce per call; the 4x-wide activation is never
-gathered. Module paths match the checkpoint: ff.net.0.proj.*, ff.net.2.*.
+"""FFN: proj_in column-parallel, tanh-GELU on the local shard, proj_out row-parallel on that
+shard. One all-reduce per call; the 4x-wide activation is never gathered. Module paths match the checkpoint: ff.net.0.proj.*, ff.net.2.*.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from ltx2_tp.profiling import nvtx_range
 class _ProjIn(nn.Module):
     def __init__(self, dim: int, inner: int, bias: bool, ctx: ParallelContext):
         super().__init__()
-        self.proj = ColumnParallelLinear(dim, inner, bias=bias, gather_output=False, ctx=ctx)
+        self.proj = ColumnParallelLinear(dim, inner, bias=bias, ctx=ctx)
 
 
 class FeedForward(nn.Module):
@@ -27,7 +26,7 @@ class FeedForward(nn.Module):
         inner = dim * mult
         self.net = nn.ModuleList(
             [_ProjIn(dim, inner, bias, ctx), nn.Identity(),
-             RowParallelLinear(inner, dim, bias=bias, input_is_parallel=True, ctx=ctx)]
+             RowParallelLinear(inner, dim, bias=bias, ctx=ctx)]
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ from torch import nn
 
 from ltx2_tp.distributed.collectives import all_reduce_sum
 from ltx2_tp.distributed.context import SINGLE, ParallelContext
+from ltx2_tp.layers.weight_loading import CheckpointEntry, expect_shape
 
 
 def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -28,9 +29,11 @@ class ShardedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.local_dim))
 
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor) -> None:
-        if tuple(loaded.shape) != (self.full_dim,):
-            raise ValueError(f"shape mismatch: checkpoint {tuple(loaded.shape)} vs expected ({self.full_dim},)")
+        expect_shape(loaded.shape, (self.full_dim,))
         param.data.copy_(loaded.narrow(0, self.ctx.tp_rank * self.local_dim, self.local_dim))
+
+    def checkpoint_spec(self, name: str) -> dict[str, CheckpointEntry]:
+        return {f"{name}.weight": CheckpointEntry(self.weight, self.weight_loader, None, (self.full_dim,), self)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.ctx.tp_size == 1:

@@ -3,7 +3,10 @@
 Same arithmetic as ltx-core's rope.py, but the cos/sin tables are built from the positions of a
 token range only and cut to this TP rank's heads, so no rank ever holds the whole sequence's
 table unless the plan chooses to cache it (`StreamRope`).
-Returned layout: (B, tokens, heads_local, per_head) for both rope types.
+Returned layout: (B, tokens, groups, per_group). SPLIT rotates the two halves of each head, so its
+groups are this rank's heads. INTERLEAVED rotates adjacent channel pairs over the whole inner dim,
+as ltx-core does, so its one group is all of this rank's channels: a head of odd size shares a
+pair with its neighbour (config.py keeps pairs from straddling TP ranks).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ class RopeSpec:
 
 
 def rope_cos_sin(positions: torch.Tensor, spec: RopeSpec, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions (B, P, n, 2) or (B, P, n) -> cos, sin of shape (B, n, heads/tp, dim/heads or half)."""
+    """positions (B, P, n, 2) or (B, P, n) -> cos, sin (B, n, groups, per_group) as the module says."""
     n_pos = positions.shape[1]
     assert n_pos == len(spec.max_pos), f"positions have {n_pos} axes, max_pos {spec.max_pos}"
     grid = positions
@@ -52,9 +55,9 @@ def rope_cos_sin(positions: torch.Tensor, spec: RopeSpec, dtype: torch.dtype) ->
     frac = torch.stack([grid[:, i] / spec.max_pos[i] for i in range(n_pos)], dim=-1)  # (B, n, P)
     indices = _freq_grid(spec.theta, n_pos, spec.dim, spec.double_precision).to(frac.device)
     freqs = (indices * (frac.unsqueeze(-1) * 2 - 1)).transpose(-1, -2).flatten(2)  # (B, n, F*P)
-    b, n = freqs.shape[:2]
-    h_local = spec.num_heads // spec.tp_size
     if spec.rope_type == "split":
+        b, n = freqs.shape[:2]
+        h_local = spec.num_heads // spec.tp_size
         pad = spec.dim // 2 - freqs.shape[-1]
         cos, sin = freqs.cos(), freqs.sin()
         if pad:
@@ -70,15 +73,14 @@ def rope_cos_sin(positions: torch.Tensor, spec: RopeSpec, dtype: torch.dtype) ->
             cos = torch.cat([torch.ones_like(cos[..., :pad]), cos], dim=-1)
             sin = torch.cat([torch.zeros_like(sin[..., :pad]), sin], dim=-1)
         per_rank = spec.dim // spec.tp_size
-        cos, sin = (t.narrow(-1, spec.tp_rank * per_rank, per_rank).reshape(b, n, h_local, per_rank // h_local)
-                    for t in (cos, sin))
+        cos, sin = (t.narrow(-1, spec.tp_rank * per_rank, per_rank).unsqueeze(2) for t in (cos, sin))
     else:
         raise ValueError(f"rope_type must be 'interleaved' or 'split', got {spec.rope_type!r}")
     return cos.to(dtype), sin.to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_type: str) -> torch.Tensor:
-    """x (B, n, H_l, d) viewed as (B, n, cos.shape[2], -1) so the SPLIT grouping follows the table."""
+    """x (B, n, H_l, d) viewed as (B, n, cos.shape[2], -1): the table's groups decide the grouping."""
     shape = x.shape
     x = x.reshape(*cos.shape[:3], shape[-2] * shape[-1] // cos.shape[2])
     if rope_type == "interleaved":

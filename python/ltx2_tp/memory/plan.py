@@ -1,7 +1,9 @@
 """The one place that decides chunk sizes (and whether RoPE tables are cached per forward).
 
-`ExecutionPlan` is process-wide state the model reads; `plan_for` is the simple rule used by the
-pipelines and the CLI: chunk when a whole-sequence intermediate would exceed a memory share.
+`ExecutionPlan` is what one forward runs with. A model is given a `PlanRule` at construction
+(the memory budget) and, unless a forward is handed a plan, derives one per forward from the
+video tokens an SP rank holds (`plan_for`): chunk when a whole-sequence intermediate would exceed
+the budget. So a half-resolution stage 1 gets chunk sizes for its own token count.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ def token_chunks(n: int, size: int | None) -> list[tuple[int, int]]:
     return [(s, min(s + size, n)) for s in range(0, n, size)]
 
 
-@dataclass
+@dataclass(frozen=True)
 class ExecutionPlan:
     ffn_chunk_tokens: int | None = None  # FFN processed in token chunks (None: whole sequence)
     attn_chunk_tokens: int | None = None  # query chunks against the full K/V; also the QKV / modulation chunk
@@ -57,3 +59,16 @@ def plan_for(local_video_tokens: int, inner_dim: int = 4096, tp_size: int = 1, f
     big = local_video_tokens >= 2 * OVERLAP_MIN_TOKENS
     head_groups = 2 if ulysses_size > 1 and big else 1
     return ExecutionPlan(ffn_chunk, attn_chunk, cache_rope=rope_bytes <= budget_bytes, ulysses_head_groups=head_groups)
+
+
+@dataclass(frozen=True)
+class PlanRule:
+    """How a model picks its plan when a forward is given none (LTX2LongVideo sets the budget)."""
+
+    budget_bytes: float = 2 * 2**30
+    dtype_bytes: int = 2
+
+    def plan(self, local_video_tokens: int, inner_dim: int, tp_size: int = 1, ffn_mult: int = 4,
+             ulysses_size: int = 1) -> ExecutionPlan:
+        return plan_for(local_video_tokens, inner_dim, tp_size, ffn_mult, self.budget_bytes, self.dtype_bytes,
+                        ulysses_size)

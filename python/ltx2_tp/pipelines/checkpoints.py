@@ -19,10 +19,12 @@ from pathlib import Path
 import torch
 
 from ltx2_tp.distributed.context import SINGLE, ParallelContext
+from ltx2_tp.models.ltx2.config import LTX2Config
+from ltx2_tp.models.ltx2.lora import LoraWeights
+from ltx2_tp.models.ltx2.weights import build_model, read_checkpoint_config
+from ltx2_tp.pipelines.components import LTX2Components
 from ltx2_tp.pipelines.request import RequestError
-
-TINY_TEXT_ENCODER = "tiny"  # --text-encoder-path tiny: the embedded stand-in (tests, smoke runs)
-TINY_TEXT_KEY = "ltx2_tp_tiny_text_encoder.table.weight"  # its table, when a test checkpoint carries one
+from ltx2_tp.pipelines.tiny import TINY_TEXT_ENCODER, TINY_TEXT_KEY, TinyTextEncoder, build_tiny_components
 
 
 @dataclass
@@ -93,11 +95,6 @@ def build_checkpoint_components(files: CheckpointFiles, device: str | torch.devi
                                 dtype: torch.dtype = torch.bfloat16, ctx: ParallelContext = SINGLE):
     from ltx_pipelines.utils.model_ledger import ModelLedger
 
-    from ltx2_tp.models.ltx2.config import LTX2Config
-    from ltx2_tp.models.ltx2.lora import LoraWeights
-    from ltx2_tp.models.ltx2.weights import build_model, read_checkpoint_config
-    from ltx2_tp.pipelines.components import LTX2Components, TinyTextEncoder
-
     device = torch.device(device)
     meta = read_checkpoint_config([files.checkpoint])
     if meta is None or "transformer" not in meta:
@@ -136,52 +133,13 @@ def build_checkpoint_components(files: CheckpointFiles, device: str | torch.devi
         name=Path(files.checkpoint).stem, stage2_lora=lora)
 
 
-def write_official_files(c, folder: str | Path, lora_rank: int | None = None, seed: int = 0) -> CheckpointFiles:
-    """Write `c` (single-rank components with ltx-core parts) as Lightricks lays LTX-2 out: the
-    checkpoint (prefixed keys + `config` metadata), the upsampler file and, with `lora_rank`, a
-    random distilled LoRA over every DiT linear weight. The tests load these back."""
-    import dataclasses
-    import json
-
-    from safetensors.torch import save_file
-
-    from ltx2_tp.models.ltx2.weights import COMFY_PREFIX, official_state_dict
-    from ltx2_tp.pipelines.components import TINY_AUDIO_VAE, TINY_UPSAMPLER, TINY_VAE, TINY_VOCODER, TinyTextEncoder
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(c.transformer.cfg).items()}
-    cfg["frequencies_precision"] = "float64" if c.transformer.cfg.double_precision_rope else "float32"
-    config = {"transformer": cfg, **TINY_VAE, **TINY_AUDIO_VAE, **TINY_VOCODER}
-    sd = {COMFY_PREFIX + k: v for k, v in official_state_dict(c.transformer).items()}
-
-    def add(module, prefix, stats_prefix=None):
-        for k, v in module.state_dict().items():
-            if stats_prefix and k.startswith("per_channel_statistics."):
-                sd[stats_prefix + k[len("per_channel_statistics."):]] = v
-            else:
-                sd[prefix + k] = v
-
-    add(c.video_encoder, "vae.encoder.", "vae.per_channel_statistics.")
-    add(c.video_decoder, "vae.decoder.", "vae.per_channel_statistics.")
-    add(c.audio_decoder, "audio_vae.decoder.", "audio_vae.per_channel_statistics.")
-    add(c.vocoder, "vocoder.")
-    if isinstance(c.text_encoder, TinyTextEncoder):  # not an official tensor; ltx-core's filters skip it
-        sd[TINY_TEXT_KEY] = c.text_encoder.table.weight
-    ckpt = folder / "ltx-2-tiny-dev.safetensors"
-    save_file({k: v.detach().contiguous() for k, v in sd.items()}, str(ckpt), metadata={"config": json.dumps(config)})
-    up = folder / "ltx-2-spatial-upscaler-x2-tiny.safetensors"
-    save_file({k: v.detach().contiguous() for k, v in c.upsampler.state_dict().items()}, str(up),
-              metadata={"config": json.dumps(TINY_UPSAMPLER)})
-    lora = None
-    if lora_rank:
-        g = torch.Generator().manual_seed(seed)
-        pairs = {}
-        for k, v in official_state_dict(c.transformer).items():
-            if v.ndim == 2 and k.startswith("transformer_blocks.") and k.endswith(".weight"):  # the linears
-                base = "diffusion_model." + k[: -len(".weight")]
-                pairs[base + ".lora_A.weight"] = torch.randn(lora_rank, v.shape[1], generator=g).to(v.dtype) * 0.1
-                pairs[base + ".lora_B.weight"] = torch.randn(v.shape[0], lora_rank, generator=g).to(v.dtype) * 0.1
-        lora = folder / "ltx-2-tiny-distilled-lora-384.safetensors"
-        save_file(pairs, str(lora))
-    return CheckpointFiles(str(ckpt), str(up), TINY_TEXT_ENCODER, str(lora) if lora else None)
+def build_components(model: str = "tiny", device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                     ctx: ParallelContext = SINGLE, seed: int = 0, spatial_upsampler_path: str | None = None,
+                     text_encoder_path: str | None = None, distilled_lora_path: str | None = None,
+                     distilled_lora_strength: float = 1.0) -> LTX2Components:
+    """`tiny` (embedded, tiny.py) or a path to the official checkpoint files."""
+    if model == "tiny":
+        return build_tiny_components(seed, device=device, dtype=dtype, ctx=ctx)
+    files = CheckpointFiles.discover(model, spatial_upsampler_path, text_encoder_path, distilled_lora_path,
+                                     distilled_lora_strength)
+    return build_checkpoint_components(files, device=device, dtype=dtype, ctx=ctx)

@@ -1,26 +1,33 @@
-"""Pipeline registry: name -> class. `get_pipeline_class` imports the built-in pipelines on first use."""
+"""Pipeline registry: name -> class.
+
+The built-in pipelines are listed here (imported on first use: they pull in ltx-core); the
+pipeline modules do not import the registry. `register_pipeline` adds a class from elsewhere.
+"""
 
 from __future__ import annotations
 
-_PIPELINES: dict[str, type] = {}
+_REGISTERED: dict[str, type] = {}
 
 
 def register_pipeline(cls: type) -> type:
-    _PIPELINES[cls.name] = cls
+    _REGISTERED[cls.name] = cls
     return cls
 
 
-def _load_builtin() -> None:
-    from ltx2_tp.pipelines import long_video, two_stage  # noqa: F401  (they register themselves)
+def _pipelines() -> dict[str, type]:
+    from ltx2_tp.pipelines.long_video import LTX2LongVideo
+    from ltx2_tp.pipelines.two_stage import LTX2TwoStagePipeline
+
+    builtin = (LTX2TwoStagePipeline, LTX2LongVideo)
+    return {**{cls.name: cls for cls in builtin}, **_REGISTERED}
 
 
 def pipeline_names() -> list[str]:
-    _load_builtin()
-    return sorted(_PIPELINES)
+    return sorted(_pipelines())
 
 
 def get_pipeline_class(name: str) -> type:
-    _load_builtin()
-    if name not in _PIPELINES:
-        raise ValueError(f"unknown pipeline {name!r}; registered: {sorted(_PIPELINES)}")
-    return _PIPELINES[name]
+    pipelines = _pipelines()
+    if name not in pipelines:
+        raise ValueError(f"unknown pipeline {name!r}; registered: {sorted(pipelines)}")
+    return pipelines[name]

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ltx2_tp.compat import ensure_ltx_imports
+from ltx2_tp.latent_grid import tokens_per_rank
 from ltx2_tp.models.ltx2.lora import lora_applied
 from ltx2_tp.pipelines.components import LTX2Components
 from ltx2_tp.profiling import nvtx_range
@@ -132,7 +133,7 @@ def stage1_denoise_fn(c: LTX2Components, ctx_pos, ctx_neg, guidance_scale: float
     same_shape = all(p.shape == n.shape for p, n in zip(ctx_pos, ctx_neg))
 
     def step(video_state, audio_state, sigmas, i):
-        local = -(-video_state.latent.shape[1] // c.transformer.ctx.sp_size)
+        local = tokens_per_rank(video_state.latent.shape[1], c.transformer.ctx.sp_size)
         if not same_shape or not (batch if batch is not None else local <= CFG_BATCH_MAX_TOKENS):
             return two_pass(video_state, audio_state, sigmas, i)
         sigma = sigmas[i]

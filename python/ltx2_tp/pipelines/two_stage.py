@@ -14,8 +14,7 @@ import torch
 from ltx2_tp.media import write_media
 from ltx2_tp.pipelines import stages
 from ltx2_tp.pipelines.components import LTX2Components
-from ltx2_tp.pipelines.registry import register_pipeline
-from ltx2_tp.pipelines.request import GenerationRequest, RequestError
+from ltx2_tp.pipelines.request import TWO_STAGE_SPATIAL_MULTIPLE, GenerationRequest, RequestError
 
 
 @dataclass
@@ -48,17 +47,14 @@ def run_on_rank(pipeline, req: GenerationRequest, output_path: str | Path, rank:
     return None
 
 
-@register_pipeline
 class LTX2TwoStagePipeline:
     name = "LTX2TwoStagePipeline"
+    spatial_multiple = TWO_STAGE_SPATIAL_MULTIPLE  # stage 1 runs at half size, itself a multiple of 32
 
     def __init__(self, components: LTX2Components):
         self.c = components
 
-    # where the long-video pipeline changes layout and decoding
-    def prepare(self, req: GenerationRequest) -> None:
-        pass
-
+    # where the long-video pipeline changes decoding
     def temporal_tile_frames(self, req: GenerationRequest) -> int | None:
         return None
 
@@ -83,9 +79,8 @@ class LTX2TwoStagePipeline:
                  timer: stages.StageTimer | None = None) -> GenerationResult:
         from ltx_core.types import VideoPixelShape
 
-        req.validate()
+        req.validate(spatial_multiple=self.spatial_multiple)
         c, timer = self.c, timer or stages.StageTimer(sync=self.c.device.type == "cuda")
-        self.prepare(req)
         gen = torch.Generator(device=c.device).manual_seed(int(req.seed))
         with timer("text_encoding"):
             pos, neg = stages.encode_text(c, req.prompt, req.negative_prompt)

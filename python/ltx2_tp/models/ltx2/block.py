@@ -4,10 +4,11 @@ Order and arithmetic follow ltx-core's BasicAVTransformerBlock:
   video: self-attn -> text cross-attn;  audio: self-attn -> text cross-attn;
   a<->v cross-attn (both directions read the streams as they were before either update);
   video FFN;  audio FFN.
-Every sub-layer walks its stream in token chunks: modulation values, RoPE and the 4D-wide FFN
-activation exist for one chunk at a time, and the residual stream is updated in place.
-Audio (25 tokens/s) is never split across SP ranks; video is, and audio queries attending to
-split video keys merge their partial results across the SP group by log-sum-exp.
+Each sub-layer is ltx-core's `x = x + layer(modulate(norm(x))) * gate`, walked in token chunks by
+chunked.py's `add_residual` (which also overlaps each chunk's TP all-reduce with the next chunk):
+modulation values, RoPE and the 4D-wide FFN activation exist for one chunk at a time, and the
+residual stream is updated in place. Video tokens may be split over the SP ranks (attention over
+the whole sequence is distributed/sequence.py's); audio (25 tokens/s) is whole on every rank.
 """
 
 from __future__ import annotations
@@ -17,16 +18,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ltx2_tp.distributed.collectives import all_reduce_max, all_reduce_sum
 from ltx2_tp.distributed.context import ParallelContext
-from ltx2_tp.distributed.ulysses import SequenceLayout, local_attention, sp_self_attention
+from ltx2_tp.distributed.sequence import SequenceLayout, SplitKeyAttention, self_attention
 from ltx2_tp.layers.adaln import TokenModulation, ada_values
 from ltx2_tp.layers.attention import Attention
-from ltx2_tp.layers.attention_backend import LseAccumulator, attention, attention_lse
+from ltx2_tp.layers.attention_backend import attention
 from ltx2_tp.layers.feedforward import FeedForward
 from ltx2_tp.layers.norm import rms_norm
 from ltx2_tp.layers.rope import StreamRope, apply_rope
 from ltx2_tp.memory.plan import ExecutionPlan, token_chunks
+from ltx2_tp.models.ltx2.chunked import add_residual, stitch
 from ltx2_tp.models.ltx2.config import LTX2Config
 from ltx2_tp.models.ltx2.inputs import SKIP_A2V, SKIP_AUDIO_SELF_ATTN, SKIP_V2A, SKIP_VIDEO_SELF_ATTN
 from ltx2_tp.profiling import nvtx_range
@@ -42,8 +43,7 @@ class StreamState:
     rope: StreamRope
     context: torch.Tensor  # (B, S, D) text
     context_mask: torch.Tensor | None  # additive (B, 1, 1, S)
-    layout: SequenceLayout
-    split: bool  # tokens split across SP ranks
+    layout: SequenceLayout  # which tokens this rank holds
     enabled: bool
     prompt_mod: torch.Tensor | None = None  # (B, 1, 2D) cross-attention AdaLN of the prompt
     cross_rope: StreamRope | None = None  # temporal RoPE for a<->v attention
@@ -115,166 +115,172 @@ class AVTransformerBlock(nn.Module):
 
     # ---------------------------------------------------------------------------------------
     def _self_attention(self, attn: Attention, st: StreamState, table, pert, kind: str, plan: ExecutionPlan) -> None:
+        """x = x + attn(modulate(norm(x))) * gate, attention over the whole (maybe SP-split) sequence.
+        STG: samples that skip this attention pass its value projection through instead."""
+        x, n = st.x, st.x.shape[1]
+        skip_all = pert.all_in_batch(kind, self.idx)
+
+        def project(s, e):
+            shift, scale = ada_values(table, st.mod, s, e, slice(0, 2))
+            h = _modulate(x[:, s:e], self.cfg.norm_eps, scale, shift)
+            if skip_all:
+                return None, None, attn.v_only(h), attn.gates(h)
+            q, k, v = attn.qkv(h)
+            cos, sin = st.rope(s, e)
+            return self._rope(q, cos, sin), self._rope(k, cos, sin), v, attn.gates(h)
+
         with nvtx_range("self_attention"):
-            eps, x = self.cfg.norm_eps, st.x
-            b, n = x.shape[:2]
-            chunks = token_chunks(n, plan.attn_chunk_tokens)
-            skip_all = pert.all_in_batch(kind, self.idx)
-            partial = not skip_all and pert.any_in_batch(kind, self.idx)
-            shape = (b, n, attn.heads_local, attn.dim_head)
-            single = len(chunks) == 1  # then the projections are used as they are, no copies
-            q = k = v = gates = None
-            if not single:  # chunks write into this rank's whole-sequence buffers (tokens x D each)
-                v = x.new_empty(shape)
-                q, k = (None, None) if skip_all else (x.new_empty(shape), x.new_empty(shape))
-                if attn.to_gate_logits is not None:
-                    gates = x.new_empty(b, n, attn.heads_local)
-            for s, e in chunks:
-                shift, scale = ada_values(table, st.mod, s, e, slice(0, 2))
-                h = _modulate(x[:, s:e], eps, scale, shift)
-                qc = kc = None
-                if skip_all:
-                    vc = attn.v_only(h)
-                else:
-                    qc, kc, vc = attn.qkv(h)
-                    cos, sin = st.rope(s, e)
-                    qc = apply_rope(qc, cos, sin, self.cfg.rope_type)
-                    kc = apply_rope(kc, cos, sin, self.cfg.rope_type)
-                gc = attn.gates(h)
-                if single:
-                    q, k, v, gates = qc, kc, vc, gc
-                    continue
-                v[:, s:e] = vc
-                if qc is not None:
-                    q[:, s:e], k[:, s:e] = qc, kc
-                if gc is not None:
-                    gates[:, s:e] = gc
+            q, k, v, gates = stitch(n, token_chunks(n, plan.attn_chunk_tokens), project)
             if skip_all:
                 o = v
             else:
-                if st.split:
-                    o = sp_self_attention(q, k, v, st.layout, self.ctx, plan.attn_chunk_tokens, st.self_mask,
-                                          plan.ulysses_head_groups)
-                else:
-                    o = local_attention(q, k, v, plan.attn_chunk_tokens, st.self_mask)
+                o = self_attention(q, k, v, st.layout, self.ctx, plan.attn_chunk_tokens, st.self_mask,
+                                   plan.ulysses_head_groups)
                 del q, k
-                if partial:
-                    m = pert.mask(kind, self.idx, x.device, x.dtype).view(b, 1, 1, 1)
+                if pert.any_in_batch(kind, self.idx):
+                    m = pert.mask(kind, self.idx, x.device, x.dtype).view(-1, 1, 1, 1)
                     o = o * m + v * (1 - m)
 
             def out(s, e):
                 (gate,) = ada_values(table, st.mod, s, e, slice(2, 3))
-                p = attn.out_start(o[:, s:e], None if gates is None else gates[:, s:e])
-                return lambda: x[:, s:e].add_(p.wait() * gate)
+                return attn.out_start(o[:, s:e], None if gates is None else gates[:, s:e]), gate
 
-            _pipelined(plan.out_chunks(n, plan.attn_chunk_tokens), out)
+            add_residual(x, plan.out_chunks(n, plan.attn_chunk_tokens), out)
 
     def _text_attention(self, attn: Attention, st: StreamState, table, prompt_table, plan: ExecutionPlan) -> None:
+        """x = x + attn(norm(x), text); with cross-attention AdaLN the query is modulated, the text
+        modulated by the prompt's sigma, and the output gated."""
+        x, eps, adaln = st.x, self.cfg.norm_eps, self.cfg.cross_attention_adaln
+        k, v = attn.kv(_modulate_prompt(st, prompt_table) if adaln else st.context)
+
+        def branch(s, e):
+            if not adaln:
+                h = rms_norm(x[:, s:e], eps)
+                return attn.out_start(attention(attn.q(h), k, v, st.context_mask), attn.gates(h)), None
+            shift, scale, gate = ada_values(table, st.mod, s, e, slice(6, 9))
+            h = _modulate(x[:, s:e], eps, scale, shift)
+            return attn.out_start(attention(attn.q(h), k, v, st.context_mask), attn.gates(h)), gate
+
         with nvtx_range("text_attention"):
-            eps, x = self.cfg.norm_eps, st.x
-            adaln = self.cfg.cross_attention_adaln
-            context = st.context
-            if adaln:
-                b = x.shape[0]
-                pt = prompt_table[None, None].to(device=x.device, dtype=x.dtype)
-                shift_kv, scale_kv = (pt + st.prompt_mod.reshape(b, st.prompt_mod.shape[1], 2, -1)).unbind(dim=2)
-                context = context * (1 + scale_kv) + shift_kv
-            k, v = attn.kv(context)
-
-            def chunk(s, e):
-                gate = None
-                if adaln:
-                    shift_q, scale_q, gate = ada_values(table, st.mod, s, e, slice(6, 9))
-                    h = _modulate(x[:, s:e], eps, scale_q, shift_q)
-                else:
-                    h = rms_norm(x[:, s:e], eps)
-                p = attn.out_start(attention(attn.q(h), k, v, st.context_mask), attn.gates(h))
-                return lambda: x[:, s:e].add_(p.wait() * gate if adaln else p.wait())
-
-            _pipelined(plan.out_chunks(x.shape[1], plan.attn_chunk_tokens), chunk)
+            add_residual(x, plan.out_chunks(x.shape[1], plan.attn_chunk_tokens), branch)
 
     def _av_cross_attention(self, video: StreamState, audio: StreamState, run_a2v: bool, run_v2a: bool,
                             pert, plan: ExecutionPlan) -> None:
+        """vx = vx + a2v(video queries, audio keys) * gate and ax = ax + v2a(audio queries, video keys)
+        * gate, both reading the streams as they were before either update. Audio is whole on
+        every rank: its side is computed once. Video is walked in chunks: each chunk is read
+        (normed) before its own a2v update, and serves v2a as keys too."""
+        do_a2v = run_a2v and not pert.all_in_batch(SKIP_A2V, self.idx)
+        do_v2a = run_v2a and not pert.all_in_batch(SKIP_V2A, self.idx)
+        if not (do_a2v or do_v2a):
+            return
         with nvtx_range("av_cross_attention"):
-            eps, rope_type = self.cfg.norm_eps, self.cfg.rope_type
-            vx, ax = video.x, audio.x
-            do_a2v = run_a2v and not pert.all_in_batch(SKIP_A2V, self.idx)
-            do_v2a = run_v2a and not pert.all_in_batch(SKIP_V2A, self.idx)
-            if not (do_a2v or do_v2a):
-                return
-            vt, at = self.scale_shift_table_a2v_ca_video, self.scale_shift_table_a2v_ca_audio
-            ax_norm = rms_norm(ax, eps)
-            a_cos, a_sin = audio.cross_rope(0, ax.shape[1])
-            if do_a2v:  # video queries, audio keys (audio is whole on every rank)
-                a2v = self.audio_to_video_attn
-                scale_v, shift_v, gate_a2v = _av_ada(vt, video, slice(0, 2))
-                scale_a, shift_a, _ = _av_ada(at, audio, slice(0, 2))
-                ka, va = a2v.kv(ax_norm * (1 + scale_a) + shift_a)
-                ka = apply_rope(ka, a_cos, a_sin, rope_type)
-                mask_a2v = _skip_mask(pert, SKIP_A2V, self.idx, vx)
-                if mask_a2v is not None:  # 0 / 1 per sample: folding it into the gate is exact
-                    gate_a2v = gate_a2v * mask_a2v
-            if do_v2a:  # audio queries, video keys (video may be split over SP ranks)
-                v2a = self.video_to_audio_attn
-                scale_a2, shift_a2, gate_v2a = _av_ada(at, audio, slice(2, 4))
-                scale_v2, shift_v2, _ = _av_ada(vt, video, slice(2, 4))
-                qa_in = ax_norm * (1 + scale_a2) + shift_a2
-                qa = apply_rope(v2a.q(qa_in), a_cos, a_sin, rope_type)
-                acc = LseAccumulator()
+            audio_norm, audio_rope = rms_norm(audio.x, self.cfg.norm_eps), audio.cross_rope(0, audio.x.shape[1])
+            a2v = self._audio_to_video(video, audio, audio_norm, audio_rope, pert) if do_a2v else None
+            v2a = self._video_to_audio(video, audio, audio_norm, audio_rope, pert) if do_v2a else None
+            chunks = plan.out_chunks(video.x.shape[1], plan.attn_chunk_tokens)
 
-            def chunk(s, e):
-                vn = rms_norm(vx[:, s:e], eps)  # before this chunk's a2v update, as ltx-core
-                v_cos, v_sin = video.cross_rope(s, e)
-                if do_v2a:
-                    kc, vc = v2a.kv(vn * (1 + scale_v2) + shift_v2)
-                    acc.add(*attention_lse(qa, apply_rope(kc, v_cos, v_sin, rope_type), vc))
-                if not do_a2v:
-                    return None
-                q_in = vn * (1 + scale_v) + shift_v
-                qv = apply_rope(a2v.q(q_in), v_cos, v_sin, rope_type)
-                p = a2v.out_start(attention(qv, ka, va), a2v.gates(q_in))
-                return lambda: vx[:, s:e].add_(p.wait() * gate_a2v)
+            def video_side(s, e):  # this video chunk as both directions read it
+                return rms_norm(video.x[:, s:e], self.cfg.norm_eps), video.cross_rope(s, e)
 
-            _pipelined(plan.out_chunks(vx.shape[1], plan.attn_chunk_tokens), chunk)
-            if do_v2a:
-                o = _merge_over_sequence(acc, qa, video.split, self.ctx)
-                mask_v2a = _skip_mask(pert, SKIP_V2A, self.idx, ax)
-                if mask_v2a is not None:
-                    gate_v2a = gate_v2a * mask_v2a
-                ax += v2a.out(o, v2a.gates(qa_in)) * gate_v2a
+            def branch(s, e):
+                vn, rope = video_side(s, e)
+                if v2a is not None:
+                    v2a.add_keys(vn, rope)
+                return a2v.output(vn, rope)
+
+            if a2v is not None:
+                add_residual(video.x, chunks, branch)
+            else:
+                for s, e in chunks:
+                    v2a.add_keys(*video_side(s, e))
+            if v2a is not None:
+                audio.x += v2a.output()
+
+    def _audio_to_video(self, video: StreamState, audio: StreamState, audio_norm, audio_rope, pert) -> "_AudioToVideo":
+        scale_v, shift_v, gate = _av_ada(self.scale_shift_table_a2v_ca_video, video, slice(0, 2))
+        scale_a, shift_a, _ = _av_ada(self.scale_shift_table_a2v_ca_audio, audio, slice(0, 2))
+        attn = self.audio_to_video_attn
+        k, v = attn.kv(audio_norm * (1 + scale_a) + shift_a)
+        return _AudioToVideo(attn, self._rope(k, *audio_rope), v, scale_v, shift_v,
+                             _gate_skipping(gate, pert, SKIP_A2V, self.idx), self.cfg.rope_type)
+
+    def _video_to_audio(self, video: StreamState, audio: StreamState, audio_norm, audio_rope, pert) -> "_VideoToAudio":
+        scale_a, shift_a, gate = _av_ada(self.scale_shift_table_a2v_ca_audio, audio, slice(2, 4))
+        scale_v, shift_v, _ = _av_ada(self.scale_shift_table_a2v_ca_video, video, slice(2, 4))
+        attn = self.video_to_audio_attn
+        q_in = audio_norm * (1 + scale_a) + shift_a
+        q = SplitKeyAttention(self._rope(attn.q(q_in), *audio_rope), video.layout, self.ctx)
+        return _VideoToAudio(attn, q_in, q, scale_v, shift_v, _gate_skipping(gate, pert, SKIP_V2A, self.idx),
+                             self.cfg.rope_type)
 
     def _feedforward(self, ff: FeedForward, st: StreamState, table, plan: ExecutionPlan) -> None:
-        eps, x = self.cfg.norm_eps, st.x
-
-        def chunk(s, e):
+        """x = x + ff(modulate(norm(x))) * gate."""
+        def branch(s, e):
             shift, scale, gate = ada_values(table, st.mod, s, e, slice(3, 6))
-            p = ff.start(_modulate(x[:, s:e], eps, scale, shift))
-            return lambda: x[:, s:e].add_(p.wait() * gate)
+            return ff.start(_modulate(st.x[:, s:e], self.cfg.norm_eps, scale, shift)), gate
 
-        _pipelined(plan.out_chunks(x.shape[1], plan.ffn_chunk_tokens), chunk)
+        add_residual(st.x, plan.out_chunks(st.x.shape[1], plan.ffn_chunk_tokens), branch)
 
-
-def _pipelined(chunks: list[tuple[int, int]], issue) -> None:
-    """`issue(s, e)` computes one token chunk up to its row-parallel all-reduce and returns the
-    closure that waits for it and updates the stream. Each chunk is completed after the next one
-    is issued, so its TP all-reduce runs under the next chunk's GEMMs. Chunks are disjoint token
-    ranges, so completing chunk i late never changes what chunk i+1 reads."""
-    done = None
-    for s, e in chunks:
-        nxt = issue(s, e)
-        if done is not None:
-            done()
-        done = nxt
-    if done is not None:
-        done()
+    def _rope(self, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return apply_rope(t, cos, sin, self.cfg.rope_type)
 
 
-def _skip_mask(pert, kind: str, block: int, x: torch.Tensor) -> torch.Tensor | None:
-    """(B, 1, 1) zeros for the batch elements that skip this attention; None when none does (no
-    multiply, and a compiled block does not specialise on its index)."""
+@dataclass
+class _AudioToVideo:
+    """a2v: video queries, one chunk at a time; audio keys and values, whole, computed once."""
+
+    attn: Attention
+    k: torch.Tensor
+    v: torch.Tensor
+    q_scale: torch.Tensor
+    q_shift: torch.Tensor
+    gate: torch.Tensor
+    rope_type: str
+
+    def output(self, video_norm: torch.Tensor, rope) -> tuple:
+        """The chunk's update in flight and its gate (add_residual's branch)."""
+        q_in = video_norm * (1 + self.q_scale) + self.q_shift
+        q = apply_rope(self.attn.q(q_in), *rope, self.rope_type)
+        return self.attn.out_start(attention(q, self.k, self.v), self.attn.gates(q_in)), self.gate
+
+
+@dataclass
+class _VideoToAudio:
+    """v2a: audio queries, whole; video keys and values, one chunk at a time (this rank's part)."""
+
+    attn: Attention
+    q_in: torch.Tensor  # the modulated audio (the gate logits read it too)
+    attention: SplitKeyAttention
+    k_scale: torch.Tensor
+    k_shift: torch.Tensor
+    gate: torch.Tensor
+    rope_type: str
+
+    def add_keys(self, video_norm: torch.Tensor, rope) -> None:
+        k, v = self.attn.kv(video_norm * (1 + self.k_scale) + self.k_shift)
+        self.attention.add(apply_rope(k, *rope, self.rope_type), v)
+
+    def output(self) -> torch.Tensor:
+        """The gated update of the audio stream (after every chunk's keys were added)."""
+        return self.attn.out(self.attention.result(), self.attn.gates(self.q_in)) * self.gate
+
+
+def _modulate_prompt(st: StreamState, prompt_table: torch.Tensor) -> torch.Tensor:
+    """The text context under cross-attention AdaLN: scaled and shifted by the prompt's sigma."""
+    b, pm = st.x.shape[0], st.prompt_mod
+    t = prompt_table[None, None].to(device=st.x.device, dtype=st.x.dtype)
+    shift, scale = (t + pm.reshape(b, pm.shape[1], 2, -1)).unbind(dim=2)
+    return st.context * (1 + scale) + shift
+
+
+def _gate_skipping(gate: torch.Tensor, pert, kind: str, block: int) -> torch.Tensor:
+    """The gate with zeros for the samples that skip this attention (0 / 1 per sample: folding it
+    into the gate is exact). No sample skips: the gate as it is (no multiply, and a compiled block
+    does not specialise on its index)."""
     if not pert.any_in_batch(kind, block):
-        return None
-    return pert.mask(kind, block, x.device, x.dtype).view(-1, 1, 1)
+        return gate
+    return gate * pert.mask(kind, block, gate.device, gate.dtype).view(-1, 1, 1)
 
 
 def _av_ada(table: torch.Tensor, st: StreamState, sl: slice):
@@ -285,17 +291,3 @@ def _av_ada(table: torch.Tensor, st: StreamState, sl: slice):
     gate = t[4:][None, None] + st.cross_gate.reshape(b, st.cross_gate.shape[1], 1, -1)
     scale, shift = ss.unbind(dim=2)
     return scale, shift, gate.squeeze(2)
-
-
-def _merge_over_sequence(acc: LseAccumulator, q: torch.Tensor, split: bool, ctx: ParallelContext) -> torch.Tensor:
-    """Combine the audio queries' partial attention over this rank's video keys across SP ranks."""
-    if acc.out is None:  # this rank holds no video tokens
-        acc.out = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
-        acc.lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), device=q.device)
-    if not split or ctx.sp_size == 1:
-        return acc.out.to(q.dtype)
-    m = all_reduce_max(acc.lse.clone(memory_format=torch.contiguous_format), ctx.sp_group)
-    w = torch.exp(acc.lse - m)  # (B, H, N)
-    num = all_reduce_sum(acc.out * w.transpose(1, 2).unsqueeze(-1), ctx.sp_group)
-    den = all_reduce_sum(w, ctx.sp_group)
-    return (num / den.transpose(1, 2).unsqueeze(-1)).to(q.dtype)

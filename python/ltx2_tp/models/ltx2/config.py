@@ -67,13 +67,45 @@ class LTX2Config:
     def replace(self, **kw) -> "LTX2Config":
         return dataclasses.replace(self, **kw)
 
+    def validate(self) -> None:
+        """Refuse a configuration the DiT cannot run, naming the field (LTX2Model calls this).
+
+        Every configuration ltx-core 1.0.0's LTXModel runs is accepted (test_parity_ltx_core.py
+        covers odd head sizes); each one refused here fails inside ltx-core's forward too, with a
+        shape error from a matmul or reshape."""
+        if not (self.has_video or self.has_audio):
+            raise ValueError("has_video and has_audio are both False: the model needs at least one stream")
+        if self.rope_type not in ("interleaved", "split"):
+            raise ValueError(f"rope_type must be 'interleaved' or 'split', got {self.rope_type!r}")
+        for p, heads, head_dim, inner in self._streams():
+            if self.rope_type == "interleaved" and inner % 2:  # RoPE rotates channel pairs
+                raise ValueError(f"{p}num_attention_heads x {p}attention_head_dim = {inner} must be even "
+                                 "(interleaved RoPE rotates channel pairs)")
+            if self.rope_type == "split" and head_dim % 2:  # split RoPE rotates the halves of each head
+                raise ValueError(f"{p}attention_head_dim={head_dim} must be even with rope_type='split'")
+        if self.has_video and self.has_audio and self.rope_type == "split" \
+                and self.audio_inner_dim % (2 * self.num_attention_heads):
+            # a<->v attention rotates audio-width queries and keys in video-head groups on the video side
+            raise ValueError(f"audio_num_attention_heads x audio_attention_head_dim = {self.audio_inner_dim} must be "
+                             f"a multiple of 2 x num_attention_heads = {2 * self.num_attention_heads} with "
+                             "rope_type='split' (the a<->v RoPE splits it into video-head groups)")
+
     def validate_parallel(self, tp_size: int, ulysses_size: int = 1) -> None:
-        """Refuse layouts whose degrees do not divide the head counts (named in the error)."""
-        for name, heads in self._head_counts():
+        """`validate`, then refuse layouts whose degrees do not divide the head counts, or that would
+        cut an interleaved RoPE pair between TP ranks (named in the error)."""
+        self.validate()
+        for p, heads, _, inner in self._streams():
+            name = f"{p}num_attention_heads"
             if heads % tp_size:
                 raise ValueError(
                     f"tp_size={tp_size} must divide {name}={heads}; allowed tp_size values: "
                     f"{_divisors(heads)}"
+                )
+            if self.rope_type == "interleaved" and (inner // tp_size) % 2:
+                ok = [d for d in _divisors(heads) if (inner // d) % 2 == 0]
+                raise ValueError(
+                    f"tp_size={tp_size} leaves each rank {inner // tp_size} channels of {name} x "
+                    f"{p}attention_head_dim = {inner}, cutting an interleaved RoPE pair; allowed tp_size values: {ok}"
                 )
             if (heads // tp_size) % ulysses_size:
                 raise ValueError(
@@ -81,11 +113,12 @@ class LTX2Config:
                     f"allowed ulysses_size values: {_divisors(heads // tp_size)}"
                 )
 
-    def _head_counts(self):
+    def _streams(self):
+        """(field prefix, heads, head dim, inner dim) of each stream the model has."""
         if self.has_video:
-            yield "num_attention_heads", self.num_attention_heads
+            yield "", self.num_attention_heads, self.attention_head_dim, self.inner_dim
         if self.has_audio:
-            yield "audio_num_attention_heads", self.audio_num_attention_heads
+            yield "audio_", self.audio_num_attention_heads, self.audio_attention_head_dim, self.audio_inner_dim
 
     # ---- checkpoint metadata -------------------------------------------------------------
     @classmethod

@@ -59,16 +59,19 @@ def lora_applied(model: torch.nn.Module, lora: LoraWeights | None):
     if lora is None:
         yield
         return
-    if getattr(model, "fp8", False):
-        raise ValueError("the distilled LoRA cannot be fused into fp8 weights: fuse it before quantize_fp8")
     spec = checkpoint_spec(model)
     unknown = sorted(set(lora.pairs) - set(spec))
     if unknown:
         raise ValueError(f"LoRA targets weights the model does not have: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
+    for key in lora.pairs:  # the layer's weight method says whether its weight takes a delta
+        method = getattr(spec[key].owner, "quant_method", None)
+        if method is not None and not method.supports_lora:
+            raise ValueError(f"the distilled LoRA cannot be fused into {key}, stored by {type(method).__name__}: "
+                             "fuse it before quantize_fp8")
     saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     try:
         for key, (a, b) in lora.pairs.items():
-            param, loader, shard, _ = spec[key]
+            param, loader, shard = spec[key].param, spec[key].loader, spec[key].shard
             if id(param) not in saved:
                 saved[id(param)] = (param, param.detach().to("cpu", copy=True))
             dev = param.device

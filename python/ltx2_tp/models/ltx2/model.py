@@ -1,6 +1,8 @@
 """The LTX-2 audio-video diffusion transformer.
 
 forward(video, audio, perturbations) -> (video velocity, audio velocity), as ltx-core's LTXModel.
+forward(..., plan=ExecutionPlan(...)) runs with those chunk sizes; without one, the model derives a
+plan per forward from the video tokens an SP rank holds, by the `PlanRule` it was built with.
 Under sequence parallelism every rank receives the whole (small: C=128 channels) latent, keeps
 its part of the video tokens, runs the blocks on it and all-gathers the (T x C) output, so the
 caller sees exactly the single-GPU interface. Under tensor parallelism the layers own the
@@ -15,10 +17,11 @@ from torch import nn
 
 from ltx2_tp.distributed.collectives import gather_sequence
 from ltx2_tp.distributed.context import SINGLE, ParallelContext
-from ltx2_tp.distributed.ulysses import SequenceLayout
+from ltx2_tp.distributed.sequence import SequenceLayout
+from ltx2_tp.latent_grid import tokens_per_rank
 from ltx2_tp.layers.adaln import AdaLayerNormSingle, TokenModulation
 from ltx2_tp.layers.rope import RopeSpec, StreamRope
-from ltx2_tp.memory.plan import ExecutionPlan, token_chunks
+from ltx2_tp.memory.plan import ExecutionPlan, PlanRule, token_chunks
 from ltx2_tp.models.ltx2.block import AVTransformerBlock, StreamState
 from ltx2_tp.models.ltx2.config import LTX2Config
 from ltx2_tp.models.ltx2.inputs import Modality, as_perturbations
@@ -38,11 +41,11 @@ class CaptionProjection(nn.Module):
 
 
 class LTX2Model(nn.Module):
-    def __init__(self, cfg: LTX2Config, ctx: ParallelContext = SINGLE, plan: ExecutionPlan | None = None):
+    def __init__(self, cfg: LTX2Config, ctx: ParallelContext = SINGLE, plan_rule: PlanRule | None = None):
         super().__init__()
         cfg.validate_parallel(ctx.tp_size, ctx.ulysses_size)
         self.cfg, self.ctx = cfg, ctx
-        self.plan = plan or ExecutionPlan()
+        self.plan_rule = plan_rule or PlanRule()
         k = cfg.adaln_coefficient
         if cfg.has_video:
             d = cfg.inner_dim
@@ -73,7 +76,8 @@ class LTX2Model(nn.Module):
 
     # ---------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def forward(self, video: Modality | None, audio: Modality | None, perturbations=None):
+    def forward(self, video: Modality | None, audio: Modality | None, perturbations=None,
+                plan: ExecutionPlan | None = None):
         cfg = self.cfg
         if video is not None and not cfg.has_video:
             raise ValueError("this model has no video stream (config has_video=False)")
@@ -81,20 +85,33 @@ class LTX2Model(nn.Module):
             raise ValueError("this model has no audio stream (config has_audio=False)")
         batch = (video if video is not None else audio).latent.shape[0]
         pert = as_perturbations(perturbations, batch)
+        if plan is None:
+            plan = self.execution_plan(video.latent.shape[1] if video is not None else 0)
         with nvtx_range("dit_forward"):
-            v = self._prepare("video", video, audio, split=True) if video is not None else None
-            a = self._prepare("audio", audio, video, split=False) if audio is not None else None
+            v = a = None
+            if video is not None:  # split over the SP ranks
+                v = self._prepare("video", video, audio, SequenceLayout.for_context(video.latent.shape[1], self.ctx), plan)
+            if audio is not None:  # 25 tokens/s: whole on every rank
+                a = self._prepare("audio", audio, video, SequenceLayout.whole(audio.latent.shape[1]), plan)
             for block in self.transformer_blocks:
-                block(v, a, pert, self.plan)
-            vx = self._output("video", v) if v is not None else None
-            ax = self._output("audio", a) if a is not None else None
+                block(v, a, pert, plan)
+            vx = self._output("video", v, plan) if v is not None else None
+            ax = self._output("audio", a, plan) if a is not None else None
         return vx, ax
+
+    def execution_plan(self, video_tokens: int) -> ExecutionPlan:
+        """The plan a forward over `video_tokens` video tokens runs with when it is given none: the
+        rule applied to the most tokens an SP rank holds, the same number on every rank (the plan
+        also decides collectives, e.g. Ulysses head groups, whose count every rank must share)."""
+        local = tokens_per_rank(video_tokens, self.ctx.sp_size)
+        return self.plan_rule.plan(local, self.cfg.inner_dim, self.ctx.tp_size, self.cfg.ff_mult, self.ctx.ulysses_size)
 
     # ---------------------------------------------------------------------------------------
     def _names(self, kind: str) -> str:
         return "" if kind == "video" else "audio_"
 
-    def _prepare(self, kind: str, m: Modality, cross: Modality | None, split: bool) -> StreamState:
+    def _prepare(self, kind: str, m: Modality, cross: Modality | None, layout: SequenceLayout,
+                 plan: ExecutionPlan) -> StreamState:
         cfg, p = self.cfg, self._names(kind)
         video = kind == "video"
         heads = cfg.num_attention_heads if video else cfg.audio_num_attention_heads
@@ -102,7 +119,6 @@ class LTX2Model(nn.Module):
         max_pos = cfg.positional_embedding_max_pos if video else cfg.audio_positional_embedding_max_pos
         b, total = m.latent.shape[:2]
         dtype = m.latent.dtype
-        layout = SequenceLayout.for_context(total, self.ctx) if split else SequenceLayout(total, (total,))
         s0, e0 = layout.local_range
         mult = cfg.timestep_scale_multiplier
 
@@ -128,15 +144,15 @@ class LTX2Model(nn.Module):
         spec = RopeSpec(inner, heads, tuple(max_pos), cfg.rope_type, cfg.positional_embedding_theta,
                         cfg.use_middle_indices_grid, cfg.double_precision_rope, self.ctx.tp_size, self.ctx.tp_rank)
         st = StreamState(
-            x=x, mod=mod, embedded=embedded, rope=StreamRope(positions, spec, dtype, self.plan.cache_rope),
-            context=context, context_mask=_context_bias(m.context_mask, dtype), layout=layout, split=split,
+            x=x, mod=mod, embedded=embedded, rope=StreamRope(positions, spec, dtype, plan.cache_rope),
+            context=context, context_mask=_context_bias(m.context_mask, dtype), layout=layout,
             enabled=m.enabled, prompt_mod=prompt_mod, self_mask=_self_attention_bias(m.attention_mask, dtype),
         )
         if cross is not None and cfg.has_video and cfg.has_audio:
             cross_spec = RopeSpec(cfg.audio_cross_attention_dim, heads, (cfg.cross_pe_max_pos,), cfg.rope_type,
                                   cfg.positional_embedding_theta, True, cfg.double_precision_rope,
                                   self.ctx.tp_size, self.ctx.tp_rank)
-            st.cross_rope = StreamRope(positions[:, 0:1], cross_spec, dtype, self.plan.cache_rope)
+            st.cross_rope = StreamRope(positions[:, 0:1], cross_spec, dtype, plan.cache_rope)
             t = cross.sigma.view(b, 1) * mult
             ss_adaln = getattr(self, f"av_ca_{kind}_scale_shift_adaln_single")
             gate_adaln = self.av_ca_a2v_gate_adaln_single if video else self.av_ca_v2a_gate_adaln_single
@@ -144,18 +160,18 @@ class LTX2Model(nn.Module):
             st.cross_gate = gate_adaln(t.flatten() * (cfg.av_ca_timestep_scale_multiplier / mult), dtype)[0].view(b, -1, inner)
         return st
 
-    def _output(self, kind: str, st: StreamState) -> torch.Tensor:
+    def _output(self, kind: str, st: StreamState, plan: ExecutionPlan) -> torch.Tensor:
         p = self._names(kind)
         table = getattr(self, f"{p}scale_shift_table")
         proj = getattr(self, f"{p}proj_out")
         x = st.x
         out = x.new_empty(*x.shape[:2], proj.out_features)
-        for s, e in token_chunks(x.shape[1], self.plan.ffn_chunk_tokens):
+        for s, e in token_chunks(x.shape[1], plan.ffn_chunk_tokens):
             emb = st.embedded.rows(s, e)
             shift, scale = (table[None, None].to(device=x.device, dtype=x.dtype) + emb[:, :, None]).unbind(dim=2)
             h = F.layer_norm(x[:, s:e], (x.shape[-1],), eps=self.cfg.norm_eps)
             out[:, s:e] = proj(h * (1 + scale) + shift)
-        if st.split:
+        if st.layout.split:
             out = gather_sequence(out, list(st.layout.sizes), self.ctx.sp_group)
         return out
 

@@ -19,9 +19,8 @@ import torch
 from torch import nn
 
 from ltx2_tp.distributed.context import SINGLE, ParallelContext
-from ltx2_tp.layers.linear import ColumnParallelLinear, MergedColumnParallelLinear, RowParallelLinear, default_weight_loader
-from ltx2_tp.layers.norm import ShardedRMSNorm
-from ltx2_tp.memory.plan import ExecutionPlan
+from ltx2_tp.layers.weight_loading import CheckpointEntry, default_weight_loader
+from ltx2_tp.memory.plan import PlanRule
 from ltx2_tp.models.ltx2.config import LTX2Config
 from ltx2_tp.models.ltx2.model import LTX2Model
 
@@ -34,31 +33,23 @@ class CheckpointMismatchError(ValueError):
     pass
 
 
-def checkpoint_spec(model: nn.Module) -> dict[str, tuple]:
-    """checkpoint key -> (parameter, loader, shard id or None, full tensor shape in the checkpoint).
+def checkpoint_spec(model: nn.Module) -> dict[str, CheckpointEntry]:
+    """checkpoint key -> CheckpointEntry (tensor to fill, loader, shard id or None, full shape).
 
-    Loaders are the parallel layers' own `weight_loader` methods, looked up on the module (a
-    parameter object is replaced by `to_empty`, so nothing is stored on it).
+    Sharded layers describe their own entries (`checkpoint_spec(name)`: the parallel linears, whose
+    quantization method names the tensors, and the sharded qk norm); every other parameter loads
+    whole. Entries are built on demand from the modules (a parameter object is replaced by
+    `to_empty`, so nothing is stored on it).
     """
-    spec: dict[str, tuple] = {}
+    spec: dict[str, CheckpointEntry] = {}
     for name, mod in model.named_modules():
+        own = getattr(mod, "checkpoint_spec", None)
+        if own is not None:
+            spec.update(own(name))
+            continue
         prefix = f"{name}." if name else ""
-        if isinstance(mod, MergedColumnParallelLinear):
-            parent = name.rsplit(".", 1)[0]
-            for i, shard in enumerate(mod.shard_names):
-                spec[f"{parent}.{shard}.weight"] = (mod.weight, mod.weight_loader, i, (mod.output_sizes[i], mod.in_features))
-                if mod.bias is not None:
-                    spec[f"{parent}.{shard}.bias"] = (mod.bias, mod.weight_loader, i, (mod.output_sizes[i],))
-        elif isinstance(mod, (ColumnParallelLinear, RowParallelLinear)):
-            spec[prefix + "weight"] = (mod.weight, mod.weight_loader, None, (mod.out_features, mod.in_features))
-            if mod.bias is not None:
-                bias_loader = mod.weight_loader if isinstance(mod, ColumnParallelLinear) else default_weight_loader
-                spec[prefix + "bias"] = (mod.bias, bias_loader, None, (mod.out_features,))
-        elif isinstance(mod, ShardedRMSNorm):
-            spec[prefix + "weight"] = (mod.weight, mod.weight_loader, None, (mod.full_dim,))
-        else:
-            for pname, p in mod.named_parameters(recurse=False):
-                spec[prefix + pname] = (p, default_weight_loader, None, tuple(p.shape))
+        for pname, p in mod.named_parameters(recurse=False):
+            spec[prefix + pname] = CheckpointEntry(p, default_weight_loader, None, tuple(p.shape), mod)
     return spec
 
 
@@ -120,13 +111,12 @@ def load_weights(model: LTX2Model, state_dict: dict[str, torch.Tensor] | None = 
 
 
 @torch.no_grad()
-def _load_one(entry: tuple, t: torch.Tensor) -> None:
-    param, loader, shard, _ = entry
-    t = t.to(device=param.device, dtype=param.dtype)
-    if shard is not None:
-        loader(param, t, shard)
+def _load_one(entry: CheckpointEntry, t: torch.Tensor) -> None:
+    t = t.to(device=entry.param.device, dtype=entry.param.dtype)
+    if entry.shard is not None:
+        entry.loader(entry.param, t, entry.shard)
     else:
-        loader(param, t)
+        entry.loader(entry.param, t)
 
 
 def read_checkpoint_config(files: list[str]) -> dict | None:
@@ -143,11 +133,11 @@ def read_checkpoint_config(files: list[str]) -> dict | None:
 
 def build_model(cfg: LTX2Config, ctx: ParallelContext = SINGLE, device: str | torch.device = "cpu",
                 dtype: torch.dtype = torch.bfloat16, files: list[str] | None = None,
-                state_dict: dict[str, torch.Tensor] | None = None, plan: ExecutionPlan | None = None,
+                state_dict: dict[str, torch.Tensor] | None = None, plan_rule: PlanRule | None = None,
                 seed: int | None = None) -> LTX2Model:
     """Meta-device construction, then materialise: from a checkpoint, or seeded random weights."""
     with torch.device("meta"):
-        model = LTX2Model(cfg, ctx, plan)
+        model = LTX2Model(cfg, ctx, plan_rule)
     model = model.to(dtype=dtype).to_empty(device=device).eval()
     if files is not None or state_dict is not None:
         load_weights(model, state_dict=state_dict, files=files)
@@ -164,7 +154,7 @@ def init_random(model: LTX2Model, seed: int, std: float = 0.02) -> None:
     g = torch.Generator(device=device).manual_seed(seed)
     spec = checkpoint_spec(model)
     for key, entry in spec.items():
-        full = entry[3]
+        full = entry.shape
         if "scale_shift_table" in key:
             t = torch.randn(full, generator=g, device=device) / full[-1] ** 0.5
         elif key.endswith("norm.weight"):
@@ -188,7 +178,7 @@ def official_state_dict(model: LTX2Model) -> dict[str, torch.Tensor]:
     if model.ctx.tp_size != 1:
         raise ValueError("official_state_dict needs an unsharded model (tp_size=1)")
     out = {}
-    for key, (param, _, shard, shape) in checkpoint_spec(model).items():
-        t = param.detach()
-        out[key] = (t.narrow(0, shard * shape[0], shape[0]) if shard is not None else t).clone()
+    for key, e in checkpoint_spec(model).items():
+        t = e.param.detach()
+        out[key] = (t.narrow(0, e.shard * e.shape[0], e.shape[0]) if e.shard is not None else t).clone()
     return out
