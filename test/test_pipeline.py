@@ -106,6 +106,19 @@ def test_cli_generate_and_bad_flags(tmp_path):
         assert r.returncode == 2 and msg in r.stderr, (flags, r.stderr)
 
 
+def test_cli_dit_checks_sizes_by_the_dits_rule(capsys):
+    """`ltx2-tp dit` runs the DiT alone: multiples of 32 (96 here), which the pipelines refuse (64)."""
+    from ltx2_tp.cli import main
+
+    for flags, msg in ((["--height", "48"], "--height: must be a positive multiple of 32, got 48"),
+                       (["--num-frames", "24"], "--num-frames: must be 8k+1")):
+        assert main(["dit", *flags]) == 2 and msg in capsys.readouterr().err
+    assert main(["dit", "--num-frames", "9", "--height", "96", "--width", "160", "--repeat", "1"]) == 0
+    assert "video latent (1, 30, 16)" in capsys.readouterr().out
+    with pytest.raises(RequestError, match="height: must be a multiple of 64"):
+        GenerationRequest(prompt="x", width=128, height=96, num_frames=9).validate()
+
+
 def _same_video(a_path, b_path):
     """Most frames bit-identical and PSNR >= 35 dB (see the torchrun test for why not all frames)."""
     a, b = (probe(p)[0].astype(float) for p in (a_path, b_path))
