@@ -56,7 +56,7 @@ def cmd_dit(args) -> int:
                                          seed=args.seed)
     if args.ffn_chunk_tokens or args.attn_chunk_tokens:
         plan = ExecutionPlan(args.ffn_chunk_tokens, args.attn_chunk_tokens, cache_rope=not args.attn_chunk_tokens)
-    else:  # what the model derives by itself for the tokens this rank holds
+    else:  # what the model derives by itself for the tokens an SP rank holds
         plan = model.execution_plan(video.latent.shape[1])
     times = []
     for _ in range(args.repeat):

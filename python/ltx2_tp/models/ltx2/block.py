@@ -154,11 +154,11 @@ class AVTransformerBlock(nn.Module):
         k, v = attn.kv(_modulate_prompt(st, prompt_table) if adaln else st.context)
 
         def branch(s, e):
-            if not adaln:
-                h = rms_norm(x[:, s:e], eps)
-                return attn.out_start(attention(attn.q(h), k, v, st.context_mask), attn.gates(h)), None
-            shift, scale, gate = ada_values(table, st.mod, s, e, slice(6, 9))
-            h = _modulate(x[:, s:e], eps, scale, shift)
+            if adaln:
+                shift, scale, gate = ada_values(table, st.mod, s, e, slice(6, 9))
+                h = _modulate(x[:, s:e], eps, scale, shift)
+            else:
+                h, gate = rms_norm(x[:, s:e], eps), None
             return attn.out_start(attention(attn.q(h), k, v, st.context_mask), attn.gates(h)), gate
 
         with nvtx_range("text_attention"):
