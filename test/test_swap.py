@@ -15,7 +15,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from ltx2_tp.compile import compile_blocks
 from ltx2_tp.layers.fp8 import quantize_fp8
 from ltx2_tp.memory.swap import (block_nbytes, build_swapped_model, device_nbytes, disable_block_swap,
-                                 enable_block_swap)
+                                 enable_block_swap, spread_blocks)
 from ltx2_tp.models.ltx2.lora import LoraWeights, lora_applied
 from ltx2_tp.models.ltx2.weights import build_model, checkpoint_spec, official_state_dict, save_checkpoint
 
@@ -143,6 +143,9 @@ def test_build_swapped_model_equals_resident(tmp_path):
     model = build_swapped_model(cfg, seed=4, resident_blocks=2)
     sd, rsd = official_state_dict(model), official_state_dict(ref)
     assert all(torch.equal(sd[k], rsd[k]) for k in rsd)
+    quantize_fp8(ref)  # fp8: built on the host, quantized there, then attached
+    _same(build_swapped_model(cfg, seed=4, resident_blocks=spread_blocks(2, LAYERS), fp8=True)(v, a), ref(v, a))
+    assert spread_blocks(2, LAYERS) == [0, 2] and spread_blocks(0, LAYERS) == [] and spread_blocks(5, 5) == [0, 1, 2, 3, 4]
 
 
 def test_lora_on_streamed_blocks(tmp_path):

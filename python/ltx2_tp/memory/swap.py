@@ -16,12 +16,14 @@ Ordering, on the GPU only (s_j: the j-th streamed block of a forward; slot j % s
   user (s_{j-slots}, or the last one of the previous forward) finished;
 - the compute stream waits on the copy's event before s_j runs.
 With 2 slots, s_{j+1}'s copy runs under s_j's compute; resident blocks between streamed ones give
-the copies more time. The host never waits, except for the reader thread of source="file".
+the copies more time. The host thread never waits for the GPU (with source="file" it waits
+for the reader thread when reading is slower than compute). Host copies are read while the
+forward runs: write a streamed block's home tensors only after synchronizing with its output.
 
-19B model (bf16; fp8 = quantize_fp8's block linears), one rank: a block holds 0.73 GB in bf16,
-0.37 GB in fp8 = 15.8 / 8.0 ms at 46.6 GB/s (pinned host->H100); 1920x1088x121 computes
-2.86 s / 48 = 60 ms per block, so both hide under compute there; at 768x512x121 (~7 ms a block
-compiled) neither does, and keeping blocks resident is what helps (device_nbytes for the planner).
+19B model, one rank (block_nbytes): a block streams 0.772 GB in bf16, 0.387 GB with quantize_fp8's
+linears = 16.6 / 8.3 ms at 46.6 GB/s (pinned host -> H100). 1920x1088x121 computes 2.86 s / 48 =
+60 ms per block, so both hide under compute; 768x512x121 compiled computes 7.2 ms per block, so
+neither does, and resident blocks (spread_blocks between the streamed ones) are what hide them.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import torch
 from torch import nn
 
 from ltx2_tp.distributed.context import SINGLE
+from ltx2_tp.layers.fp8 import quantize_fp8
 from ltx2_tp.memory.residency import ALL_RESIDENT, BlockResidency
 from ltx2_tp.models.ltx2.weights import _check, _load_one, _Source, build_model, checkpoint_spec
 
@@ -451,15 +454,39 @@ def disable_block_swap(model: nn.Module) -> None:
 def build_swapped_model(cfg, ctx=SINGLE, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
                         files: list[str] | None = None, state_dict: dict[str, torch.Tensor] | None = None,
                         plan=None, seed: int | None = None, resident_blocks: int | Iterable[int] = 0,
-                        source: str = "host", slots: int = 2) -> nn.Module:
+                        source: str = "host", slots: int = 2, fp8: bool = False) -> nn.Module:
     """build_model whose streamed blocks never exist on the device: they are materialised straight
     into pinned host memory (random weights are drawn on `device` one tensor at a time and copied
-    there, so a seed gives the resident model's weights), or left in the checkpoint (source="file")."""
+    there, so a seed gives the resident model's weights), or left in the checkpoint (source="file").
+    fp8: the blocks are built in ordinary host memory, quantized there (quantize_fp8, on the CPU),
+    then attached; the fp8 tensors are what streams."""
     if source == "file" and files is None:
         raise ValueError("source='file' needs files=[the safetensors checkpoint]")
+    if fp8:
+        if source != "host":
+            raise ValueError("fp8=True needs source='host': the checkpoint holds no fp8 tensors to stream")
+        model = build_model(cfg, ctx, device, dtype, files=files, state_dict=state_dict, plan=plan, seed=seed,
+                            place_blocks=_blocks_on_host)
+        quantize_fp8(model)
+        enable_block_swap(model, resident_blocks, "host", device=device, slots=slots)
+        return model
 
     def place(model: nn.Module, dev: torch.device) -> Collection[str]:
         return enable_block_swap(model, resident_blocks, source, files, dev, slots).file_keys
 
     return build_model(cfg, ctx, device, dtype, files=files, state_dict=state_dict, plan=plan, seed=seed,
                        place_blocks=place)
+
+
+def _blocks_on_host(model: nn.Module, device: torch.device) -> Collection[str]:
+    model.transformer_blocks.to_empty(device="cpu")
+    return ()
+
+
+def spread_blocks(k: int, num_blocks: int) -> list[int]:
+    """k block indices spread evenly from block 0 on. Resident blocks between streamed ones lengthen
+    the time a copy has (a streamed block's copy may start when the block two streamed blocks before
+    it ends), which matters where one copy takes longer than one block's compute."""
+    if not 0 <= k <= num_blocks:
+        raise ValueError(f"resident_blocks must be in [0, {num_blocks}] (the model's blocks), got {k}")
+    return sorted({i * num_blocks // k for i in range(k)}) if k else []
