@@ -146,7 +146,7 @@ def _to_device(block: nn.Module, device: torch.device) -> None:
 
 class HostBuffer:
     """Page-aligned host bytes, pinned with cudaHostRegister when `pin` (pin_memory()'s caching
-    allocator rounds every allocation up to a power of two: a 0.73 GB block would take 1 GiB)."""
+    allocator rounds every allocation up to a power of two: a 0.77 GB block would take 1.07 GB)."""
 
     def __init__(self, nbytes: int, pin: bool):
         size = -(-max(nbytes, 1) // PAGE) * PAGE
