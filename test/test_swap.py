@@ -204,8 +204,10 @@ def test_fp8_blocks_stream(tmp_path):
     cfg2, files = _checkpoint(tmp_path, torch.bfloat16)
     q = build_model(cfg2, files=files)
     quantize_fp8(q)
+    qv = q(v, a)
     with pytest.raises(ValueError, match="source='file' streams checkpoint tensors only"):
         enable_block_swap(q, 0, source="file", files=files)
+    _same(q(v, a), qv)  # the refusal left the model as it was
 
 
 def build_model_meta(cfg):

@@ -180,23 +180,29 @@ class _Copies:
         ev.record(torch.cuda.current_stream(self.device))
         return ev
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor, after) -> torch.cuda.Event | None:
-        """dst <- src on the side stream once event `after` has passed; returns the copy's event."""
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after, extras: list[torch.Tensor]):
+        """dst <- src on the side stream once event `after` has passed, then `extras` (small pinned
+        tensors: LoRA factors) to new device tensors; returns (the copies' event, the new tensors)."""
         if not self.cuda:
             dst.copy_(src)
-            return None
+            return None, [x.to(self.device) for x in extras]
         with torch.cuda.stream(self.stream):
             if after is not None:
                 self.stream.wait_event(after)
             dst.copy_(src, non_blocking=True)
+            moved = [x.to(self.device, non_blocking=True) for x in extras]
             ev = torch.cuda.Event()
             ev.record(self.stream)
-        return ev
+        return ev, moved
 
-    def wait(self, ev) -> None:
-        """The compute stream waits for `ev` (the host does not)."""
+    def wait(self, ev, used: list[torch.Tensor]) -> None:
+        """The compute stream waits for `ev` (the host does not) and will use `used`, allocated on
+        the side stream (record_stream: their memory is not reused before the compute stream is past them)."""
         if ev is not None:
-            torch.cuda.current_stream(self.device).wait_event(ev)
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(ev)
+            for x in used:
+                x.record_stream(compute)
 
     def host_wait(self, ev) -> None:
         if ev is not None:
@@ -237,72 +243,71 @@ class BlockSwap(BlockResidency):
         self.trace: list[tuple] | None = [] if trace else None
         self._copies = _Copies(self.device)
         pin = self._copies.cuda
+        # Everything is checked and allocated before the model is touched: a refusal or an
+        # allocation failure leaves it as it was.
+        self._entries: dict[int, list[Entry]] = {}
+        self._sizes: dict[int, int] = {}
+        for i in self.streamed:
+            self._entries[i], self._sizes[i] = block_layout(blocks[i])
+        self.block_nbytes = max(self._sizes.values(), default=0)
+        n_slots = slots if self.streamed else 0
+        self.file_keys: frozenset[str] = frozenset()
+        if source == "file":
+            self._plan_file_reads(model, files)
         with torch.inference_mode(False):  # views made here are ordinary tensors, whatever the caller's mode
-            for i in self.resident:
-                _to_device(blocks[i], self.device)
-            self._entries: dict[int, list[Entry]] = {}
-            self._tensors: dict[int, list[torch.Tensor]] = {}
-            self._home: dict[int, list[torch.Tensor]] = {}
-            self._master: dict[int, HostBuffer] = {}
-            sizes = {}
-            for i in self.streamed:
-                entries, sizes[i] = block_layout(blocks[i])
-                if source == "host":
-                    self._master[i] = HostBuffer(sizes[i], pin)
-                    home = _views(self._master[i].tensor, entries)
-                    tensors = []
-                    for e, h in zip(entries, home):
-                        t = e.current()
-                        if not t.is_meta:
-                            h.copy_(t)
-                        tensors.append(_set(e, t, h))
-                else:
-                    home = [_unloaded(e) for e in entries]
-                    tensors = [_set(e, e.current(), h) for e, h in zip(entries, home)]
-                self._entries[i], self._tensors[i], self._home[i] = entries, tensors, home
-            self.block_nbytes = max(sizes.values(), default=0)
-            self._sizes = sizes
-            n_slots = slots if self.streamed else 0
+            self._master = {i: HostBuffer(self._sizes[i], pin) for i in self.streamed} if source == "host" else {}
             self._slot_bufs = [torch.empty(self.block_nbytes, dtype=torch.uint8, device=self.device)
                                for _ in range(n_slots)]
+            self._staging = [HostBuffer(self.block_nbytes, pin) for _ in range(n_slots)] if source == "file" else []
             self._slot_views = {(i, s): _views(self._slot_bufs[s], self._entries[i])
                                 for i in self.streamed for s in range(n_slots)}
-            self._where = {id(t): (i, k) for i in self.streamed for k, t in enumerate(self._tensors[i])}
-            self.file_keys: frozenset[str] = frozenset()
-            if source == "file":
-                self._setup_file(model, files, n_slots, pin)
+            self._staging_views = {(i, s): _views(self._staging[s].tensor, self._entries[i])
+                                   for i in self.streamed for s in range(len(self._staging))}
+            for i in self.resident:
+                _to_device(blocks[i], self.device)
+            self._tensors: dict[int, list[torch.Tensor]] = {}
+            self._home: dict[int, list[torch.Tensor]] = {}
+            for i in self.streamed:
+                entries = self._entries[i]
+                if source == "host":
+                    self._home[i] = _views(self._master[i].tensor, entries)
+                    for e, h in zip(entries, self._home[i]):
+                        if not e.current().is_meta:
+                            h.copy_(e.current())
+                else:
+                    self._home[i] = [_unloaded(e) for e in entries]
+                self._tensors[i] = [_set(e, e.current(), h) for e, h in zip(entries, self._home[i])]
+        self._where = {id(t): (i, k) for i in self.streamed for k, t in enumerate(self._tensors[i])}
         self.device_nbytes = sum(block_nbytes(blocks[i]) for i in self.resident) + n_slots * self.block_nbytes
-        self.host_nbytes = sum(sizes.values()) if source == "host" else n_slots * self.block_nbytes
+        self.host_nbytes = sum(self._sizes.values()) if source == "host" else n_slots * self.block_nbytes
         self._deltas: dict[int, list[tuple]] = {}
         self._slot_free: list[tuple] = [(None, None)] * n_slots  # (event, block that recorded it)
-        self._pending: dict[int, object] = {}  # streamed position -> copy event, or the reader's Future of it
+        self._staging_free = [None] * n_slots  # source="file": event of each staging buffer's last copy
+        self._pending: dict[int, object] = {}  # streamed position -> (copy event, LoRA factors), or a Future of it
         self._issued = self._done = 0
         self._last = len(blocks)
         self._executor: ThreadPoolExecutor | None = None
 
-    def _setup_file(self, model: nn.Module, files: list[str], n_slots: int, pin: bool) -> None:
-        """Which checkpoint key fills which tensor of which streamed block, and the staging buffers."""
+    def _plan_file_reads(self, model: nn.Module, files: list[str]) -> None:
+        """Which checkpoint key (and loader) fills which tensor of which streamed block."""
         self._src = _Source(files=files)
         spec = checkpoint_spec(model)
         _check(spec, self._src)
+        where = {id(e.current()): (i, k) for i in self.streamed for k, e in enumerate(self._entries[i])}
         self._keys: dict[int, list[tuple]] = {i: [] for i in self.streamed}
         covered = set()
         for key, (param, loader, shard, _) in spec.items():
-            where = self._where.get(id(param))
-            if where is not None:
-                self._keys[where[0]].append((key, where[1], loader, shard))
-                covered.add(where)
+            if id(param) in where:
+                i, k = where[id(param)]
+                self._keys[i].append((key, k, loader, shard))
+                covered.add((i, k))
         for i in self.streamed:
             for k, e in enumerate(self._entries[i]):
                 if (i, k) not in covered and e.nbytes:
                     raise ValueError(f"source='file' streams checkpoint tensors only, and block {i}'s {e.name} "
                                      f"({type(e.module).__name__}) is not one (fp8 weights made by quantize_fp8?): "
                                      f"use source='host'")
-        self.file_keys = frozenset(k for i in self.streamed for k, *_ in self._keys[i])
-        self._staging = [HostBuffer(self.block_nbytes, pin) for _ in range(n_slots)]
-        self._staging_views = {(i, s): _views(self._staging[s].tensor, self._entries[i])
-                               for i in self.streamed for s in range(n_slots)}
-        self._staging_free = [None] * n_slots
+        self.file_keys = frozenset(key for i in self.streamed for key, *_ in self._keys[i])
 
     # ---- the protocol the model calls ----------------------------------------------------------
     @contextlib.contextmanager
@@ -317,9 +322,8 @@ class BlockSwap(BlockResidency):
             return
         slot = j % self.slots
         ready = self._pending.pop(j)
-        if isinstance(ready, Future):
-            ready = ready.result()
-        self._copies.wait(ready)
+        ready, extras = ready.result() if isinstance(ready, Future) else ready
+        self._copies.wait(ready, extras)
         tensors, views = self._tensors[i], self._slot_views[(i, slot)]
         for e, t in zip(self._entries[i], tensors):
             if e.current() is not t:
@@ -330,7 +334,8 @@ class BlockSwap(BlockResidency):
         self._log("run", i, slot)
         try:
             for k, delta, inputs in self._deltas.get(i, ()):  # a fused LoRA, added to this copy only
-                views[k].add_(delta(*(x.to(self.device, non_blocking=True) for x in inputs)))
+                views[k].add_(delta(*extras[:len(inputs)]))
+                del extras[:len(inputs)]
             yield
         finally:
             self._slot_free[slot] = (self._copies.record(), i)
@@ -375,7 +380,8 @@ class BlockSwap(BlockResidency):
     def _copy_in(self, i: int, slot: int, src: torch.Tensor):
         after, after_block = self._slot_free[slot]
         self._log("copy", i, slot, after_block)
-        return self._copies.copy(self._slot_bufs[slot][:src.numel()], src, after)
+        extras = [x for _, _, inputs in self._deltas.get(i, ()) for x in inputs]
+        return self._copies.copy(self._slot_bufs[slot][:src.numel()], src, after, extras)
 
     def _read_in(self, i: int, slot: int):
         """Reader thread: block i from the checkpoint into staging buffer `slot`, then its copy."""
@@ -384,9 +390,9 @@ class BlockSwap(BlockResidency):
             views = self._staging_views[(i, slot)]
             for key, k, loader, shard in self._keys[i]:
                 _load_one((views[k], loader, shard, None), self._src.get(key))
-            ev = self._copy_in(i, slot, self._staging[slot].tensor[:self._sizes[i]])
-            self._staging_free[slot] = ev
-            return ev
+            ready = self._copy_in(i, slot, self._staging[slot].tensor[:self._sizes[i]])
+            self._staging_free[slot] = ready[0]
+            return ready
 
     def _reader(self) -> ThreadPoolExecutor:
         if self._executor is None:
