@@ -7,6 +7,9 @@ weights on the GPU), timed eager (and compiled per block with --compile-ref), pr
 move to host memory and it is freed; ours is built from those exact weights, timed, profiled, and
 its outputs are compared with ltx-core's (bf16, relative max error).
 Reports s/step (median), peak GiB, achieved TFLOP/s (common.step_flops) and the ratios.
+--resident-blocks K times each of ours' runs again with the blocks not kept resident streamed from
+pinned host memory (memory/swap.py; benchmark/bench_swap.py does this without ltx-core), and
+--memory-fraction F caps the process (torch.cuda.set_per_process_memory_fraction; ltx-core too).
 """
 
 from __future__ import annotations
