@@ -7,6 +7,9 @@ weights on the GPU), timed eager (and compiled per block with --compile-ref), pr
 move to host memory and it is freed; ours is built from those exact weights, timed, profiled, and
 its outputs are compared with ltx-core's (bf16, relative max error).
 Reports s/step (median), peak GiB, achieved TFLOP/s (common.step_flops) and the ratios.
+--resident-blocks K times each of ours' runs again with the blocks not kept resident streamed from
+pinned host memory (memory/swap.py; benchmark/bench_swap.py does this without ltx-core), and
+--memory-fraction F caps the process (torch.cuda.set_per_process_memory_fraction; ltx-core too).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from common import (_sync, build_ltx_core_gpu, case_tokens, peak_gib, rel, reset
                     median, run_ltx_core, step_flops, summary_markdown, write_json)
 
 from ltx2_tp.memory.plan import ExecutionPlan  # noqa: E402
+from ltx2_tp.memory.swap import disable_block_swap, enable_block_swap, spread_blocks  # noqa: E402
 from ltx2_tp.models.ltx2.config import get_config  # noqa: E402
 from ltx2_tp.models.ltx2.weights import build_model  # noqa: E402
 from ltx2_tp.step_inputs import synthetic_step_inputs  # noqa: E402
@@ -64,6 +68,34 @@ def chunk_check(model, v, a, unchunked_out, r: dict, kind: str, args) -> None:
           flush=True)
 
 
+def swap_check(model, inputs, cases, kind: str, resident_out: dict, results: dict, args) -> None:
+    """Time the same steps with blocks streamed from pinned host memory (--resident-blocks), against
+    the resident `kind` run: ratio, peak, and bit-equality of the output (the same kernels read the
+    same bytes)."""
+    k = args.resident_blocks
+    n = len(model.transformer_blocks)
+    swap = enable_block_swap(model, spread_blocks(int(k[:-1]), n) if k.endswith("s") else int(k))
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    for w, h, f in cases:
+        v, a = inputs(w, h, f)
+        model.plan = plan_for(v.latent.shape[1], model.cfg.inner_dim) if args.plan == "auto" else ExecutionPlan()
+        reset_peak()
+        times = cuda_time(lambda: model(v, a), 2 if args.compile and kind != "eager" else 1, args.repeat)
+        out = [t.float().cpu() for t in model(v, a)]
+        r = results["cases"][f"{w}x{h}x{f}"]
+        base = r[f"ours_{kind}_s"]
+        r.update({f"ours_{kind}_swap_s": median(times), f"{kind}_swap_vs_resident": median(times) / base,
+                  f"ours_{kind}_swap_peak_gib": peak_gib(), f"{kind}_swap_streamed_blocks": len(swap.streamed),
+                  f"{kind}_swap_bit_equal": all(torch.equal(o, q) for o, q in zip(out, resident_out[(kind, w, h, f)]))})
+        print(f"ours {kind} with {len(swap.streamed)} of {n} blocks streamed {w}x{h}x{f}: {median(times):.3f} s/step, "
+              f"{median(times) / base:.3f}x resident, peak {peak_gib():.1f} GiB, "
+              f"bit-equal to resident {r[f'{kind}_swap_bit_equal']}", flush=True)
+        del v, a
+    disable_block_swap(model)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="ltx-2-19b")
@@ -84,9 +116,16 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--layers", type=int, default=None, help="fewer blocks (quick checks)")
     ap.add_argument("--device", default="cuda", help="cpu only for smoke tests of this script (with --model tiny)")
+    ap.add_argument("--resident-blocks", default=None, metavar="K",
+                    help="after each of ours' runs (eager, compiled, fp8), time it again with blocks streamed from "
+                         "pinned host memory: K first blocks resident, Ks K spread evenly, 0 every block streamed")
+    ap.add_argument("--memory-fraction", type=float, default=None, metavar="F",
+                    help="cap this process's GPU memory (torch.cuda.set_per_process_memory_fraction)")
     args = ap.parse_args()
 
     dev = torch.device(args.device)
+    if args.memory_fraction is not None and dev.type == "cuda":
+        torch.cuda.set_per_process_memory_fraction(args.memory_fraction, dev)
     dtype = torch.bfloat16
     cfg = get_config(args.model)
     if args.layers:
@@ -96,7 +135,8 @@ def main():
     stamp = f"{name} | {datetime.date.today()} | torch {torch.__version__}"
     cmd = "python " + " ".join(sys.argv)
     results = {"device": name, "date": str(datetime.date.today()), "command": cmd,
-               "torch": torch.__version__, "model": args.model, "cases": {}}
+               "torch": torch.__version__, "model": args.model, "memory_fraction": args.memory_fraction, "cases": {}}
+    ours_out = {}  # (kind, w, h, f) -> ours' resident output, for --resident-blocks
 
     def inputs(w, h, f):
         return synthetic_step_inputs(cfg, f, h, w, 24.0, dev, dtype, seed=1)
@@ -156,12 +196,15 @@ def main():
                  plan=plan.describe(), rel_err_video_vs_ltx_core=rel(ov, rv), rel_err_audio_vs_ltx_core=rel(oa, ra))
         print(f"ours eager {w}x{h}x{f}: {median(times):.3f} s/step [{plan.describe()}] "
               f"rel err video {r['rel_err_video_vs_ltx_core']:.2e} audio {r['rel_err_audio_vs_ltx_core']:.2e}", flush=True)
+        ours_out[("eager", w, h, f)] = [ov.float().cpu(), oa.float().cpu()]
         if args.chunk_check:
             chunk_check(model, v, a, (ov, oa), r, "eager", args)
         if args.profile_case == f"{w}x{h}x{f}":
             profile_step(lambda: model(v, a, plan=plan), Path(args.profile_dir) / f"ours_eager_{w}x{h}x{f}.md",
                          f"ltx2_tp eager, one DiT step {w}x{h}x{f}", f"torch.profiler (CUPTI) | {stamp} | `{cmd}`")
         del v, a
+    if args.resident_blocks is not None:
+        swap_check(model, inputs, cases, "eager", ours_out, results, args)
     if args.compile and not args.fp8_first:
         from ltx2_tp.compile import compile_blocks
 
@@ -174,12 +217,16 @@ def main():
             r = results["cases"][f"{w}x{h}x{f}"]
             r.update(ours_compiled_s=median(times), ours_compiled_peak_gib=peak_gib())
             print(f"ours compiled {w}x{h}x{f}: {median(times):.3f} s/step", flush=True)
+            if args.resident_blocks is not None:
+                ours_out[("compiled", w, h, f)] = [t.float().cpu() for t in model(v, a)]
             if args.chunk_check:
                 chunk_check(model, v, a, model(v, a, plan=plan), r, "compiled", args)
             if args.profile_case == f"{w}x{h}x{f}":
                 profile_step(lambda: model(v, a, plan=plan), Path(args.profile_dir) / f"ours_compiled_{w}x{h}x{f}.md",
                              f"ltx2_tp compiled blocks, one DiT step {w}x{h}x{f}",
                              f"torch.profiler (CUPTI) | {stamp} | `{cmd}`")
+        if args.resident_blocks is not None:
+            swap_check(model, inputs, cases, "compiled", ours_out, results, args)
 
     if args.fp8:  # after bf16: same model, its block linears quantized in place
         from ltx2_tp.layers.fp8 import quantize_fp8
@@ -201,6 +248,7 @@ def main():
             r = results["cases"][f"{w}x{h}x{f}"]
             r.update(ours_fp8_s=median(times), ours_fp8_peak_gib=peak_gib(), fp8_linears=n,
                      fp8_rel_err_video_vs_ltx_core=rel(ov, rv), fp8_rel_err_audio_vs_ltx_core=rel(oa, ra))
+            ours_out[("fp8", w, h, f)] = [ov.float().cpu(), oa.float().cpu()]
             r["fp8_speedup_vs_eager"] = r["ltx_core_eager_s"] / r["ours_fp8_s"]
             if r.get("ltx_core_compiled_s"):
                 r["fp8_speedup_vs_compiled"] = r["ltx_core_compiled_s"] / r["ours_fp8_s"]
@@ -213,6 +261,8 @@ def main():
                 profile_step(lambda: model(v, a, plan=plan), Path(args.profile_dir) / f"ours_fp8_{w}x{h}x{f}.md",
                              f"ltx2_tp fp8 linears, one DiT step {w}x{h}x{f}", f"torch.profiler (CUPTI) | {stamp} | `{cmd}`")
             del v, a
+        if args.resident_blocks is not None:
+            swap_check(model, inputs, cases, "fp8", ours_out, results, args)
 
     # ---- table -----------------------------------------------------------------------------
     print(f"\n{stamp}\n| case | tokens | ltx-core eager s | ltx-core compiled s | ours s | ours compiled s | "

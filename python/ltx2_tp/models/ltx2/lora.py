@@ -7,16 +7,20 @@ tensors is kept on the CPU meanwhile), so no second 35 GiB model is ever built.
 
 Fusion matches ltx-core's `fuse_loras`: delta = (B * strength) @ A in the LoRA's dtype, cast to
 the weight's dtype, then added to the weight. Under TP each rank adds only its shard: the delta
-goes through the parameter's own weight loader (the same one the checkpoint used).
+goes through the parameter's own weight loader (the same one the checkpoint used). A block
+streamed by block swap (memory/swap.py) keeps its home copy untouched: the delta is added to the
+device copy each time the block is streamed in (same arithmetic, so the same bits as resident).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
+from ltx2_tp.memory.residency import ALL_RESIDENT
 from ltx2_tp.models.ltx2.weights import COMFY_PREFIX, checkpoint_spec
 
 LORA_PREFIXES = ("diffusion_model.", COMFY_PREFIX)
@@ -68,18 +72,29 @@ def lora_applied(model: torch.nn.Module, lora: LoraWeights | None):
         if method is not None and not method.supports_lora:
             raise ValueError(f"the distilled LoRA cannot be fused into {key}, stored by {type(method).__name__}: "
                              "fuse it before quantize_fp8")
+    residency = getattr(model, "residency", ALL_RESIDENT)
     saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     try:
         for key, (a, b) in lora.pairs.items():
             param, loader, shard = spec[key].param, spec[key].loader, spec[key].shard
+            delta = partial(_local_delta, param, loader, shard, lora.strength)
+            if residency.add_delta(param, delta, (a, b)):  # a streamed block: added to each copy it gets
+                continue
             if id(param) not in saved:
                 saved[id(param)] = (param, param.detach().to("cpu", copy=True))
-            dev = param.device
-            delta = torch.matmul(b.to(dev) * lora.strength, a.to(dev)).to(param.dtype)
-            local = torch.zeros_like(param)  # the loader writes this rank's shard; the rest stays 0
-            loader(local, delta, shard) if shard is not None else loader(local, delta)
-            param.add_(local)
+            param.add_(delta(a.to(param.device), b.to(param.device)))
         yield
     finally:
+        residency.clear_deltas()
         for param, original in saved.values():
             param.copy_(original.to(param.device))
+
+
+def _local_delta(param: torch.Tensor, loader, shard: int | None, strength: float, a: torch.Tensor,
+                 b: torch.Tensor) -> torch.Tensor:
+    """(B * strength) @ A in the weight's dtype, on a's device: this rank's shard of it at its place
+    (the loader writes it), zeros elsewhere."""
+    delta = torch.matmul(b * strength, a).to(param.dtype)
+    local = torch.zeros(param.shape, dtype=param.dtype, device=a.device)
+    loader(local, delta, shard) if shard is not None else loader(local, delta)
+    return local

@@ -22,6 +22,7 @@ from ltx2_tp.latent_grid import tokens_per_rank
 from ltx2_tp.layers.adaln import AdaLayerNormSingle, TokenModulation
 from ltx2_tp.layers.rope import RopeSpec, StreamRope
 from ltx2_tp.memory.plan import ExecutionPlan, PlanRule, token_chunks
+from ltx2_tp.memory.residency import ALL_RESIDENT
 from ltx2_tp.models.ltx2.block import AVTransformerBlock, StreamState
 from ltx2_tp.models.ltx2.config import LTX2Config
 from ltx2_tp.models.ltx2.inputs import Modality, as_perturbations
@@ -73,6 +74,7 @@ class LTX2Model(nn.Module):
             self.av_ca_a2v_gate_adaln_single = AdaLayerNormSingle(cfg.inner_dim, 1)
             self.av_ca_v2a_gate_adaln_single = AdaLayerNormSingle(cfg.audio_inner_dim, 1)
         self.transformer_blocks = nn.ModuleList(AVTransformerBlock(i, cfg, ctx) for i in range(cfg.num_layers))
+        self.residency = ALL_RESIDENT  # memory/swap.py's enable_block_swap streams blocks in instead
 
     # ---------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -93,8 +95,9 @@ class LTX2Model(nn.Module):
                 v = self._prepare("video", video, audio, SequenceLayout.for_context(video.latent.shape[1], self.ctx), plan)
             if audio is not None:  # 25 tokens/s: whole on every rank
                 a = self._prepare("audio", audio, video, SequenceLayout.whole(audio.latent.shape[1]), plan)
-            for block in self.transformer_blocks:
-                block(v, a, pert, plan)
+            for i, block in enumerate(self.transformer_blocks):
+                with self.residency.loaded(i):
+                    block(v, a, pert, plan)
             vx = self._output("video", v, plan) if v is not None else None
             ax = self._output("audio", a, plan) if a is not None else None
         return vx, ax

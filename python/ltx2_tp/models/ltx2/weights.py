@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 
 import torch
@@ -101,13 +101,15 @@ def _check(spec, src: _Source) -> None:
 
 
 def load_weights(model: LTX2Model, state_dict: dict[str, torch.Tensor] | None = None,
-                 files: list[str] | None = None) -> None:
-    """Fill `model` (already materialised) from a state dict or safetensors files."""
+                 files: list[str] | None = None, skip: Collection[str] = ()) -> None:
+    """Fill `model` (already materialised) from a state dict or safetensors files; the keys in
+    `skip` are checked but not read (block swap reads them from the file at each use)."""
     src = _Source(state_dict, files)
     spec = checkpoint_spec(model)
     _check(spec, src)
     for key, entry in spec.items():
-        _load_one(entry, src.get(key))
+        if key not in skip:
+            _load_one(entry, src.get(key))
 
 
 @torch.no_grad()
@@ -134,23 +136,40 @@ def read_checkpoint_config(files: list[str]) -> dict | None:
 def build_model(cfg: LTX2Config, ctx: ParallelContext = SINGLE, device: str | torch.device = "cpu",
                 dtype: torch.dtype = torch.bfloat16, files: list[str] | None = None,
                 state_dict: dict[str, torch.Tensor] | None = None, plan_rule: PlanRule | None = None,
-                seed: int | None = None) -> LTX2Model:
-    """Meta-device construction, then materialise: from a checkpoint, or seeded random weights."""
+                seed: int | None = None,
+                place_blocks: Callable[[LTX2Model, torch.device], Collection[str]] | None = None) -> LTX2Model:
+    """Meta-device construction, then materialise: from a checkpoint, or seeded random weights.
+
+    `place_blocks(model, device)` materialises the transformer blocks itself (memory/swap.py:
+    streamed blocks straight into pinned host memory) and returns the checkpoint keys it reads
+    at run time instead of now."""
     with torch.device("meta"):
         model = LTX2Model(cfg, ctx, plan_rule)
-    model = model.to(dtype=dtype).to_empty(device=device).eval()
-    if files is not None or state_dict is not None:
-        load_weights(model, state_dict=state_dict, files=files)
+    model = model.to(dtype=dtype)
+    device = torch.device(device)
+    lazy: Collection[str] = ()
+    if place_blocks is None:
+        model.to_empty(device=device)
     else:
-        init_random(model, seed if seed is not None else 0)
+        model.to_empty(device=device, recurse=False)
+        for name, child in model.named_children():
+            if name != "transformer_blocks":
+                child.to_empty(device=device)
+        lazy = place_blocks(model, device)
+    model.eval()
+    if files is not None or state_dict is not None:
+        load_weights(model, state_dict=state_dict, files=files, skip=lazy)
+    else:
+        init_random(model, seed if seed is not None else 0, device=device)
     return model
 
 
-def init_random(model: LTX2Model, seed: int, std: float = 0.02) -> None:
+def init_random(model: LTX2Model, seed: int, std: float = 0.02, device: torch.device | None = None) -> None:
     """Seeded random weights, identical on every TP rank: each checkpoint tensor is drawn at full
-    size on the model's device (one tensor at a time) and passed through the same loaders as a
-    checkpoint. The values depend on the device type (CPU and CUDA generators differ)."""
-    device = next(model.parameters()).device
+    size on `device` (default: the model's; one tensor at a time) and passed through the same loaders
+    as a checkpoint, so a tensor kept elsewhere (a streamed block in host memory) gets the same values.
+    The values depend on the device type (CPU and CUDA generators differ)."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
     g = torch.Generator(device=device).manual_seed(seed)
     spec = checkpoint_spec(model)
     for key, entry in spec.items():
