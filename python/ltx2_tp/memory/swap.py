@@ -41,6 +41,7 @@ from torch import nn
 from ltx2_tp.distributed.context import SINGLE
 from ltx2_tp.layers.fp8 import quantize_fp8
 from ltx2_tp.memory.residency import ALL_RESIDENT, BlockResidency
+from ltx2_tp.layers.weight_loading import CheckpointEntry
 from ltx2_tp.models.ltx2.weights import _check, _load_one, _Source, build_model, checkpoint_spec
 
 ALIGN = 512  # bytes: every tensor of a flat block starts here (cuBLAS / _scaled_mm need 16)
@@ -291,6 +292,12 @@ class BlockSwap(BlockResidency):
     def _plan_file_reads(self, model: nn.Module, files: list[str]) -> None:
         """Which checkpoint key (and loader) fills which tensor of which streamed block."""
         self._src = _Source(files=files)
+        for i in self.streamed:  # quantized in memory (quantize_fp8): the file holds other tensors
+            for e in self._entries[i]:
+                if e.current().dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                    raise ValueError(f"source='file' streams checkpoint tensors only, and block {i}'s {e.name} "
+                                     f"({type(e.module).__name__}) is not one (fp8 weights made by quantize_fp8?): "
+                                     f"use source='host'")
         spec = checkpoint_spec(model)
         _check(spec, self._src)
         where = {id(e.current()): (i, k) for i in self.streamed for k, e in enumerate(self._entries[i])}
@@ -389,7 +396,7 @@ class BlockSwap(BlockResidency):
             self._copies.host_wait(self._staging_free[slot])  # the staging buffer's last copy is done
             views = self._staging_views[(i, slot)]
             for key, k, loader, shard in self._keys[i]:
-                _load_one((views[k], loader, shard, None), self._src.get(key))
+                _load_one(CheckpointEntry(views[k], loader, shard, None), self._src.get(key))
             ready = self._copy_in(i, slot, self._staging[slot].tensor[:self._sizes[i]])
             self._staging_free[slot] = ready[0]
             return ready
@@ -419,7 +426,7 @@ class BlockSwap(BlockResidency):
                     for t, e in zip(self._tensors[i], self._entries[i]):
                         t.data = torch.empty(e.shape, dtype=e.dtype, device=self.device)
                     for key, k, loader, shard in self._keys[i]:
-                        _load_one((self._tensors[i][k], loader, shard, None), self._src.get(key))
+                        _load_one(CheckpointEntry(self._tensors[i][k], loader, shard, None), self._src.get(key))
         if self._executor is not None:
             self._executor.shutdown()
         self._deltas, self._slot_bufs, self._slot_views, self._master = {}, [], {}, {}
@@ -459,7 +466,7 @@ def disable_block_swap(model: nn.Module) -> None:
 
 def build_swapped_model(cfg, ctx=SINGLE, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
                         files: list[str] | None = None, state_dict: dict[str, torch.Tensor] | None = None,
-                        plan=None, seed: int | None = None, resident_blocks: int | Iterable[int] = 0,
+                        plan_rule=None, seed: int | None = None, resident_blocks: int | Iterable[int] = 0,
                         source: str = "host", slots: int = 2, fp8: bool = False) -> nn.Module:
     """build_model whose streamed blocks never exist on the device: they are materialised straight
     into pinned host memory (random weights are drawn on `device` one tensor at a time and copied
@@ -471,7 +478,7 @@ def build_swapped_model(cfg, ctx=SINGLE, device: str | torch.device = "cpu", dty
     if fp8:
         if source != "host":
             raise ValueError("fp8=True needs source='host': the checkpoint holds no fp8 tensors to stream")
-        model = build_model(cfg, ctx, device, dtype, files=files, state_dict=state_dict, plan=plan, seed=seed,
+        model = build_model(cfg, ctx, device, dtype, files=files, state_dict=state_dict, plan_rule=plan_rule, seed=seed,
                             place_blocks=_blocks_on_host)
         quantize_fp8(model)
         enable_block_swap(model, resident_blocks, "host", device=device, slots=slots)
@@ -480,7 +487,7 @@ def build_swapped_model(cfg, ctx=SINGLE, device: str | torch.device = "cpu", dty
     def place(model: nn.Module, dev: torch.device) -> Collection[str]:
         return enable_block_swap(model, resident_blocks, source, files, dev, slots).file_keys
 
-    return build_model(cfg, ctx, device, dtype, files=files, state_dict=state_dict, plan=plan, seed=seed,
+    return build_model(cfg, ctx, device, dtype, files=files, state_dict=state_dict, plan_rule=plan_rule, seed=seed,
                        place_blocks=place)
 
 
