@@ -1,12 +1,15 @@
 """The fp8 attention path's bookkeeping in pure torch: the quantization of Q, K and V, and an
 emulation of the Triton kernel's blockwise online softmax (fp8_attention_kernel.py) on the same
-fp8-rounded operands, in fp32. CPU tests hold it against fp32 attention; the kernel is held
-against it (TRITON_INTERPRET on CPU, `benchmark/bench_attention.py --smoke` on the GPU).
+rounded operands, in fp32. CPU tests hold it against fp32 attention; the kernel is held against
+it (TRITON_INTERPRET on CPU, `benchmark/bench_attention.py --smoke` on the GPU).
 
 Layout in and out as attention_lse: q/k/v (B, N, H, d); out (B, Nq, H, d), lse (B, H, Nq) fp32,
 natural log of the sum of exp(q.k / sqrt(d)).
 
-Scales (e4m3: 3 mantissa bits, max 448, normals down to 2^-6, so ~2^15 of dynamic range per scale):
+Formats: Q and K in e4m3 (3 mantissa bits) or int8 (SageAttention's choice for QK: on random
+normal data its QK error is ~3x smaller than e4m3's at the same Hopper MMA rate); P and V in e4m3
+(`fp8_v`) or left in V's dtype.
+Scales:
 - Q: one per token and head (a row vector on the score tile: free in the kernel).
 - K: its per-head mean over the call's tokens is subtracted first (SageAttention's smoothing:
   q.(k - c) = q.k - q.c shifts every score of a query row alike, so softmax is unchanged; the LSE
@@ -16,6 +19,8 @@ Scales (e4m3: 3 mantissa bits, max 448, normals down to 2^-6, so ~2^15 of dynami
 - P (fp8_v): exp2(s - m + 8), i.e. P * 2^8 in [0, 256] (exact in e4m3), so probabilities down to
   2^-14 stay normal; the same factor is in the row sum, so it cancels.
 Scores are kept in log2 units (log2(e) / sqrt(d) folded into the Q scale), as the kernel's exp2.
+Rounding: e4m3 to nearest even, saturating at 448 (the GPU's cvt.satfinite); int8 as
+floor(x + 0.5), clamped to +-127 (one formula in kernel and reference).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import torch
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
+INT8_MAX = 127.0
 P_SHIFT = 8.0  # P is stored as P * 2^P_SHIFT (max 256: exact in e4m3, no saturation)
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -35,6 +41,16 @@ AMAX_MIN = 1e-12  # an all-zero row/block/channel gets a tiny scale instead of 0
 def to_fp8(x: torch.Tensor) -> torch.Tensor:
     """Round fp32 to e4m3 (nearest-even), saturating at +-448 as the GPU's cvt.satfinite does."""
     return x.clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def to_int8(x: torch.Tensor) -> torch.Tensor:
+    """Round fp32 (already within +-127) to int8: floor(x + 0.5), the kernel's formula."""
+    return torch.floor(x + 0.5).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+
+
+def _codes(x: torch.Tensor, amax: torch.Tensor, int8: bool) -> torch.Tensor:
+    """x / amax onto the format's grid: e4m3 over +-448 or int8 over +-127."""
+    return to_int8(x * INT8_MAX / amax) if int8 else to_fp8(x * FP8_MAX / amax)
 
 
 def score_scale(head_dim: int) -> float:
@@ -54,15 +70,16 @@ def v_shift_scale(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (lo + hi) * 0.5, ((hi - lo) * 0.5).clamp_min(AMAX_MIN) / FP8_MAX
 
 
-def quantize_q(q: torch.Tensor, sm_log2: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, N, H, d) -> e4m3 (B, H, N, d) and the per-token score scale (B, H, N) = q_scale * sm_log2."""
+def quantize_q(q: torch.Tensor, sm_log2: float, int8: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, N, H, d) -> codes (B, H, N, d) and the per-token score scale (B, H, N) = q_scale * sm_log2."""
+    qmax = INT8_MAX if int8 else FP8_MAX
     qf = q.float().transpose(1, 2)
     amax = qf.abs().amax(-1).clamp_min(AMAX_MIN)
-    return to_fp8(qf * FP8_MAX / amax[..., None]), amax * (sm_log2 / FP8_MAX)
+    return _codes(qf, amax[..., None], int8), amax * (sm_log2 / qmax)
 
 
-def quantize_k(k: torch.Tensor, mean: torch.Tensor, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, N, H, d) minus `mean` -> e4m3 (B, H, Np, d), Np = N padded to block_n with zero rows,
+def quantize_k(k: torch.Tensor, mean: torch.Tensor, block_n: int, int8: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, N, H, d) minus `mean` -> codes (B, H, Np, d), Np = N padded to block_n with zero rows,
     and one scale per block (B, H, Np / block_n)."""
     b, n, h, d = k.shape
     npad = -(-n // block_n) * block_n
@@ -70,8 +87,8 @@ def quantize_k(k: torch.Tensor, mean: torch.Tensor, block_n: int) -> tuple[torch
     ks[:, :, :n] = k.float().transpose(1, 2) - mean[:, :, None]
     blocks = ks.view(b, h, npad // block_n, block_n, d)
     amax = blocks.abs().amax((-1, -2)).clamp_min(AMAX_MIN)
-    k8 = to_fp8(blocks * FP8_MAX / amax[..., None, None]).view(b, h, npad, d)
-    return k8, amax / FP8_MAX
+    codes = _codes(blocks, amax[..., None, None], int8).view(b, h, npad, d)
+    return codes, amax / (INT8_MAX if int8 else FP8_MAX)
 
 
 def quantize_v(v: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, block_n: int) -> torch.Tensor:
@@ -86,17 +103,17 @@ def quantize_v(v: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, block_
 
 
 def fp8_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_n: int = 128,
-                            fp8_v: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                            fp8_v: bool = True, qk_int8: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel's arithmetic, step by step, in fp32 on CPU or GPU tensors.
 
-    fp8_v=False: P and V stay in V's dtype (bf16), only Q.K^T is fp8.
+    fp8_v=False: P and V stay in V's dtype (bf16), only Q.K^T is quantized.
     """
     b, nq, h, d = q.shape
     nk = k.shape[1]
     sm_log2 = score_scale(d)
-    q8, rs = quantize_q(q, sm_log2)
+    q8, rs = quantize_q(q, sm_log2, qk_int8)
     mean = k_mean(k)
-    k8, ks = quantize_k(k, mean, block_n)
+    k8, ks = quantize_k(k, mean, block_n, qk_int8)
     qc = torch.einsum("bnhd,bhd->bhn", q.float(), mean) * sm_log2  # the smoothing's share of each score
     if fp8_v:
         shift, vscale = v_shift_scale(v)
@@ -130,15 +147,15 @@ def fp8_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b
 
 
 def dequantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_n: int = 128,
-                          fp8_v: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                          fp8_v: bool = True, qk_int8: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense fp32 softmax attention on the dequantized operands (no blockwise loop, P unrounded):
     what the kernel computes up to the rounding of P (fp8_v) and the order of fp32 sums."""
     b, nq, h, d = q.shape
     nk = k.shape[1]
     sm_log2 = score_scale(d)
-    q8, rs = quantize_q(q, sm_log2)
+    q8, rs = quantize_q(q, sm_log2, qk_int8)
     mean = k_mean(k)
-    k8, ks = quantize_k(k, mean, block_n)
+    k8, ks = quantize_k(k, mean, block_n, qk_int8)
     kd = (k8.float().view(b, h, -1, block_n, d) * ks[..., None, None]).view(b, h, -1, d)[:, :, :nk]
     s2 = (q8.float() * rs[..., None]) @ kd.transpose(-1, -2)  # log2 units
     s2 = s2 + (torch.einsum("bnhd,bhd->bhn", q.float(), mean) * sm_log2)[..., None]
