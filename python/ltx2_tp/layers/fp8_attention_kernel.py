@@ -11,7 +11,7 @@ Four launches per call, all counted in the measured speed (benchmark/bench_atten
    attention kernel's Q tile stays in shared memory as the MMA's A operand: quantized in the
    kernel's prologue it lived in registers and was re-read from shared memory every tile.
 2. `_quant_k`: K minus its per-head mean (torch, one read) -> codes, one scale per BLOCK_N keys.
-3. `_pack_v`: V -> e4m3 per channel (midrange shift from torch.aminmax, one read), stored
+3. `_pack_v`: V minus its channel means -> e4m3 per channel (torch mean + aminmax), stored
    transposed (d, N): Hopper's 8-bit wgmma takes its B operand k-major only, and P.V contracts
    over tokens. With fp8_v=False V is only repacked (padded), so both paths load tiles alike.
 4. `_attn_fwd`: one program per (BLOCK_M queries, batch x head): online softmax over the K/V
