@@ -46,12 +46,14 @@ from ltx2_tp.layers import attention_backend as ab  # noqa: E402
 from ltx2_tp.layers.fp8_attention import FORMATS, kernel_config, unavailable_reason  # noqa: E402
 from ltx2_tp.layers.fp8_attention_ref import fp8_attention_reference  # noqa: E402
 
-# candidate (block_m, block_n, num_warps, num_stages, tma) per P.V format: 64-row tiles with 4 warps
-# fit 2-3 CTAs per SM (~175 registers, 57-74 KB shared), whose softmax and MMAs then overlap;
-# 128-row tiles with 8 warps, 1 CTA per SM, read each K/V tile for twice the rows
+# candidate (block_m, block_n, num_warps, num_stages, tma[, maxnreg]) per P.V format. Triton 3.6
+# waits for each wgmma right after issuing it, so a CTA's softmax and MMAs do not overlap; 64-row
+# tiles with 4 warps fit 2-3 CTAs per SM (sm_90 compile: 139-186 registers, 57-107 KB shared;
+# maxnreg 168 makes 3 fit), which then overlap each other. 128-row tiles with 8 warps (1 CTA per
+# SM) read each K/V tile for twice the rows (half the L2 traffic per FLOP).
 SWEEP_FP8_V = [(128, 128, 8, 2, 1), (128, 128, 8, 3, 1), (128, 64, 8, 3, 1), (64, 128, 4, 2, 1),
-               (64, 128, 4, 3, 1), (64, 64, 4, 3, 1), (64, 64, 4, 4, 1), (128, 128, 8, 2, 0)]
-SWEEP_BF16_V = [(128, 64, 8, 3, 1), (128, 128, 8, 2, 1), (64, 64, 4, 3, 1)]
+               (64, 128, 4, 2, 1, 168), (64, 128, 4, 3, 1), (64, 64, 4, 3, 1), (64, 64, 4, 4, 1), (128, 128, 8, 2, 0)]
+SWEEP_BF16_V = [(128, 64, 8, 3, 1), (128, 128, 8, 2, 1), (64, 64, 4, 2, 1), (64, 64, 4, 3, 1)]
 
 
 def interpreted() -> bool:
@@ -81,7 +83,7 @@ class Runner:
             ab._BACKEND = "auto"
 
     def config(self, t):
-        return self.fk.KernelConfig(*t[:4], bool(t[4])) if self.kernel else t
+        return self.fk.KernelConfig(*t[:4], bool(t[4]), t[5] if len(t) > 5 else None) if self.kernel else t
 
     def quantized(self, q, k, v, fmt: str, cfg):
         qk_int8, fp8_v = FORMATS[fmt]
@@ -238,15 +240,23 @@ def sweep(run: Runner, dev, n: int, h: int, d: int, formats, reps: int) -> tuple
                 del out
                 ms = 1e3 * min(run.time(lambda: run.quantized(q, k, v, fmt, cfg), 1, reps))
                 ok = math.isfinite(e["rel_rms"]) and e["rel_rms"] <= 1.25 * emu[t[1]] + 2e-3
-                results[key] = {"ms": ms, "compile_s": compile_s, "vs_cudnn": e, "emulation_vs_cudnn": emu[t[1]],
-                                "ok": ok}
-                print(f"sweep N={n} {key:24s} {ms:8.2f} ms  first call {compile_s:5.1f} s  rms vs cuDNN "
-                      f"{e['rel_rms']:.1e} (emulation {emu[t[1]]:.1e}){'' if ok else '  REJECTED'}", flush=True)
+                results[key] = {"ms": ms, "tflops": 4.0 * n * n * d * h / ms / 1e9, "compile_s": compile_s,
+                                "vs_cudnn": e, "emulation_vs_cudnn": emu[t[1]], "ok": ok}
+                kern = getattr(run.fk, "last_kernel", None) if run.kernel else None
+                if kern is not None and hasattr(kern, "n_regs"):
+                    results[key].update(regs=kern.n_regs, spills=kern.n_spills, shared=kern.metadata.shared)
+                print(f"sweep N={n} {key:26s} {ms:8.2f} ms {results[key]['tflops']:5.0f} TFLOP/s  first call "
+                      f"{compile_s:5.1f} s  regs {results[key].get('regs', '-')} spills {results[key].get('spills', '-')}"
+                      f"  rms vs cuDNN {e['rel_rms']:.1e} (emulation {emu[t[1]]:.1e}){'' if ok else '  REJECTED'}",
+                      flush=True)
                 if ok and (fmt not in best or ms < results[best[fmt]]["ms"]):
                     best[fmt] = key
             except Exception as exc:  # a config that does not compile or launch here
                 results[key] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"}
                 print(f"sweep N={n} {key:24s} failed: {results[key]['error']}", flush=True)
+    base_ms = 1e3 * min(run.time(lambda: run.baseline(q, k, v), 1, reps))
+    results["cudnn_bf16"] = {"ms": base_ms, "tflops": 4.0 * n * n * d * h / base_ms / 1e9}
+    print(f"sweep N={n} cudnn bf16 {base_ms:8.2f} ms {results['cudnn_bf16']['tflops']:5.0f} TFLOP/s", flush=True)
     return results, {fmt: tuple(int(x) for x in key.split()[1].split(",")) for fmt, key in best.items()}
 
 
@@ -367,7 +377,7 @@ def main():
         if f not in best:
             if run.kernel:
                 c = run.fk.DEFAULT_CONFIGS[FORMATS[f]]
-                best[f] = (c.block_m, c.block_n, c.num_warps, c.num_stages, int(c.tma))
+                best[f] = (c.block_m, c.block_n, c.num_warps, c.num_stages, int(c.tma), *([c.maxnreg] if c.maxnreg else []))
             else:
                 best[f] = (64, 64, 4, 2, 0)
     results["best_configs"] = best
