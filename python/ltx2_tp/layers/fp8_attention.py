@@ -61,12 +61,14 @@ def kernel_config(qk_int8: bool, fp8_v: bool, capability: tuple[int, int]):
 @torch.library.custom_op("ltx2_tp::quantized_attention", mutates_args=())
 def quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk_int8: bool,
                         fp8_v: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, Nq, H, d) x (B, Nk, H, d) -> out (B, Nq, H, d) contiguous in q's dtype, lse (B, H, Nq) fp32."""
+    """(B, Nq, H, d) x (B, Nk, H, d) -> out (B, Nq, H, d) contiguous in q's dtype, lse (B, H, Nq) fp32.
+    Forward only (inference: no autograd formula)."""
     if q.is_cuda:
         from ltx2_tp.layers.fp8_attention_kernel import attention_fwd
 
         cfg = kernel_config(qk_int8, fp8_v, torch.cuda.get_device_capability(q.device))
-        return attention_fwd(q, k, v, qk_int8, fp8_v, cfg)
+        with torch.cuda.device(q.device):  # Triton launches on the current device
+            return attention_fwd(q, k, v, qk_int8, fp8_v, cfg)
     out, lse = fp8_attention_reference(q, k, v, 128, fp8_v, qk_int8)
     return out.contiguous(), lse
 

@@ -93,7 +93,7 @@ def _to_codes(x, amax, INT8: tl.constexpr):
         return tl.clamp(x * _FP8_MAX / amax, -_FP8_MAX, _FP8_MAX).to(tl.float8e4nv)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NQ"])  # token counts: one compilation for every length
 def _quant_q(Q, s_qb, s_qn, s_qh, KC, Q8, QS, QC, H, NQ, NQP, rs_mult, sm_log2,
              D: tl.constexpr, BLOCK: tl.constexpr, INT8: tl.constexpr):
     j = tl.program_id(0)
@@ -109,7 +109,7 @@ def _quant_q(Q, s_qb, s_qn, s_qh, KC, Q8, QS, QC, H, NQ, NQP, rs_mult, sm_log2,
     tl.store(QC + bh.to(tl.int64) * NQP + rm, tl.sum(q * tl.load(KC + bh * D + rd)[None, :], 1) * sm_log2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NK"])  # token counts: one compilation for every length
 def _quant_k(K, s_kb, s_kn, s_kh, KC, K8, KS, H, NK, NKP,
              D: tl.constexpr, BLOCK: tl.constexpr, INT8: tl.constexpr):
     j = tl.program_id(0)
@@ -129,7 +129,7 @@ def _quant_k(K, s_kb, s_kn, s_kh, KC, K8, KS, H, NK, NKP,
         tl.store(KS + bh * (NKP // BLOCK) + j, amax / _FP8_MAX)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NK"])  # token counts: one compilation for every length
 def _pack_v(V, s_vb, s_vn, s_vh, VC, VS, VP, H, NK, NKP,
             D: tl.constexpr, BLOCK: tl.constexpr, FP8_V: tl.constexpr):
     j = tl.program_id(0)
@@ -191,7 +191,7 @@ def _tile(acc, l_i, m_i, q, rs, K8, KS, VP, bh, j, NK, NKP,
     return acc, l_i, m_new
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NQ", "NK"])  # token counts: one compilation for every length
 def _attn_fwd(Q8, QS, QC, K8, KS, VP, VS, VC, O, s_ob, s_on, s_oh, LSE, H, NQ, NQP, NK, NKP,
               D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QK_INT8: tl.constexpr,
               FP8_V: tl.constexpr, TMA: tl.constexpr):
