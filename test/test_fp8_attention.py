@@ -206,21 +206,25 @@ def test_cli_refuses_before_building(capsys, monkeypatch):
     assert ab.get_attention_backend() == "auto"
 
 
+def _sdpa(q, k, v):
+    return F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+
+
 def test_routing(backend):
-    """Head dim 128 without a mask goes to the quantized op (attention and attention_lse); a mask or
-    head dim 64 stays on SDPA."""
+    """Head dim 128, no mask, >= 2048 keys: the quantized op (attention and attention_lse). A mask,
+    head dim 64 or fewer keys (text cross-attention): SDPA."""
     backend("int8_fp8")
-    q, k, v = _qkv(b=1, nq=40, nk=130, dtype=torch.float32)
+    q, k, v = _qkv(b=1, nq=40, nk=fa.MIN_KEYS + 50, dtype=torch.float32)
     out, lse = ab.attention_lse(q, k, v)
     ref, ref_lse = fp8_attention_reference(q, k, v, 128, fp8_v=True, qk_int8=True)
     assert torch.equal(out, ref) and torch.equal(lse, ref_lse)
     assert torch.equal(ab.attention(q, k, v), ref)
-    mask = torch.zeros(1, 1, 40, 130)
-    sdpa = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
-    assert torch.allclose(ab.attention(q, k, v, mask), sdpa, atol=1e-6)
+    mask = torch.zeros(1, 1, 40, k.shape[1])
+    assert torch.allclose(ab.attention(q, k, v, mask), _sdpa(q, k, v), atol=1e-6)
     q64, k64, v64 = (t[..., :64].contiguous() for t in (q, k, v))
-    sdpa64 = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q64, k64, v64))).transpose(1, 2)
-    assert torch.allclose(ab.attention(q64, k64, v64), sdpa64, atol=1e-6)
+    assert torch.allclose(ab.attention(q64, k64, v64), _sdpa(q64, k64, v64), atol=1e-6)
+    short = (k[:, :fa.MIN_KEYS - 1], v[:, :fa.MIN_KEYS - 1])
+    assert torch.allclose(ab.attention(q, *short), _sdpa(q, *short), atol=1e-6)
 
 
 def test_chunked_queries_equal_unchunked(backend):
@@ -229,15 +233,16 @@ def test_chunked_queries_equal_unchunked(backend):
     from ltx2_tp.distributed.ulysses import local_attention
 
     backend("fp8")
-    q, k, v = _qkv(b=1, nq=100, nk=200, dtype=torch.float32)
+    q, k, v = _qkv(b=1, nq=100, nk=fa.MIN_KEYS, dtype=torch.float32)
     whole = local_attention(q, k, v, None)
+    assert not torch.allclose(whole, _sdpa(q, k, v), atol=1e-4)  # the 8-bit path ran
     chunked = local_attention(q, k, v, 32)
     assert torch.allclose(chunked, whole, rtol=0, atol=1e-6)
 
 
 def test_custom_op_traces_without_graph_break(backend):
     backend("fp8")
-    q, k, v = _qkv(b=1, nq=40, nk=130, dtype=torch.float32)
+    q, k, v = _qkv(b=1, nq=40, nk=fa.MIN_KEYS, dtype=torch.float32)
     fn = torch.compile(lambda a, b, c: ab.attention(a, b, c) * 2, backend="aot_eager", fullgraph=True)
     assert torch.equal(fn(q, k, v), ab.attention(q, k, v) * 2)
 

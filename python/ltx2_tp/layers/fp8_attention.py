@@ -10,9 +10,12 @@ outlier data) and, on a whole step, by benchmark/bench_dit.py --attention NAME.
 | int8_fp8 | int8   | e4m3 | SageAttention2's formats on Hopper: same speed class as fp8, Q.K^T error ~3x smaller on normal data |
 | int8_qk  | int8   | bf16 | |
 
-What runs quantized: self- and cross-attention with head dim 128 (the video stream) and no mask,
-through `attention` and `attention_lse` (so ring, Ulysses and the chunked paths too). Masked
-calls and head dim 64 (the audio stream: few tokens) stay on bf16 SDPA.
+What runs quantized: attention with head dim 128 (the video stream), no mask and at least
+MIN_KEYS keys, through `attention` and `attention_lse`: the video self-attention on one GPU and in
+the ring, Ulysses and chunked paths. The rest stays on bf16 SDPA: head dim 64 (the audio stream,
+few tokens), masked calls, and short key sets such as the ~1K text tokens of the cross-attention,
+where 8 bits would save < 3% of the attention time at 32K video tokens and add their error to the
+prompt's conditioning.
 On CPU tensors the op runs the pure-torch emulation (fp8_attention_ref.py): tests only;
 set_attention_backend refuses these names without a CUDA GPU of compute capability >= 8.9.
 """
@@ -28,6 +31,7 @@ from ltx2_tp.layers.fp8_attention_ref import fp8_attention_reference
 
 FORMATS = {"fp8": (False, True), "fp8_qk": (False, False), "int8_fp8": (True, True), "int8_qk": (True, False)}
 HEAD_DIMS = (128,)  # head dims that go quantized (the kernel also takes 64)
+MIN_KEYS = 2048
 CONFIG_ENV = "LTX2_TP_FP8_ATTN_CONFIG"
 
 
