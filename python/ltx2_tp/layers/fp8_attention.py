@@ -7,7 +7,7 @@ outlier data) and, on a whole step, by benchmark/bench_dit.py --attention NAME.
 |----------|--------|------|------|
 | fp8      | e4m3   | e4m3 | both products at the 8-bit MMA rate (FlashAttention-3 fp8's formats) |
 | fp8_qk   | e4m3   | bf16 | P.V at the bf16 rate (at most ~1.33x on the MMAs) |
-| int8_fp8 | int8   | e4m3 | SageAttention2's formats on Hopper: same speed class as fp8, Q.K^T error ~3x smaller on normal data |
+| int8_fp8 | int8   | e4m3 | SageAttention2's formats on Hopper: same MMA rate as fp8, Q.K^T error 2-3x smaller on normal data |
 | int8_qk  | int8   | bf16 | |
 
 What runs quantized: attention with head dim 128 (the video stream), no mask and at least

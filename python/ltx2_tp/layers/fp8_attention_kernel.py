@@ -7,7 +7,7 @@ The arithmetic is fp8_attention_ref.py's, step for step (its docstring has the s
 
 Four launches per call, all counted in the measured speed (benchmark/bench_attention.py):
 1. `_quant_q`: Q -> 8-bit codes (B*H*Nq', d), one scale per token (with 1/sqrt(d) and log2(e)
-   folded in), and q.mean(K) for the LSE. A separate pass (~0.1 ms at 32K tokens) so that the
+   folded in), and q.mean(K) for the LSE. A separate pass (267 MB read at 32K tokens) so that the
    attention kernel's Q tile stays in shared memory as the MMA's A operand: quantized in the
    kernel's prologue it lived in registers and was re-read from shared memory every tile.
 2. `_quant_k`: K minus its per-head mean (torch, one read) -> codes, one scale per BLOCK_N keys.
@@ -17,10 +17,11 @@ Four launches per call, all counted in the measured speed (benchmark/bench_atten
 4. `_attn_fwd`: one program per (BLOCK_M queries, batch x head): online softmax over the K/V
    tiles in fp32 with exp2; only the last, partial tile is masked. int8 scores leave the MMA as
    int32 and become fp32 by an integer add and an fp32 subtract (exact below 2^22 = 4.2M >
-   128 x 127 x 127), not I2F, which runs at the rate of exp2 on Hopper. With fp8_v each tile's
+   128 x 127 x 127), not I2F, a quarter-rate conversion like exp2's MUFU. With fp8_v each tile's
    P.V product leaves the MMA on its own and is added to the fp32 accumulator with the rescale
-   (one FFMA, which the rescale needed anyway): Hopper's fp8 MMA accumulator keeps ~22 bits
-   (SageAttention2, DeepSeek-V3), too few to carry a sum over 2,900 tiles (369K keys).
+   (one FFMA, which the rescale needed anyway): Hopper's fp8 MMA accumulates with ~14 mantissa
+   bits (SageAttention2's "FP22", DeepSeek-V3), too few to carry a sum over 2,885 tiles of 128
+   keys (369K keys); SASS-checked: the add stays outside the MMA.
 Buffers are padded (Q to BLOCK_M rows, K/V to BLOCK_N) so tiles never straddle a (batch, head).
 """
 
