@@ -107,6 +107,8 @@ def main():
                     "with its error vs ltx-core's bf16 output")
     ap.add_argument("--fp8-first", action="store_true", help="with --compile --fp8: quantize before compiling, "
                     "so only the fp8 graphs are compiled (skips the compiled bf16 timing; saves a compilation)")
+    ap.add_argument("--attention", default="auto", help="attention backend of ours (ltx-core keeps its SDPA): "
+                    "e.g. fp8 / int8_fp8, whose error vs ltx-core's bf16 output then shows in rel_err_video")
     ap.add_argument("--plan", default="auto", choices=["auto", "none"])
     ap.add_argument("--chunk-check", type=int, default=None, metavar="TOKENS",
                     help="also time ours (eager, and compiled with --compile) with FFN and attention forced into "
@@ -178,6 +180,10 @@ def main():
         torch.cuda.empty_cache()
 
     # ---- ours ------------------------------------------------------------------------------
+    from ltx2_tp.layers.attention_backend import set_attention_backend
+
+    set_attention_backend(args.attention)
+    results["attention"] = args.attention
     model = build_model(cfg, device=dev, dtype=dtype, state_dict=sd)
     del sd
 

@@ -258,6 +258,15 @@ def _add_speed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enable-torch-compile", action="store_true",
                    help="torch.compile each DiT block (first request per resolution compiles: minutes at full size)")
     p.add_argument("--fp8", action="store_true", help="fp8 block linears (torch._scaled_mm; GPU with CC >= 8.9)")
+    _add_attention_arg(p)
+
+
+def _add_attention_arg(p: argparse.ArgumentParser) -> None:
+    from ltx2_tp.layers.attention_backend import BACKENDS
+
+    p.add_argument("--attention", default="auto", choices=BACKENDS,
+                   help="attention kernel; fp8 / fp8_qk / int8_fp8 / int8_qk are opt-in 8-bit approximations "
+                        "(GPU with CC >= 8.9 and triton; README, layers/fp8_attention.py)")
 
 
 def _exists(p: str) -> bool:
@@ -325,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--ring-size", type=int, default=1)
     d.add_argument("--ffn-chunk-tokens", type=int, default=None)
     d.add_argument("--attn-chunk-tokens", type=int, default=None)
+    _add_attention_arg(d)
     _add_device_args(d, cpu_dtype="bf16")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--repeat", type=int, default=2)
@@ -341,6 +351,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.ulysses_size * args.ring_size != args.sp_size:
                 raise UsageError(f"--sp-size ({args.sp_size}) must equal --ulysses-size x --ring-size "
                                  f"({args.ulysses_size} x {args.ring_size})")
+        if getattr(args, "attention", "auto") != "auto":  # refuses (naming the flag) before anything is built
+            from ltx2_tp.layers.attention_backend import QUANTIZED, set_attention_backend
+
+            if args.attention in QUANTIZED and torch.cuda.is_available() and not str(args.device).startswith("cuda"):
+                raise UsageError(f"--attention {args.attention}: runs on a CUDA device, got --device {args.device}")
+            set_attention_backend(args.attention)
         return args.func(args)
     except ValueError as e:  # UsageError, config validation, layout errors
         print(f"ltx2-tp: error: {e}", file=sys.stderr)

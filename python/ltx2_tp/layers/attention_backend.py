@@ -2,8 +2,10 @@
 
 Layout everywhere in ltx2_tp is token-major (B, N, H, d); kernels get (B, H, N, d) views.
 Backends: "auto" (cuDNN first on CUDA: 644 TFLOP/s vs 365 for the FA2 backend at 32K tokens on
-an H100, anchors.md), "cudnn", "flash", "efficient", "math" (torch SDPA with that kernel), and
-"flash_attn" / "flashinfer" when those packages are installed.
+an H100, anchors.md), "cudnn", "flash", "efficient", "math" (torch SDPA with that kernel),
+"flash_attn" / "flashinfer" when those packages are installed, and the opt-in 8-bit
+approximations "fp8", "fp8_qk", "int8_fp8", "int8_qk" (fp8_attention.py: head dim 128, no mask,
+>= 2048 keys; other calls stay on SDPA).
 """
 
 from __future__ import annotations
@@ -13,12 +15,16 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from ltx2_tp.layers.fp8_attention import FORMATS as QUANTIZED
+from ltx2_tp.layers.fp8_attention import HEAD_DIMS as _QUANTIZED_HEAD_DIMS
+from ltx2_tp.layers.fp8_attention import MIN_KEYS as _QUANTIZED_MIN_KEYS
+from ltx2_tp.layers.fp8_attention import quantized_attention_lse, unavailable_reason
 from ltx2_tp.memory.plan import token_chunks
 from ltx2_tp.profiling import nvtx_range
 
 _BACKEND = "auto"
 _SDPA_NAMES = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
-BACKENDS = ("auto", *_SDPA_NAMES, "flash_attn", "flashinfer")
+BACKENDS = ("auto", *_SDPA_NAMES, "flash_attn", "flashinfer", *QUANTIZED)
 
 
 def set_attention_backend(name: str) -> None:
@@ -29,11 +35,19 @@ def set_attention_backend(name: str) -> None:
         import flash_attn  # noqa: F401  (fail now, not mid-step)
     if name == "flashinfer":
         import flashinfer  # noqa: F401
+    if name in QUANTIZED and (reason := unavailable_reason()):
+        raise ValueError(f"--attention {name}: {reason}")
     _BACKEND = name
 
 
 def get_attention_backend() -> str:
     return _BACKEND
+
+
+def _quantized(q: torch.Tensor, k: torch.Tensor, mask) -> bool:
+    """The 8-bit path takes unmasked calls at head dim 128 over >= 2048 keys (fp8_attention.py)."""
+    return (_BACKEND in QUANTIZED and mask is None and q.shape[-1] in _QUANTIZED_HEAD_DIMS
+            and k.shape[1] >= _QUANTIZED_MIN_KEYS)
 
 
 def _sdpa_context(device: torch.device):
@@ -50,6 +64,8 @@ def _sdpa_context(device: torch.device):
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """(B, Nq, H, d) x (B, Nk, H, d) -> (B, Nq, H, d). mask: additive, broadcastable to (B, H, Nq, Nk)."""
     with nvtx_range("attention"):
+        if _quantized(q, k, mask):
+            return quantized_attention_lse(q, k, v, _BACKEND)[0]
         if mask is None and q.is_cuda and _BACKEND == "flash_attn":
             from flash_attn import flash_attn_func
 
@@ -92,6 +108,8 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[to
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     nq = q.shape[1]
     with nvtx_range("attention_lse"):
+        if _quantized(q, k, None):
+            return quantized_attention_lse(q, k, v, _BACKEND)
         if not q.is_cuda:
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qt, kt, vt, 0.0, False)[:2]
             return out.transpose(1, 2), lse.float()
