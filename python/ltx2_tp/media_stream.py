@@ -17,8 +17,9 @@ import os
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -36,14 +37,17 @@ class EncoderOptions:
     preset: x264 speed preset (default medium). crf: constant rate factor (default 23; lower is
     better). frame_threads: x264 frame-parallel threads instead of PyAV's default slice threads
     (more throughput on many cores; a different bitstream). convert: "cpu" = swscale RGB -> YUV
-    4:2:0 in the encoder thread (today's arithmetic), "gpu" = on the decoding device (yuv.py;
-    not bit-identical to swscale, deviation measured there).
+    4:2:0 (today's arithmetic), "gpu" = on the decoding device (yuv.py; not bit-identical to
+    swscale, deviation measured there). convert_threads: threads running swscale beside the
+    encoder thread (None: a quarter of the cores, at most 4; 0: in the encoder thread); the
+    output does not depend on it.
     """
 
     preset: str | None = None
     crf: float | None = None
     frame_threads: bool = False
     convert: str = "cpu"
+    convert_threads: int | None = None
 
     def __post_init__(self):
         if self.preset is not None and self.preset not in PRESETS:
@@ -52,6 +56,13 @@ class EncoderOptions:
             raise ValueError(f"video encoder crf must be between 0 and 51, got {self.crf}")
         if self.convert not in ("cpu", "gpu"):
             raise ValueError(f"video conversion must be 'cpu' or 'gpu', got {self.convert!r}")
+
+    def swscale_threads(self) -> int:
+        if self.convert != "cpu":
+            return 0
+        if self.convert_threads is not None:
+            return self.convert_threads
+        return min(4, (os.cpu_count() or 1) // 4)
 
     def codec_options(self) -> dict[str, str]:
         opts = {}
@@ -167,31 +178,63 @@ class StreamingMP4Writer:
             if self.options.frame_threads:
                 vs.codec_context.thread_type = "FRAME"
             audio = _AudioTrack(container, self._audio, self._audio_rate) if self._audio is not None else None
-            fmt = "yuv420p" if self.options.convert == "gpu" else "rgb24"
-            while True:
-                t0 = time.perf_counter()
-                item = self._q.get()
-                self.wait_s += time.perf_counter() - t0
-                if self._cancel.is_set():
-                    return
-                if item is _STOP:
-                    break
-                t0 = time.perf_counter()
-                frames, ready = item
-                if ready is not None:
-                    ready()
-                arr = frames.numpy() if isinstance(frames, torch.Tensor) else frames
-                for f in arr:
-                    packets = vs.encode(av.VideoFrame.from_ndarray(f, format=fmt))
-                    self.frames += 1
-                    if audio is not None:  # audio up to the video's time; the muxer interleaves by dts
-                        audio.write_until(self.frames / self.rate)
-                    for pkt in packets:
-                        container.mux(pkt)
+            rgb = self.options.convert == "cpu"
+            workers = self.options.swscale_threads()
+            pool = ThreadPoolExecutor(workers, thread_name_prefix="ltx2_tp-swscale") if workers else None
+            pending: deque = deque()  # frames (or futures of frames) in order, converted ahead of x264
+
+            want = (self.height, self.width, 3) if rgb else (self.height * 3 // 2, self.width)
+
+            def to_frame(f):
+                if f.shape != want:  # swscale would silently rescale it
+                    raise ValueError(f"frame of shape {f.shape}, expected {want}")
+                if not rgb:
+                    return av.VideoFrame.from_numpy_buffer(f, format="yuv420p")
+                # the reformat libx264's context would do, done here (no copy of the RGB array)
+                return av.VideoFrame.from_numpy_buffer(f, format="rgb24").reformat(format="yuv420p")
+
+            def encode_next():
+                x = pending.popleft()
+                packets = vs.encode(x.result() if isinstance(x, Future) else x)
+                self.frames += 1
+                if audio is not None:  # audio up to the video's time; the muxer interleaves by dts
+                    audio.write_until(self.frames / self.rate)
+                for pkt in packets:
+                    container.mux(pkt)
+
+            try:
+                while True:
+                    t0 = time.perf_counter()
+                    try:
+                        item = self._q.get_nowait() if pending else self._q.get()
+                    except queue.Empty:  # nothing new: encode what is converted
+                        self.wait_s += time.perf_counter() - t0
+                        t0 = time.perf_counter()
+                        encode_next()
+                        self.encode_s += time.perf_counter() - t0
+                        continue
+                    self.wait_s += time.perf_counter() - t0
                     if self._cancel.is_set():
                         return
-                self.encode_s += time.perf_counter() - t0
-            t0 = time.perf_counter()
+                    if item is _STOP:
+                        break
+                    t0 = time.perf_counter()
+                    frames, ready = item
+                    if ready is not None:
+                        ready()
+                    for f in frames.numpy() if isinstance(frames, torch.Tensor) else frames:
+                        pending.append(pool.submit(to_frame, f) if pool else to_frame(f))
+                    while len(pending) > 2 * workers:
+                        encode_next()
+                        if self._cancel.is_set():
+                            return
+                    self.encode_s += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                while pending:
+                    encode_next()
+            finally:
+                if pool is not None:
+                    pool.shutdown(wait=True, cancel_futures=True)
             for pkt in vs.encode():
                 container.mux(pkt)
             if audio is not None:
