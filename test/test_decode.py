@@ -185,3 +185,29 @@ def test_encoder_options_are_checked():
         EncoderOptions(crf=60)
     assert EncoderOptions(preset="veryfast", crf=18).codec_options() == {"preset": "veryfast", "crf": "18"}
     assert EncoderOptions().codec_options() == {}  # PyAV's defaults: what ltx-pipelines writes
+
+
+def test_encoder_options_reach_x264(tmp_path):
+    """x264 writes its settings into the stream (an SEI): the preset is the one asked for."""
+    frames = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    for name, opts, mark in (("d.mp4", EncoderOptions(), b"subme=7"),  # medium, CRF 23: today's
+                             ("u.mp4", EncoderOptions(preset="ultrafast", crf=30, frame_threads=True), b"subme=0")):
+        with StreamingMP4Writer(tmp_path / name, 32, 32, 24, options=opts) as w:
+            w.put(frames)
+            w.finish()
+        data = (tmp_path / name).read_bytes()
+        assert mark in data and (b"crf=30.0" in data) == (opts.crf == 30)
+
+
+def test_cli_encoder_flags():
+    import subprocess
+    import sys
+
+    from ltx2_tp.cli import _encoder_options, build_parser
+
+    args = build_parser().parse_args(["generate", "--prompt", "x", "--video-encoder-preset", "veryfast",
+                                      "--video-encoder-crf", "20", "--video-convert", "gpu"])
+    assert _encoder_options(args) == EncoderOptions(preset="veryfast", crf=20, convert="gpu")
+    r = subprocess.run([sys.executable, "-m", "ltx2_tp.cli", "generate", "--prompt", "x", "--video-encoder-crf", "60"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "--video-encoder-*: video encoder crf must be between 0 and 51" in r.stderr
