@@ -188,6 +188,7 @@ class StreamingMP4Writer:
             def to_frame(f):
                 if f.shape != want:  # swscale would silently rescale it
                     raise ValueError(f"frame of shape {f.shape}, expected {want}")
+                f = np.ascontiguousarray(f)  # a no-op for what decode.py hands over
                 if not rgb:
                     return av.VideoFrame.from_numpy_buffer(f, format="yuv420p")
                 # the reformat libx264's context would do, done here (no copy of the RGB array)
