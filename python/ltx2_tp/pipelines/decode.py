@@ -87,7 +87,7 @@ def decode_audio_async(c, audio_latent: torch.Tensor, concurrent: bool) -> Futur
     def work(stream):
         try:
             if stream is not None:
-                with torch.cuda.stream(stream):
+                with torch.cuda.device(stream.device), torch.cuda.stream(stream):
                     audio = stages.decode_audio(c, audio_latent)
                     wav = audio.waveform.cpu()  # synchronizes this stream only
             else:
