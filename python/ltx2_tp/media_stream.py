@@ -132,18 +132,18 @@ class StreamingMP4Writer:
                 self._raise_if_failed()
         self._thread.join()
         self._raise_if_failed()
-        os.replace(self.tmp, self.path)
+        try:
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            self.tmp.unlink(missing_ok=True)
+            raise
         return self.path
 
     def abort(self) -> None:
         """Stop the thread, drop what is queued and remove the temporary file."""
         self._done = True
         self._cancel.set()
-        while True:  # drop queued frames so the thread sees the cancel promptly
-            try:
-                self._q.get_nowait()
-            except queue.Empty:
-                break
+        self._drain()  # the thread sees the cancel at its next frame
         try:
             self._q.put_nowait(_STOP)  # wakes a thread waiting for frames
         except queue.Full:
@@ -163,8 +163,16 @@ class StreamingMP4Writer:
         if self._error is not None:
             self._done = True
             self._thread.join()
+            self._drain()  # frees the pinned buffers still queued
             self.tmp.unlink(missing_ok=True)
             raise self._error
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                self._q.get_nowait()
+            except queue.Empty:
+                return
 
     # ---- encoder thread ------------------------------------------------------------------
     def _run(self) -> None:

@@ -143,7 +143,7 @@ def host_chunks(chunk: torch.Tensor, convert: str, frames_per_copy: int = FRAMES
 def decode_and_write(c, video_latent: torch.Tensor, audio_latent: torch.Tensor, fps: float, path: str | Path,
                      fmt: str = "mp4", generator: torch.Generator | None = None, tile_frames=None,
                      options: EncoderOptions = DEFAULT_OPTIONS, timer: stages.StageTimer | None = None,
-                     concurrent_audio: bool | None = None, max_queue: int = 8,
+                     concurrent_audio: bool | None = None, max_queue: int | None = None,
                      stage: str = "decode_and_write") -> tuple[Path, int]:
     """Decode both latents and write `path`; returns (path, audio samples). `tile_frames`: None
     (whole video at once), a tile length, or AUTO (plan_temporal_tile). Sub-times go to `timer`
@@ -158,6 +158,8 @@ def decode_and_write(c, video_latent: torch.Tensor, audio_latent: torch.Tensor, 
     audio = decode_audio_async(c, audio_latent, cuda if concurrent_audio is None else concurrent_audio)
     height, width = video_latent.shape[3] * 32, video_latent.shape[4] * 32
     rate = getattr(c.vocoder, "output_sampling_rate", None)
+    if max_queue is None:  # room for a whole tile: the next tile decodes while the encoder works on this one
+        max_queue = max(8, -(-(tile or 0) // FRAMES_PER_COPY) + 1)
     writer = StreamingMP4Writer(path, width, height, fps, audio, audio_rate=rate, options=options, max_queue=max_queue)
     marks = []  # CUDA events around each decoded chunk: the VAE's own time, without waiting on syncs
     try:
