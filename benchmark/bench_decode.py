@@ -342,20 +342,31 @@ def bench_size(c, size, a, tmp: Path, log, first: bool) -> dict:
     return r
 
 
-def nvenc_probe() -> str:
-    import av
+NVENC_PROBE = """
+import io, av, numpy as np
+if "h264_nvenc" not in av.codecs_available:
+    print("h264_nvenc not in this PyAV build"); raise SystemExit
+try:
+    with av.open(io.BytesIO(), "w", format="mp4") as cont:
+        s = cont.add_stream("h264_nvenc", rate=24)
+        s.width, s.height, s.pix_fmt = 256, 256, "yuv420p"
+        for pkt in s.encode(av.VideoFrame.from_ndarray(np.zeros((256, 256, 3), np.uint8), format="rgb24")):
+            cont.mux(pkt)
+    print("h264_nvenc opened and encoded a frame")
+except Exception as e:
+    print(f"h264_nvenc compiled in, but failed to open: {type(e).__name__}: {e}"[:300])
+"""
 
-    if "h264_nvenc" not in av.codecs_available:
-        return "h264_nvenc not in this PyAV build"
+
+def nvenc_probe() -> str:
+    """In a child process: a driver without an NVENC engine must not take the benchmark down."""
+    import subprocess
+
     try:
-        with av.open(io.BytesIO(), "w", format="mp4") as cont:
-            s = cont.add_stream("h264_nvenc", rate=24)
-            s.width, s.height, s.pix_fmt = 256, 256, "yuv420p"
-            for pkt in s.encode(av.VideoFrame.from_ndarray(np.zeros((256, 256, 3), np.uint8), format="rgb24")):
-                cont.mux(pkt)
-        return "h264_nvenc opened and encoded a frame"
-    except Exception as e:  # noqa: BLE001 - reported, not fatal
-        return f"h264_nvenc compiled in, but failed to open here: {type(e).__name__}: {e}"[:300]
+        r = subprocess.run([sys.executable, "-c", NVENC_PROBE], capture_output=True, text=True, timeout=60)
+        return (r.stdout.strip() or f"probe exited {r.returncode}: {r.stderr.strip()[-200:]}")
+    except subprocess.TimeoutExpired:
+        return "probe timed out"
 
 
 def main() -> int:
