@@ -111,6 +111,9 @@ def main() -> int:
     p.add_argument("--ring-size", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None)
+    from ltx2_tp.cli import _add_encoder_args, _encoder_options
+
+    _add_encoder_args(p)  # --video-encoder-preset / -crf / -frame-threads, --video-convert
     a = p.parse_args()
 
     from ltx2_tp.distributed.context import init_parallel
@@ -134,6 +137,7 @@ def main() -> int:
         compile_blocks(comps.transformer)
     build_s = time.perf_counter() - t0
     pipe = get_pipeline_class(a.pipeline_class_name)(comps)
+    pipe.encoder_options = _encoder_options(a)
     rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
     out_dir = Path("/tmp/ltx2_tp_bench_request")
@@ -162,11 +166,13 @@ def main() -> int:
         sync()
         total = time.perf_counter() - t
         if i >= a.warmup:
-            runs.append({"request_s": total, "stages": dict(timer.times), "stage1_steps": step_t["stage1"],
+            runs.append({"request_s": total, "stages": dict(timer.times), "stage_parts": dict(timer.parts),
+                         "stage1_steps": step_t["stage1"],
                          "stage2_steps": step_t["stage2"]})
         if rank0:
             print(f"run {i}{' (warm-up)' if i < a.warmup else ''}: {total:.3f} s  " +
-                  "  ".join(f"{k} {v:.3f}" for k, v in timer.times.items()), flush=True)
+                  "  ".join(f"{k} {v:.3f}" for k, v in timer.times.items()) +
+                  "  (" + "  ".join(f"{k} {v:.3f}" for k, v in timer.parts.items()) + ")", flush=True)
 
     def mean(xs):
         return statistics.mean(xs) if xs else float("nan")

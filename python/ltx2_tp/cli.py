@@ -98,6 +98,7 @@ def cmd_generate(args) -> int:
     files = _checkpoint_files(args)
     _check_layout(args, files)
     _check_speed_args(args, files)
+    encoder = _encoder_options(args)
 
     from tqdm import tqdm
 
@@ -106,6 +107,7 @@ def cmd_generate(args) -> int:
 
     comps = _components(args, files)
     pipe = pipeline_class(comps)
+    pipe.encoder_options = encoder
     rank0 = this_rank() == 0
     bars: dict[str, tqdm] = {}
 
@@ -140,7 +142,9 @@ def cmd_serve(args) -> int:
     files = _checkpoint_files(args)
     _check_layout(args, files)
     _check_speed_args(args, files)
+    encoder = _encoder_options(args)
     pipe = get_pipeline_class(args.pipeline_class_name)(_components(args, files))
+    pipe.encoder_options = encoder
     if not torch.distributed.is_initialized():
         manager = JobManager(pipe, args.output_dir, args.max_queue, args.ttl_s)
     else:  # one worker drives every rank: rank 0 serves HTTP, the others follow its jobs
@@ -269,6 +273,29 @@ def _add_attention_arg(p: argparse.ArgumentParser) -> None:
                         "(GPU with CC >= 8.9 and triton; README, layers/fp8_attention.py)")
 
 
+def _add_encoder_args(p: argparse.ArgumentParser) -> None:
+    from ltx2_tp.media_stream import PRESETS
+
+    p.add_argument("--video-encoder-preset", default=None, choices=PRESETS,
+                   help="libx264 preset for MP4 (default: x264's medium, as ltx-pipelines); faster presets: "
+                   "README 'Decode and write'")
+    p.add_argument("--video-encoder-crf", type=float, default=None, help="libx264 CRF 0-51 (default 23; lower = better)")
+    p.add_argument("--video-encoder-frame-threads", action="store_true",
+                   help="x264 frame threads instead of slice threads (more throughput on many cores)")
+    p.add_argument("--video-convert", default="cpu", choices=["cpu", "gpu"],
+                   help="RGB -> YUV 4:2:0 by swscale on the CPU (exact) or on the GPU (within 1 level of it)")
+
+
+def _encoder_options(args):
+    from ltx2_tp.media_stream import EncoderOptions
+
+    try:
+        return EncoderOptions(preset=args.video_encoder_preset, crf=args.video_encoder_crf,
+                              frame_threads=args.video_encoder_frame_threads, convert=args.video_convert)
+    except ValueError as e:
+        raise UsageError(f"--video-encoder-*: {e}") from None
+
+
 def _exists(p: str) -> bool:
     import os
 
@@ -300,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     _add_layout_args(g)
     _add_speed_args(g)
+    _add_encoder_args(g)
     g.add_argument("--output-path", default="outputs/ltx2_tp.mp4")
     g.add_argument("--output-format", default=None, choices=["mp4", "webm", "gif"], help="default: from --output-path")
     _add_device_args(g, cpu_dtype="fp32")
@@ -319,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--num-inference-steps", type=int, default=8, help="default when a request gives none")
     _add_layout_args(sv)
     _add_speed_args(sv)
+    _add_encoder_args(sv)
     _add_device_args(sv, cpu_dtype="fp32")
     sv.set_defaults(func=cmd_serve)
     d = sub.add_parser("dit", help="one DiT forward with random weights: shapes and time")

@@ -2,19 +2,18 @@
 
 Its DiT chunks by a memory budget: the pipeline gives the transformer a `PlanRule` once, and each
 forward (stage 1 at half size, stage 2 at full size) then chooses chunk sizes for the tokens this
-rank holds (memory/plan.py; the planner proper comes later). It decodes the VAE in temporal tiles,
-so decoding never holds the whole video's activations. TP/SP come from the components' parallel
+rank holds (memory/plan.py; the planner proper comes later). It decodes the VAE in temporal tiles
+when the whole video's activations would not fit in free memory (pipelines/decode.py's
+plan_temporal_tile). TP/SP come from the components' parallel
 context (torchrun / sglang).
 """
 
 from __future__ import annotations
 
 from ltx2_tp.memory.plan import PlanRule
+from ltx2_tp.pipelines.decode import AUTO
 from ltx2_tp.pipelines.request import GenerationRequest
 from ltx2_tp.pipelines.two_stage import LTX2TwoStagePipeline
-
-# frames per decoded tile (>= 16 and a multiple of 8, ltx-core's TemporalTilingConfig)
-DECODE_TILE_FRAMES = 64
 
 
 class LTX2LongVideo(LTX2TwoStagePipeline):
@@ -24,5 +23,5 @@ class LTX2LongVideo(LTX2TwoStagePipeline):
         super().__init__(components)
         components.transformer.plan_rule = PlanRule(budget_bytes=memory_budget_gib * 2**30)
 
-    def temporal_tile_frames(self, req: GenerationRequest) -> int | None:
-        return DECODE_TILE_FRAMES if req.num_frames > DECODE_TILE_FRAMES else None
+    def temporal_tile_frames(self, req: GenerationRequest) -> int | str | None:
+        return AUTO

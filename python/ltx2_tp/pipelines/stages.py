@@ -43,6 +43,11 @@ class StageTimer:
 
     times: dict[str, float] = field(default_factory=dict)
     sync: bool = False
+    # "stage.part" -> seconds inside a stage; parts may overlap, so they are shown, not summed
+    parts: dict[str, float] = field(default_factory=dict)
+
+    def part(self, name: str, seconds: float) -> None:
+        self.parts[name] = self.parts.get(name, 0.0) + seconds
 
     @contextmanager
     def __call__(self, name: str):
@@ -56,7 +61,9 @@ class StageTimer:
     def table(self) -> str:
         total = sum(self.times.values()) or 1.0
         rows = [f"{'stage':<22} {'seconds':>9} {'share':>7}"]
-        rows += [f"{k:<22} {v:>9.3f} {v / total:>7.1%}" for k, v in self.times.items()]
+        for k, v in self.times.items():
+            rows.append(f"{k:<22} {v:>9.3f} {v / total:>7.1%}")
+            rows += [f"  {p[len(k) + 1:]:<20} {s:>9.3f}" for p, s in self.parts.items() if p.startswith(k + ".")]
         rows.append(f"{'total':<22} {total:>9.3f}")
         return "\n".join(rows)
 

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import torch
 
-from ltx2_tp.media import write_media
+from ltx2_tp.media_stream import DEFAULT_OPTIONS
 from ltx2_tp.pipelines import stages
 from ltx2_tp.pipelines.components import LTX2Components
+from ltx2_tp.pipelines.decode import decode_and_write
 from ltx2_tp.pipelines.request import TWO_STAGE_SPATIAL_MULTIPLE, GenerationRequest, RequestError
 
 
@@ -50,6 +51,7 @@ def run_on_rank(pipeline, req: GenerationRequest, output_path: str | Path, rank:
 class LTX2TwoStagePipeline:
     name = "LTX2TwoStagePipeline"
     spatial_multiple = TWO_STAGE_SPATIAL_MULTIPLE  # stage 1 runs at half size, itself a multiple of 32
+    encoder_options = DEFAULT_OPTIONS  # MP4 encoder settings (media_stream.EncoderOptions; CLI --video-encoder-*)
 
     def __init__(self, components: LTX2Components):
         self.c = components
@@ -102,10 +104,9 @@ class LTX2TwoStagePipeline:
                 s = stages.denoise(c, s, sig2, stages.stage2_denoise_fn(c, pos), "stage2", progress)
             video_latent, audio_latent = stages.unpatchify(s)
         with timer("decode_and_write"):
-            frames, chunks = stages.decode_video(c, video_latent, self.temporal_tile_frames(req), gen)
-            audio = stages.decode_audio(c, audio_latent)
-            path = write_media(frames, chunks, req.fps, audio, output_path, req.output_format)
+            path, audio_samples = decode_and_write(c, video_latent, audio_latent, req.fps, output_path, req.output_format,
+                                                   gen, self.temporal_tile_frames(req), self.encoder_options, timer)
         if progress:
             progress("done", 1, 1)
         return GenerationResult(path=path, frames=req.num_frames, width=req.width, height=req.height, fps=req.fps,
-                                audio_samples=int(audio.waveform.shape[-1]), stage_times=dict(timer.times))
+                                audio_samples=audio_samples, stage_times=dict(timer.times))
