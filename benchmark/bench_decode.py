@@ -59,7 +59,7 @@ def build(model: str, device, dtype):
     from ltx_core.model.audio_vae import AudioDecoderConfigurator, VocoderConfigurator
     from ltx_core.model.video_vae import VideoDecoderConfigurator
 
-    from ltx2_tp.pipelines.components import TINY_AUDIO_VAE, TINY_VAE, TINY_VOCODER, neutral_latent_statistics
+    from ltx2_tp.pipelines.tiny import TINY_AUDIO_VAE, TINY_VAE, TINY_VOCODER, neutral_latent_statistics
 
     if model == "tiny":
         cfg, channels, audio_channels = (TINY_VAE, TINY_AUDIO_VAE, TINY_VOCODER), 16, 1

@@ -15,7 +15,7 @@ from ltx2_tp.compat import ensure_ltx_imports
 from ltx2_tp.media import write_media
 from ltx2_tp.media_stream import EncoderOptions, StreamingMP4Writer
 from ltx2_tp.pipelines import decode, stages
-from ltx2_tp.pipelines.components import build_tiny_components
+from ltx2_tp.pipelines.tiny import build_tiny_components
 from ltx2_tp.yuv import rgb_to_i420
 
 ensure_ltx_imports()
