@@ -47,7 +47,10 @@ def main() -> None:
 
     import ltx2_tp
     assert Path(ltx2_tp.__file__).resolve().is_relative_to(tree), f"ltx2_tp came from {ltx2_tp.__file__}, not {tree}"
-    rev = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    rev = "-"  # a tree without its own .git (e.g. `git archive` output) would report the enclosing repo's HEAD
+    if (tree / ".git").exists():
+        rev = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True).stdout.strip()
     dev = torch.device(args.device)
     w, h, f = (int(x) for x in args.case.lower().split("x"))
     cfg = get_config(args.model)
