@@ -42,9 +42,6 @@ class LatentGrid:
     def audio_tokens(self, fps: float) -> int:
         return max(1, round(self.frames / fps * AUDIO_TOKENS_PER_SECOND))
 
-    def video_tokens_per_rank(self, sp_size: int) -> int:
-        return tokens_per_rank(self.video_tokens, sp_size)
-
 
 def tokens_per_rank(tokens: int, sp_size: int) -> int:
     """The most tokens any of `sp_size` SP ranks holds."""

@@ -29,11 +29,11 @@ def _divides(tp_size: int, n: int, name: str) -> int:
 class LinearBase(nn.Module):
     split_dim = 0  # the weight dimension the TP ranks divide: 0 output rows, 1 input columns
 
-    def __init__(self, in_per_rank: int, out_per_rank: int, bias_size: int | None, ctx: ParallelContext,
-                 quant_method: LinearMethodBase | None = None):
+    def __init__(self, in_per_rank: int, out_per_rank: int, bias_size: int | None, ctx: ParallelContext):
         super().__init__()
         self.ctx = ctx
-        self.quant_method = quant_method or UNQUANTIZED
+        # bf16 / fp32 at construction; another method converts the layer (e.g. FP8_ROWWISE.quantize)
+        self.quant_method: LinearMethodBase = UNQUANTIZED
         self.quant_method.create_weights(self, in_per_rank, out_per_rank)
         self.bias = nn.Parameter(torch.empty(bias_size)) if bias_size else None
 
