@@ -17,12 +17,12 @@ import torch
 from ltx2_tp.compat import ensure_ltx_imports
 from ltx2_tp.models.ltx2.lora import lora_applied
 from ltx2_tp.pipelines.components import LTX2Components
+from ltx2_tp.pipelines.guidance import CFG_BATCH_MAX_TOKENS, cfg_only, guided_denoise_fn  # noqa: F401
 from ltx2_tp.profiling import nvtx_range
 
 ensure_ltx_imports()
 
 from ltx_core.components.diffusion_steps import EulerDiffusionStep  # noqa: E402
-from ltx_core.components.guiders import CFGGuider  # noqa: E402
 from ltx_core.components.noisers import GaussianNoiser  # noqa: E402
 from ltx_core.components.patchifiers import AudioPatchifier, VideoLatentPatchifier  # noqa: E402
 from ltx_core.components.schedulers import LTX2Scheduler  # noqa: E402
@@ -30,8 +30,7 @@ from ltx_core.model.transformer.model import X0Model  # noqa: E402
 from ltx_core.tools import AudioLatentTools, VideoLatentTools  # noqa: E402
 from ltx_core.types import AudioLatentShape, LatentState, VideoLatentShape, VideoPixelShape  # noqa: E402
 from ltx_pipelines.utils.constants import STAGE_2_DISTILLED_SIGMA_VALUES, VIDEO_SCALE_FACTORS  # noqa: E402
-from ltx_pipelines.utils.helpers import (create_noised_state, guider_denoising_func,  # noqa: E402
-                                         modality_from_latent_state, post_process_latent, simple_denoising_func)
+from ltx_pipelines.utils.helpers import create_noised_state, post_process_latent, simple_denoising_func  # noqa: E402
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -68,12 +67,14 @@ class Streams:
     audio_tools: AudioLatentTools
 
 
-def encode_text(c: LTX2Components, prompt: str, negative_prompt: str):
+def encode_prompt(c: LTX2Components, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(video context, audio context) in the DiT's dtype."""
     with torch.no_grad():
-        pos = c.text_encoder(prompt)
-        neg = c.text_encoder(negative_prompt or "")
-    cast = lambda t: t.to(device=c.device, dtype=c.dtype)  # noqa: E731
-    return tuple(map(cast, pos)), tuple(map(cast, neg))
+        return tuple(t.to(device=c.device, dtype=c.dtype) for t in c.text_encoder(prompt))
+
+
+def encode_text(c: LTX2Components, prompt: str, negative_prompt: str):
+    return encode_prompt(c, prompt), encode_prompt(c, negative_prompt or "")
 
 
 def prepare_latents(c: LTX2Components, shape: VideoPixelShape, generator: torch.Generator, conditionings=(),
@@ -118,44 +119,10 @@ def unpatchify(s: Streams) -> tuple[torch.Tensor, torch.Tensor]:
     return v.latent, a.latent
 
 
-CFG_BATCH_MAX_TOKENS = 16384  # per rank: above this a pass is GEMM-bound and batching only costs memory
-
-
 def stage1_denoise_fn(c: LTX2Components, ctx_pos, ctx_neg, guidance_scale: float, batch: bool | None = None):
-    """CFG denoising. With `batch` (default: when this rank's video tokens are few) the conditional
-    and unconditional passes run as one forward of batch 2: the same arithmetic per sample, half
-    the kernel launches, GEMMs twice as tall. Otherwise ltx-pipelines' two-pass function."""
-    guider, model = CFGGuider(guidance_scale), X0Model(c.transformer)
-    two_pass = guider_denoising_func(guider, ctx_pos[0], ctx_neg[0], ctx_pos[1], ctx_neg[1], model)
-    if not guider.enabled():
-        return two_pass
-    same_shape = all(p.shape == n.shape for p, n in zip(ctx_pos, ctx_neg))
-
-    def step(video_state, audio_state, sigmas, i):
-        local = -(-video_state.latent.shape[1] // c.transformer.ctx.sp_size)
-        if not same_shape or not (batch if batch is not None else local <= CFG_BATCH_MAX_TOKENS):
-            return two_pass(video_state, audio_state, sigmas, i)
-        sigma = sigmas[i]
-        v = _stack(modality_from_latent_state(video_state, ctx_pos[0], sigma),
-                   modality_from_latent_state(video_state, ctx_neg[0], sigma))
-        a = _stack(modality_from_latent_state(audio_state, ctx_pos[1], sigma),
-                   modality_from_latent_state(audio_state, ctx_neg[1], sigma))
-        dv, da = model(video=v, audio=a, perturbations=None)
-        (pv, nv), (pa, na) = dv.chunk(2), da.chunk(2)
-        return pv + guider.delta(pv, nv), pa + guider.delta(pa, na)
-
-    return step
-
-
-def _stack(p, n):
-    """Two batch-1 Modality inputs as one of batch 2 (sigma per sample)."""
-    def cat(x, y):
-        return None if x is None else torch.cat([x, y])
-    sig = p.sigma.reshape(-1)
-    return replace(p, latent=cat(p.latent, n.latent), timesteps=cat(p.timesteps, n.timesteps),
-                   positions=cat(p.positions, n.positions), context=cat(p.context, n.context),
-                   context_mask=cat(p.context_mask, n.context_mask), attention_mask=cat(p.attention_mask, n.attention_mask),
-                   sigma=torch.cat([sig, n.sigma.reshape(-1)]))
+    """Plain CFG on both streams (ltx-core's CFGGuider arithmetic: cond + (scale - 1)(cond - uncond)),
+    through the multimodal guidance's passes (guidance.py): one batched forward when they fit."""
+    return guided_denoise_fn(c, ctx_pos, ctx_neg, cfg_only(guidance_scale), cfg_only(guidance_scale), batch)
 
 
 def stage2_denoise_fn(c: LTX2Components, ctx_pos):
