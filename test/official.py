@@ -147,6 +147,8 @@ def official_fp32(module, contexts: dict, recorder: Recorder, audio_channels: in
         if hasattr(module, "res2s_audio_video_denoising_loop"):
             put(module, "res2s_audio_video_denoising_loop", res2s_fp32)
         put(PipelineComponents, "__init__", tiny_components)
+        for m in (module, helpers):  # gc.collect + CUDA cache: memory only, and 0.4 s a call here
+            put(m, "cleanup_memory", lambda: None)
         put(ModelLedger, "transformer", transformer_fp32)
         with mel_spectrogram_stand_in():
             yield
@@ -158,7 +160,8 @@ def official_fp32(module, contexts: dict, recorder: Recorder, audio_channels: in
 def drain(decoded):
     """Run the decoders' iterators (the recorder sees the latents before; this checks they decode)."""
     video, audio = decoded
-    frames = torch.cat([f.float() for f in video], dim=0)
+    with torch.no_grad():  # the HQ pipeline's latents are inference tensors; its decoders' weights require grad
+        frames = torch.cat([f.float() for f in video], dim=0)
     return frames, audio
 
 

@@ -25,7 +25,7 @@ from ltx2_tp.pipelines.registry import get_pipeline_class  # noqa: E402
 from ltx2_tp.pipelines.request import GenerationRequest  # noqa: E402
 
 PROMPT, NEGATIVE = "a red fox in the snow", "blurry"
-SIZE = dict(width=128, height=128, num_frames=9, fps=24.0)
+SIZE = dict(width=64, height=64, num_frames=9, fps=24.0)  # stage 1: 32x32, one latent pixel
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +70,7 @@ def ours_latents(pipeline, req):
     from ltx2_tp.pipelines.base import Run
 
     pipeline.check(req)
+    pipeline.prepare(req)
     gen = torch.Generator().manual_seed(req.seed)
     c = pipeline.c
     pos = stages.encode_prompt(c, req.prompt)
@@ -88,17 +89,171 @@ def assert_close(name, got, want, exact=False):
     return err
 
 
-def test_two_stage(files, ours, contexts):
+# ---- inputs -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    """Two images, a reference video and a source video with 16 kHz audio (the tiny audio VAE's rate:
+    no resampling, which would need torchaudio), an audio file."""
+    import numpy as np
+    from ltx_core.types import Audio
+    from ltx_pipelines.utils.media_io import encode_video
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("media")
+    rng = np.random.default_rng(0)
+    out = {}
+    for name in ("first", "last"):
+        out[name] = str(d / f"{name}.png")
+        Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(out[name])
+    t = torch.arange(16000 * 9 // 24) / 16000
+    wave = torch.stack([torch.sin(2 * torch.pi * 440 * t), torch.sin(2 * torch.pi * 660 * t)]) * 0.5
+    for name, size in (("reference", 64), ("source", 64)):
+        frames = torch.from_numpy((rng.random((9, size, size, 3)) * 255).astype(np.uint8))
+        out[name] = str(d / f"{name}.mp4")
+        encode_video(iter([frames]), 24, Audio(waveform=wave, sampling_rate=16000), out[name], 1)
+    out["audio"] = out["source"]
+    return out
+
+
+def run_official(module, contexts, make, call):
+    rec = official.Recorder()
+    with official.official_fp32(module, contexts, rec):
+        rec.output = official.drain(call(make()))
+    return rec
+
+
+def check(name, got, rec, audio=True):
+    errs = [assert_close(f"{name} video", got.video, rec.video)]
+    if audio:
+        errs.append(assert_close(f"{name} audio", got.audio, rec.audio))
+    print(name, *(f"{e:.2e}" for e in errs))
+
+
+CPU = torch.device("cpu")
+H, W, F, FPS = SIZE["height"], SIZE["width"], SIZE["num_frames"], SIZE["fps"]
+
+
+def request(steps=2, **kw):
+    return GenerationRequest(PROMPT, NEGATIVE, seed=7, num_inference_steps=steps, video_stg_blocks=[1],
+                             audio_stg_blocks=[1], **{**SIZE, **kw})
+
+
+# ---- one test per pipeline ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def official_two_stage(files, contexts):
     import ltx_pipelines.ti2vid_two_stages as mod
 
-    video_g, audio_g = guiders()
-    rec = official.Recorder()
-    with official.official_fp32(mod, contexts, rec):
-        pipe = mod.TI2VidTwoStagesPipeline(files.checkpoint, [lora(files.distilled_lora)], files.spatial_upsampler,
-                                           None, [], device=torch.device("cpu"))
-        official.drain(pipe(PROMPT, NEGATIVE, 7, SIZE["height"], SIZE["width"], SIZE["num_frames"], SIZE["fps"], 3,
-                            video_g, audio_g, []))
-    req = GenerationRequest(PROMPT, NEGATIVE, seed=7, num_inference_steps=3, video_stg_blocks=[1], audio_stg_blocks=[1],
-                            **SIZE)
-    got = ours_latents(get_pipeline_class("LTX2TwoStagePipeline")(ours), req)
-    print("two-stage", assert_close("video", got.video, rec.video), assert_close("audio", got.audio, rec.audio))
+    return run_official(mod, contexts, lambda: mod.TI2VidTwoStagesPipeline(
+        files.checkpoint, [lora(files.distilled_lora)], files.spatial_upsampler, None, [], device=CPU),
+        lambda p: p(PROMPT, NEGATIVE, 7, H, W, F, FPS, 2, *guiders(), []))
+
+
+def test_two_stage(ours, official_two_stage):
+    check("LTX2TwoStagePipeline", ours_latents(get_pipeline_class("LTX2TwoStagePipeline")(ours), request()),
+          official_two_stage)
+
+
+def test_long_video_on_two_stage(ours, official_two_stage, monkeypatch):
+    """LTX2LongVideo is the two-stage flow with its chunk plan (here chunks of 4 tokens, which the
+    memory rule would only pick for long videos)."""
+    from ltx2_tp.memory.plan import ExecutionPlan
+    from ltx2_tp.pipelines import long_video
+
+    monkeypatch.setattr(long_video, "plan_for", lambda *a, **k: ExecutionPlan(4, 4, cache_rope=False))
+    try:
+        check("LTX2LongVideo", ours_latents(get_pipeline_class("LTX2LongVideo")(ours), request()), official_two_stage)
+    finally:
+        ours.transformer.plan = ExecutionPlan()
+
+
+def test_one_stage(files, ours, contexts, media):
+    import ltx_pipelines.ti2vid_one_stage as mod
+    from ltx_pipelines.utils.args import ImageConditioningInput
+
+    rec = run_official(mod, contexts, lambda: mod.TI2VidOneStagePipeline(files.checkpoint, None, [], device=CPU),
+                       lambda p: p(PROMPT, NEGATIVE, 7, H, W, F, FPS, 2, *guiders(),
+                                   [ImageConditioningInput(media["first"], 0, 1.0)]))
+    req = request(image_path=media["first"])
+    check("LTX2Pipeline", ours_latents(get_pipeline_class("LTX2Pipeline")(ours), req), rec)
+
+
+def test_distilled(files, ours, contexts):
+    import ltx_pipelines.distilled as mod
+
+    rec = run_official(mod, contexts, lambda: mod.DistilledPipeline(files.checkpoint, None, files.spatial_upsampler, [],
+                                                                    device=CPU),
+                       lambda p: p(PROMPT, 7, H, W, F, FPS, []))
+    check("LTX2DistilledPipeline", ours_latents(get_pipeline_class("LTX2DistilledPipeline")(ours), request()), rec)
+
+
+def test_two_stage_hq(files, ours, contexts):
+    import ltx_pipelines.ti2vid_two_stages_hq as mod
+    from ltx_pipelines.utils.constants import LTX_2_3_HQ_PARAMS as HQ
+
+    rec = run_official(mod, contexts, lambda: mod.TI2VidTwoStagesHQPipeline(
+        files.checkpoint, [lora(files.distilled_lora)], 0.25, 0.5, files.spatial_upsampler, None, (), device=CPU),
+        lambda p: p(PROMPT, NEGATIVE, 7, H, W, F, FPS, 2, HQ.video_guider_params, HQ.audio_guider_params, []))
+    req = GenerationRequest(PROMPT, NEGATIVE, seed=7, num_inference_steps=2, **SIZE)  # the HQ defaults
+    check("LTX2TwoStageHQPipeline", ours_latents(get_pipeline_class("LTX2TwoStageHQPipeline")(ours), req), rec)
+
+
+def test_keyframe_interpolation(files, ours, contexts, media):
+    import ltx_pipelines.keyframe_interpolation as mod
+    from ltx_pipelines.utils.args import ImageConditioningInput as Image
+
+    images = [Image(media["first"], 0, 1.0), Image(media["last"], 8, 0.9)]
+    rec = run_official(mod, contexts, lambda: mod.KeyframeInterpolationPipeline(
+        files.checkpoint, [lora(files.distilled_lora)], files.spatial_upsampler, None, [], device=CPU),
+        lambda p: p(PROMPT, NEGATIVE, 7, H, W, F, FPS, 2, *guiders(), images))
+    req = request(images=[(media["first"], 0, 1.0), (media["last"], 8, 0.9)])
+    check("LTX2KeyframeInterpolationPipeline",
+          ours_latents(get_pipeline_class("LTX2KeyframeInterpolationPipeline")(ours), req), rec)
+
+
+def test_retake(files, ours, contexts, media):
+    import ltx_pipelines.retake as mod
+
+    rec = run_official(mod, contexts, lambda: mod.RetakePipeline(files.checkpoint, None, [], device=CPU),
+                       lambda p: p(media["source"], PROMPT, 0.1, 0.3, 7, negative_prompt=NEGATIVE, num_inference_steps=2,
+                                   video_guider_params=guiders()[0], audio_guider_params=guiders()[1]))
+    req = request(video_path=media["source"], start_time=0.1, end_time=0.3)
+    with official.mel_spectrogram_stand_in():
+        got = ours_latents(get_pipeline_class("LTX2RetakePipeline")(ours), req)
+    assert (req.width, req.height, req.num_frames) == (64, 64, 9)  # the source's
+    check("LTX2RetakePipeline", got, rec)
+
+
+def test_ic_lora(files, ours, contexts, media, tmp_path):
+    """The test's LoRA file plays the IC-LoRA, with a reference_downscale_factor of 2 in its metadata;
+    conditioning attention strength 0.5 puts an attention mask on the reference tokens."""
+    import ltx_pipelines.ic_lora as mod
+    from safetensors.torch import load_file, save_file
+
+    ic = str(tmp_path / "ic-lora.safetensors")
+    save_file(load_file(files.distilled_lora), ic, metadata={"reference_downscale_factor": "2"})
+    rec = run_official(mod, contexts, lambda: mod.ICLoraPipeline(files.checkpoint, files.spatial_upsampler, None,
+                                                                 [lora(ic, 0.8)], device=CPU),
+                       lambda p: p(PROMPT, 7, H, W, F, FPS, [], [(media["reference"], 1.0)],
+                                   conditioning_attention_strength=0.5))
+    req = request(video_conditioning=[(media["reference"], 1.0)], conditioning_attention_strength=0.5)
+    pipe = get_pipeline_class("LTX2ICLoraPipeline")(ours, lora_path=ic, lora_strength=0.8)
+    assert pipe.reference_downscale_factor == 2
+    check("LTX2ICLoraPipeline", ours_latents(pipe, req), rec)
+
+
+def test_a2vid(files, ours, contexts, media):
+    """The audio is input: the video latents are compared, and the written audio is the input's."""
+    import ltx_pipelines.a2vid_two_stage as mod
+
+    rec = run_official(mod, contexts, lambda: mod.A2VidPipelineTwoStage(
+        files.checkpoint, [lora(files.distilled_lora)], files.spatial_upsampler, None, [], device=CPU),
+        lambda p: p(PROMPT, NEGATIVE, 7, H, W, F, FPS, 2, guiders()[0], [], media["audio"],
+                    audio_max_duration=F / FPS))
+    pipe = get_pipeline_class("LTX2A2VidPipeline")(ours)
+    with official.mel_spectrogram_stand_in():
+        got = ours_latents(pipe, request(audio_path=media["audio"]))
+    check("LTX2A2VidPipeline", got, rec, audio=False)
+    audio = pipe.output_audio(got.run, got.audio)
+    assert torch.equal(audio.waveform, rec.output[1].waveform) and audio.sampling_rate == rec.output[1].sampling_rate

@@ -38,6 +38,7 @@ class Run:
     neg: tuple | None  # of the negative prompt (guided pipelines only)
     timer: stages.StageTimer
     progress: stages.Progress | None
+    source_audio: object = None  # A2Vid: the input audio, written as it is
 
 
 class LTX2PipelineBase:
@@ -131,6 +132,14 @@ class LTX2PipelineBase:
             progress("done", 1, 1)
         return GenerationResult(path=path, frames=frames_n, width=width, height=height, fps=fps,
                                 audio_samples=int(audio.waveform.shape[-1]), stage_times=dict(timer.times))
+
+
+def pixel_shape(req: GenerationRequest, divide: int = 1):
+    """The request's video at 1 / `divide` of its size (stage 1 of two: 2)."""
+    from ltx_core.types import VideoPixelShape
+
+    return VideoPixelShape(batch=1, frames=req.num_frames, width=req.width // divide, height=req.height // divide,
+                           fps=req.fps)
 
 
 def _in_dit_dtype(cond, dtype):

@@ -191,16 +191,19 @@ def stack_modalities(ms):
 # ---- the denoising function --------------------------------------------------------------------------
 
 def guided_denoise_fn(c: LTX2Components, ctx_pos, ctx_neg, video: MultiModalGuiderParams | MultiModalGuiderFactory,
-                      audio: MultiModalGuiderParams | MultiModalGuiderFactory, batch: bool | None = None):
+                      audio: MultiModalGuiderParams | MultiModalGuiderFactory, batch: bool | None = None,
+                      audio_negative: bool = True):
     """ltx-pipelines' multi_modal_guider_factory_denoising_func over our DiT (see the module doc).
-    `batch` None: `batch_guidance_passes` decides per step; True / False force one way."""
+    `batch` None: `batch_guidance_passes` decides per step; True / False force one way.
+    `audio_negative` False: the audio guider has no negative context, so the text-unconditional pass
+    gives the audio the prompt's context (ltx-pipelines' A2Vid builds its audio guider so)."""
     model = X0Model(c.transformer)
     video_factory = create_multimodal_guider_factory(video, negative_context=ctx_neg[0])
-    audio_factory = create_multimodal_guider_factory(audio, negative_context=ctx_neg[1])
+    audio_factory = create_multimodal_guider_factory(audio, negative_context=ctx_neg[1] if audio_negative else None)
     last: list = [None, None]
 
-    def step(video_state, audio_state, sigmas, i):
-        sigma = sigmas[i]
+    def step(video_state, audio_state, sigmas, step_index):  # ltx-pipelines' DenoisingFunc signature
+        i, sigma = step_index, sigmas[step_index]
         vg, ag = video_factory.build_from_sigma(float(sigma)), audio_factory.build_from_sigma(float(sigma))
         skip_v, skip_a = vg.should_skip_step(i), ag.should_skip_step(i)
         if skip_v and skip_a:

@@ -11,7 +11,8 @@ def register_pipeline(cls: type) -> type:
 
 
 def _load_builtin() -> None:
-    from ltx2_tp.pipelines import long_video, two_stage  # noqa: F401  (they register themselves)
+    from ltx2_tp.pipelines import (a2vid, distilled, ic_lora, keyframes, long_video, one_stage,  # noqa: F401
+                                   retake, two_stage, two_stage_hq)  # (they register themselves)
 
 
 def pipeline_names() -> list[str]:

@@ -29,7 +29,8 @@ from ltx_core.components.schedulers import LTX2Scheduler  # noqa: E402
 from ltx_core.model.transformer.model import X0Model  # noqa: E402
 from ltx_core.tools import AudioLatentTools, VideoLatentTools  # noqa: E402
 from ltx_core.types import AudioLatentShape, LatentState, VideoLatentShape, VideoPixelShape  # noqa: E402
-from ltx_pipelines.utils.constants import STAGE_2_DISTILLED_SIGMA_VALUES, VIDEO_SCALE_FACTORS  # noqa: E402
+from ltx_pipelines.utils.constants import (DISTILLED_SIGMA_VALUES, STAGE_2_DISTILLED_SIGMA_VALUES,  # noqa: E402
+                                           VIDEO_SCALE_FACTORS)
 from ltx_pipelines.utils.helpers import create_noised_state, post_process_latent, simple_denoising_func  # noqa: E402
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -79,17 +80,22 @@ def encode_text(c: LTX2Components, prompt: str, negative_prompt: str):
 
 def prepare_latents(c: LTX2Components, shape: VideoPixelShape, generator: torch.Generator, conditionings=(),
                     noise_scale: float = 1.0, initial_video: torch.Tensor | None = None,
-                    initial_audio: torch.Tensor | None = None) -> Streams:
-    """Noised video and audio latent states (patchified), as ltx-pipelines' denoise_audio_video."""
+                    initial_audio: torch.Tensor | None = None, audio_conditionings=(),
+                    audio_noise_scale: float | None = None) -> Streams:
+    """Noised video and audio latent states (patchified), as ltx-pipelines' denoise_audio_video
+    (`audio_noise_scale` 0: the audio is kept as given, as its denoise_video_only; noise is drawn
+    for it all the same, as there)."""
     noiser = GaussianNoiser(generator=generator)
     vshape = VideoLatentShape.from_pixel_shape(shape=shape, latent_channels=c.video_latent_channels,
                                                scale_factors=VIDEO_SCALE_FACTORS)
     vtools = VideoLatentTools(VideoLatentPatchifier(patch_size=1), vshape, shape.fps)
     ashape = AudioLatentShape.from_video_pixel_shape(shape, channels=c.audio_latent_channels, mel_bins=c.audio_mel_bins)
     atools = AudioLatentTools(AudioPatchifier(patch_size=1), ashape)
-    common = dict(noiser=noiser, dtype=c.dtype, device=c.device, noise_scale=noise_scale)
-    video = create_noised_state(tools=vtools, conditionings=list(conditionings), initial_latent=initial_video, **common)
-    audio = create_noised_state(tools=atools, conditionings=[], initial_latent=initial_audio, **common)
+    common = dict(noiser=noiser, dtype=c.dtype, device=c.device)
+    video = create_noised_state(tools=vtools, conditionings=list(conditionings), initial_latent=initial_video,
+                                noise_scale=noise_scale, **common)
+    audio = create_noised_state(tools=atools, conditionings=list(audio_conditionings), initial_latent=initial_audio,
+                                noise_scale=noise_scale if audio_noise_scale is None else audio_noise_scale, **common)
     return Streams(video, audio, vtools, atools)
 
 
@@ -113,6 +119,31 @@ def denoise(c: LTX2Components, s: Streams, sigmas: torch.Tensor, denoise_fn, sta
     return Streams(video, audio, s.video_tools, s.audio_tools)
 
 
+def denoise_res2s(c: LTX2Components, s: Streams, sigmas: torch.Tensor, denoise_fn, stage: str,
+                  progress: Progress | None = None) -> Streams:
+    """ltx-pipelines' res_2s loop (two DiT evaluations per step, SDE noise from its own seeds), the
+    latents kept in the DiT's dtype between evaluations (ltx-pipelines: its pipeline dtype, bf16)."""
+    from ltx_core.components.diffusion_steps import Res2sDiffusionStep
+    from ltx_pipelines.utils.samplers import res2s_audio_video_denoising_loop
+
+    total = 2 * (len(sigmas) - 1) + int(float(sigmas[-1]) == 0.0)  # DiT evaluations
+    done = [0]
+
+    def counted(*a, **k):
+        with nvtx_range(stage, "_eval", done[0]):
+            out = denoise_fn(*a, **k)
+        done[0] += 1
+        if progress:
+            progress(stage, done[0], total)
+        return out
+
+    if progress:
+        progress(stage, 0, total)
+    video, audio = res2s_audio_video_denoising_loop(sigmas, s.video, s.audio, Res2sDiffusionStep(), counted,
+                                                    model_dtype=c.dtype)
+    return Streams(video, audio, s.video_tools, s.audio_tools)
+
+
 def unpatchify(s: Streams) -> tuple[torch.Tensor, torch.Tensor]:
     v = s.video_tools.unpatchify(s.video_tools.clear_conditioning(s.video))
     a = s.audio_tools.unpatchify(s.audio_tools.clear_conditioning(s.audio))
@@ -126,12 +157,34 @@ def stage1_denoise_fn(c: LTX2Components, ctx_pos, ctx_neg, guidance_scale: float
 
 
 def stage2_denoise_fn(c: LTX2Components, ctx_pos):
-    """Call inside `stage2_weights(c)`: stage 2 runs on the weights plus the distilled LoRA."""
+    """No guidance: one pass per step (stage 2, the distilled model). Call inside the weights the
+    stage runs on (`stage2_weights(c)`: plus the distilled LoRA)."""
     return simple_denoising_func(ctx_pos[0], ctx_pos[1], X0Model(c.transformer))
 
 
-def stage2_weights(c: LTX2Components):
-    return lora_applied(c.transformer, c.stage2_lora)
+def stage2_weights(c: LTX2Components, strength: float | None = None):
+    """The DiT plus the distilled LoRA (at `strength`, default the file's flag) while inside."""
+    lora = c.stage2_lora
+    if lora is not None and strength is not None:
+        lora = replace(lora, strength=strength)
+    return lora_applied(c.transformer, lora)
+
+
+def load_audio_encoder(c: LTX2Components):
+    """ltx-core's audio VAE encoder (A2Vid, retake), built on first use: from the checkpoint, or the
+    tiny one (seeded). It needs torchaudio (its mel spectrogram; compat.py says so if missing)."""
+    from ltx_core.model.audio_vae import AudioEncoderConfigurator
+
+    if c.checkpoint_path:
+        from ltx_pipelines.utils.model_ledger import ModelLedger
+
+        dtype = torch.float32 if c.device.type == "cpu" else c.dtype
+        return ModelLedger(dtype=dtype, device=c.device, checkpoint_path=c.checkpoint_path).audio_encoder()
+    from ltx2_tp.pipelines.components import TINY_AUDIO_VAE
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        return AudioEncoderConfigurator.from_config(TINY_AUDIO_VAE).to(c.device).eval()
 
 
 def stage1_sigmas(steps: int, device) -> torch.Tensor:
@@ -140,6 +193,11 @@ def stage1_sigmas(steps: int, device) -> torch.Tensor:
 
 def stage2_sigmas(device) -> torch.Tensor:
     return torch.tensor(STAGE_2_DISTILLED_SIGMA_VALUES, dtype=torch.float32, device=device)
+
+
+def distilled_sigmas(device) -> torch.Tensor:
+    """The distilled model's 8 steps (ltx-pipelines' DISTILLED_SIGMA_VALUES)."""
+    return torch.tensor(DISTILLED_SIGMA_VALUES, dtype=torch.float32, device=device)
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ltx2_tp.pipelines import stages
-from ltx2_tp.pipelines.base import GenerationResult, LTX2PipelineBase, Run
+from ltx2_tp.pipelines.base import GenerationResult, LTX2PipelineBase, Run, pixel_shape
 from ltx2_tp.pipelines.guidance import guided_denoise_fn
 from ltx2_tp.pipelines.registry import register_pipeline
 from ltx2_tp.pipelines.request import GenerationRequest
@@ -38,13 +38,6 @@ def run_on_rank(pipeline, req: GenerationRequest, output_path: str | Path, rank:
     return None
 
 
-def pixel_shape(req: GenerationRequest, divide: int = 1):
-    from ltx_core.types import VideoPixelShape
-
-    return VideoPixelShape(batch=1, frames=req.num_frames, width=req.width // divide, height=req.height // divide,
-                           fps=req.fps)
-
-
 @register_pipeline
 class LTX2TwoStagePipeline(LTX2PipelineBase):
     name = "LTX2TwoStagePipeline"
@@ -64,9 +57,10 @@ class LTX2TwoStagePipeline(LTX2PipelineBase):
             video_latent, audio_latent = stages.unpatchify(s)
         return self.refine(run, video_latent, audio_latent, stages.stage2_weights(c))
 
-    def refine(self, run: Run, video_latent, audio_latent, weights=None, conditionings=None):
+    def refine(self, run: Run, video_latent, audio_latent, weights=None, conditionings=None, loop=stages.denoise):
         """ltx-pipelines' stage 2: x2 latent upsampler, then the distilled sigmas at full size on
-        `weights` (the distilled LoRA fused; none for a distilled checkpoint)."""
+        `weights` (the distilled LoRA fused; none for a distilled checkpoint), with `loop` (Euler;
+        the HQ pipeline's res_2s)."""
         c, req, t = self.c, run.req, run.timer
         with t("upsample"):
             up = stages.upsample(c, video_latent)
@@ -78,5 +72,5 @@ class LTX2TwoStagePipeline(LTX2PipelineBase):
             s = stages.prepare_latents(c, full, run.generator, conditionings, noise_scale=float(sig2[0]),
                                        initial_video=up, initial_audio=audio_latent)
             with weights or nullcontext():
-                s = stages.denoise(c, s, sig2, stages.stage2_denoise_fn(c, run.pos), "stage2", run.progress)
+                s = loop(c, s, sig2, stages.stage2_denoise_fn(c, run.pos), "stage2", run.progress)
             return stages.unpatchify(s)
