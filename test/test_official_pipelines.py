@@ -28,6 +28,16 @@ PROMPT, NEGATIVE = "a red fox in the snow", "blurry"
 SIZE = dict(width=64, height=64, num_frames=9, fps=24.0)  # stage 1: 32x32, one latent pixel
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one thread is faster, and with other processes on the 2 cores far faster (a 32x32
+    linear: 29 us on 1 thread, 3.8 ms on 2 under load)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     return official.write_files(tmp_path_factory.mktemp("ltx2_official"))
@@ -135,8 +145,8 @@ H, W, F, FPS = SIZE["height"], SIZE["width"], SIZE["num_frames"], SIZE["fps"]
 
 
 def request(steps=2, **kw):
-    return GenerationRequest(PROMPT, NEGATIVE, seed=7, num_inference_steps=steps, video_stg_blocks=[1],
-                             audio_stg_blocks=[1], **{**SIZE, **kw})
+    return GenerationRequest(PROMPT, NEGATIVE, seed=7, num_inference_steps=steps,
+                             **{"video_stg_blocks": [1], "audio_stg_blocks": [1], **SIZE, **kw})
 
 
 # ---- one test per pipeline ---------------------------------------------------------------------
@@ -257,3 +267,76 @@ def test_a2vid(files, ours, contexts, media):
     check("LTX2A2VidPipeline", got, rec, audio=False)
     audio = pipe.output_audio(got.run, got.audio)
     assert torch.equal(audio.waveform, rec.output[1].waveform) and audio.sampling_rate == rec.output[1].sampling_rate
+
+
+# ---- the guidance itself -------------------------------------------------------------------------
+
+def test_guidance_batched_equals_sequential_and_ltx_pipelines(files, ours, contexts):
+    """Sigma-binned params (a MultiModalGuiderFactory), every term on, the audio skipping every other
+    step: our passes as one batched forward, one forward each, and ltx-pipelines'
+    multi_modal_guider_factory_denoising_func over ltx-core's DiT give the same 4 Euler steps."""
+    from ltx_core.components.guiders import MultiModalGuiderFactory
+    from ltx_core.components.guiders import MultiModalGuiderParams as P
+    from ltx_core.components.guiders import create_multimodal_guider_factory
+    from ltx_core.types import VideoPixelShape
+    from ltx_pipelines.utils.helpers import multi_modal_guider_factory_denoising_func
+    from ltx_pipelines.utils.model_ledger import ModelLedger
+
+    from ltx2_tp.pipelines import stages
+    from ltx2_tp.pipelines.guidance import guided_denoise_fn
+
+    video = MultiModalGuiderFactory.from_dict({1.0: P(3.0, 1.0, [1], 0.7, 3.0), 0.6: P(cfg_scale=2.0, rescale_scale=0.5)})
+    audio = MultiModalGuiderFactory.from_dict({1.0: P(7.0, 1.0, [0], 0.7, 3.0, skip_step=1), 0.6: P()})
+    pos, neg = contexts[PROMPT], contexts[NEGATIVE]
+    start = stages.prepare_latents(ours, VideoPixelShape(batch=1, frames=9, width=64, height=64, fps=24.0),
+                                   torch.Generator().manual_seed(3))
+    sigmas = stages.stage1_sigmas(4, CPU)
+    sizes: list[int] = []
+    hook = ours.transformer.register_forward_hook(lambda m, i, o: sizes.append(o[0].shape[0]))
+    results = {}
+    try:
+        for batch in (True, False):
+            sizes.clear()
+            fn = guided_denoise_fn(ours, pos, neg, video, audio, batch=batch)
+            results[batch] = (stages.denoise(ours, start, sigmas, fn, "stage1"), list(sizes))
+    finally:
+        hook.remove()
+    ref_model = ModelLedger(dtype=torch.float32, device=CPU, checkpoint_path=files.checkpoint).transformer()
+    official_fn = multi_modal_guider_factory_denoising_func(
+        create_multimodal_guider_factory(video, negative_context=neg[0]),
+        create_multimodal_guider_factory(audio, negative_context=neg[1]), pos[0], pos[1], ref_model)
+    with torch.no_grad():
+        ref = stages.denoise(ours, start, sigmas, official_fn, "stage1")
+    (batched, batched_sizes), (sequential, sequential_sizes) = results[True], results[False]
+    assert set(sequential_sizes) == {1} and sum(batched_sizes) == len(sequential_sizes)
+    assert batched_sizes[0] == 4 and len(batched_sizes) < len(sequential_sizes), batched_sizes
+    for name in ("video", "audio"):
+        b, s, r = (getattr(x, name).latent for x in (batched, sequential, ref))
+        assert_close(f"batched {name}", b, s)
+        assert_close(f"ltx-pipelines {name}", s, r)
+
+
+def test_comparison_sees_a_guidance_term(ours, official_two_stage):
+    """The parity above is not vacuous: STG on the other block moves the latents 100x beyond 1e-5."""
+    got = ours_latents(get_pipeline_class("LTX2TwoStagePipeline")(ours), request(video_stg_blocks=[0]))
+    assert rel_err(got.video, official_two_stage.video) > 100 * TOL  # measured 1.4e-3
+
+
+def test_guidance_defaults_and_errors(ours):
+    from ltx_pipelines.utils.constants import LTX_2_3_PARAMS, LTX_2_PARAMS
+
+    from ltx2_tp.pipelines.guidance import default_params
+    from ltx2_tp.pipelines.request import RequestError
+
+    params = default_params(ours)  # the file says model_version 2.0.0-tiny: LTX-2's, STG moved into 2 blocks
+    assert params.num_inference_steps == LTX_2_PARAMS.num_inference_steps == 40
+    assert params.video_guider_params.stg_blocks == [1] and params.audio_guider_params.cfg_scale == 7.0
+    assert LTX_2_3_PARAMS.num_inference_steps == 30 and LTX_2_3_PARAMS.video_guider_params.stg_blocks == [28]
+    pipe = get_pipeline_class("LTX2TwoStagePipeline")(ours)
+    video, audio = pipe.guidance(request(a2v_guidance_scale=1.0, audio_rescale_scale=0.0))
+    assert (video.modality_scale, audio.rescale_scale, audio.modality_scale) == (1.0, 0.0, 3.0)
+    for kw, field in ((dict(video_stg_blocks=[2]), "video_stg_blocks"), (dict(video_rescale_scale=2.0), "video_rescale_scale"),
+                      (dict(audio_skip_step=-1), "audio_skip_step"), (dict(images=[("x.png", 9, 1.0)]), "images")):
+        with pytest.raises(RequestError) as e:
+            pipe.check(request(**kw))
+        assert e.value.field == field, (kw, e.value)
