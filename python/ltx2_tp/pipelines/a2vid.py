@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ltx2_tp.compat import has_torchaudio
 from ltx2_tp.pipelines import stages
 from ltx2_tp.pipelines.base import Run, pixel_shape
 from ltx2_tp.pipelines.guidance import default_params, guided_denoise_fn
@@ -26,15 +27,20 @@ from ltx2_tp.pipelines.two_stage import LTX2TwoStagePipeline
 class LTX2A2VidPipeline(LTX2TwoStagePipeline):
     name = "LTX2A2VidPipeline"
 
-    def default_params(self):
+    @classmethod
+    def default_params(cls, cfg, checkpoint_path=None, tiny=False):
         from ltx_pipelines.utils.constants import LTX_2_3_PARAMS
 
-        return default_params(self.c, base=LTX_2_3_PARAMS)  # its entry point's parser default, for every model
+        return default_params(cfg, checkpoint_path, tiny, base=LTX_2_3_PARAMS)  # its entry point's, for every model
 
-    def check(self, req: GenerationRequest) -> None:
-        super().check(req)
+    @classmethod
+    def check_request(cls, req: GenerationRequest, num_layers: int) -> None:
+        super().check_request(req, num_layers)
         if not req.audio_path or not Path(req.audio_path).is_file():
             raise RequestError("audio_path", f"the A2Vid pipeline needs an audio file; no such file: {req.audio_path}")
+        if not has_torchaudio():
+            raise RequestError("audio_path", f"encoding audio needs torchaudio (ltx-core's audio encoder), which is not "
+                               f"installed for this torch {torch.__version__}")
 
     def encoded_audio(self, run: Run):
         from ltx_core.model.audio_vae import encode_audio

@@ -13,7 +13,7 @@ import torch
 from ltx2_tp.media import write_media
 from ltx2_tp.pipelines import stages
 from ltx2_tp.pipelines.components import LTX2Components
-from ltx2_tp.pipelines.guidance import default_params, request_guidance
+from ltx2_tp.pipelines.guidance import check_stg_blocks, default_params, request_guidance
 from ltx2_tp.pipelines.request import GenerationRequest, RequestError
 
 
@@ -48,23 +48,31 @@ class LTX2PipelineBase:
 
     def __init__(self, components: LTX2Components, params=None):
         self.c = components
-        self.params = params or self.default_params()
+        c = components
+        self.params = params or self.default_params(c.transformer.cfg, c.checkpoint_path, c.name == "tiny")
 
-    def default_params(self):
+    @classmethod
+    def default_params(cls, cfg, checkpoint_path: str | None = None, tiny: bool = False):
         """ltx-pipelines' PipelineParams for this pipeline and model (guidance.py)."""
-        return default_params(self.c)
+        return default_params(cfg, checkpoint_path, tiny)
 
     # hooks ---------------------------------------------------------------------------------
-    def check(self, req: GenerationRequest) -> None:
-        """Everything about the request this pipeline needs, before anything runs."""
-        req.validate(multiple=self.size_multiple)
+    @classmethod
+    def check_request(cls, req: GenerationRequest, num_layers: int) -> None:
+        """Everything about the request this pipeline needs that the model does not decide (the CLI
+        calls it before anything is built; `num_layers`: the DiT's blocks, for the STG blocks)."""
+        req.validate(multiple=cls.size_multiple)
         if req.image_path and not Path(req.image_path).is_file():
             raise RequestError("image_path", f"no such file: {req.image_path}")
         for img in req.images:
             if not Path(img[0]).is_file():
                 raise RequestError("images", f"no such file: {img[0]}")
-        if self.guided:
-            self.guidance(req)
+        if cls.guided:
+            check_stg_blocks(req, num_layers)
+
+    def check(self, req: GenerationRequest) -> None:
+        """Before anything runs: the request, then what this pipeline instance adds."""
+        self.check_request(req, self.c.transformer.cfg.num_layers)
 
     def prepare(self, req: GenerationRequest) -> None:
         """Per-request layout (the long-video pipeline chooses chunk sizes here)."""

@@ -58,16 +58,17 @@ def batch_guidance_passes(c: LTX2Components, video_tokens: int) -> bool:
 
 # ---- defaults per model version ------------------------------------------------------------------
 
-def default_params(c: LTX2Components, base: PipelineParams | None = None) -> PipelineParams:
-    """ltx-pipelines' defaults for the model in `c`: read from the checkpoint's metadata as its entry
-    points do; for models without a file (random weights, tiny) by architecture (cross-attention
-    AdaLN is LTX-2.3's). STG blocks the model does not have fall back to its last block (tiny has 2)."""
+def default_params(cfg, checkpoint_path: str | None = None, tiny: bool = False,
+                   base: PipelineParams | None = None) -> PipelineParams:
+    """ltx-pipelines' defaults for a model: from the checkpoint's metadata, as its entry points read
+    them; for a model without a file (random weights) by architecture (cross-attention AdaLN is
+    LTX-2.3's). STG blocks the model lacks become its last block (the tiny model has 2 blocks)."""
     if base is None:
-        if c.checkpoint_path:
-            base = detect_params(c.checkpoint_path)
+        if checkpoint_path:
+            base = detect_params(checkpoint_path)
         else:
-            base = LTX_2_3_PARAMS if c.transformer.cfg.cross_attention_adaln else LTX_2_PARAMS
-    n = c.transformer.cfg.num_layers
+            base = LTX_2_3_PARAMS if cfg.cross_attention_adaln else LTX_2_PARAMS
+    n = cfg.num_layers
 
     def fit(p: MultiModalGuiderParams) -> MultiModalGuiderParams:
         if p.stg_blocks and max(p.stg_blocks) >= n:
@@ -76,9 +77,7 @@ def default_params(c: LTX2Components, base: PipelineParams | None = None) -> Pip
 
     params = replace(base, video_guider_params=fit(base.video_guider_params),
                      audio_guider_params=fit(base.audio_guider_params))
-    if c.name == "tiny":
-        params = replace(params, num_inference_steps=TINY_STEPS)
-    return params
+    return replace(params, num_inference_steps=TINY_STEPS) if tiny else params
 
 
 HQ_PARAMS = LTX_2_3_HQ_PARAMS
@@ -100,12 +99,16 @@ def request_guidance(req: GenerationRequest, params: PipelineParams, num_layers:
         cfg_scale=pick(req.audio_cfg_guidance_scale, a.cfg_scale), stg_scale=pick(req.audio_stg_guidance_scale, a.stg_scale),
         rescale_scale=pick(req.audio_rescale_scale, a.rescale_scale), modality_scale=pick(req.v2a_guidance_scale, a.modality_scale),
         skip_step=pick(req.audio_skip_step, a.skip_step), stg_blocks=_list(pick(req.audio_stg_blocks, a.stg_blocks)))
-    for name, p in (("video_stg_blocks", video), ("audio_stg_blocks", audio)):
-        bad = [b for b in p.stg_blocks or () if not 0 <= b < num_layers]
+    check_stg_blocks(req, num_layers)
+    return video, audio
+
+
+def check_stg_blocks(req: GenerationRequest, num_layers: int) -> None:
+    for name in ("video_stg_blocks", "audio_stg_blocks"):
+        bad = [b for b in getattr(req, name) or () if not 0 <= b < num_layers]
         if bad:
             raise RequestError(name, f"block indices must be between 0 and {num_layers - 1} (this model has "
                                f"{num_layers} blocks), got {bad}")
-    return video, audio
 
 
 def _list(blocks):

@@ -9,6 +9,8 @@ metadata), and stage 1 runs the 8 distilled sigmas with the IC-LoRA fused; stage
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from ltx2_tp.models.ltx2.lora import LoraWeights, lora_applied
@@ -33,13 +35,15 @@ class LTX2ICLoraPipeline(LTX2TwoStagePipeline):
             self.lora = LoraWeights.from_file(lora_path, lora_strength)
             self.reference_downscale_factor = _read_lora_reference_downscale_factor(lora_path)
 
-    def check(self, req: GenerationRequest) -> None:
-        super().check(req)
-        from pathlib import Path
-
+    @classmethod
+    def check_request(cls, req: GenerationRequest, num_layers: int) -> None:
+        super().check_request(req, num_layers)
         for path, _ in req.video_conditioning:
             if not Path(path).is_file():
                 raise RequestError("video_conditioning", f"no such file: {path}")
+
+    def check(self, req: GenerationRequest) -> None:
+        super().check(req)
         f = self.reference_downscale_factor
         if (req.height // 2) % f or (req.width // 2) % f:
             raise RequestError("width", f"stage 1's size ({req.width // 2}x{req.height // 2}) must be divisible by the "

@@ -103,14 +103,21 @@ def _check_guidance(r: GenerationRequest) -> None:
 
 def _check_inputs(r: GenerationRequest) -> None:
     for i, img in enumerate(r.images):
-        if not (3 <= len(img) <= 4):
-            raise RequestError("images", f"image {i}: give PATH FRAME_IDX STRENGTH [CRF], got {list(img)}")
+        try:
+            assert 3 <= len(img) <= 4
+            int(img[1]), float(img[2]), [int(x) for x in img[3:]]
+        except (AssertionError, ValueError, TypeError):
+            raise RequestError("images", f"image {i}: give PATH FRAME_IDX STRENGTH [CRF], got {list(img)}") from None
         if not (0 <= int(img[1]) < r.num_frames):
             raise RequestError("images", f"image {i}: frame index must be between 0 and {r.num_frames - 1}, got {img[1]}")
         if not (0.0 <= float(img[2]) <= 1.0):
             raise RequestError("images", f"image {i}: strength must be between 0 and 1, got {img[2]}")
     for i, ref in enumerate(r.video_conditioning):
-        if len(ref) != 2 or not (0.0 <= float(ref[1]) <= 1.0):
+        try:
+            ok = len(ref) == 2 and 0.0 <= float(ref[1]) <= 1.0
+        except (ValueError, TypeError):
+            ok = False
+        if not ok:
             raise RequestError("video_conditioning", f"reference {i}: give PATH STRENGTH (0 to 1), got {list(ref)}")
     if not (0.0 <= float(r.conditioning_attention_strength) <= 1.0):
         raise RequestError("conditioning_attention_strength",

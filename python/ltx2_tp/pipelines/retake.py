@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ltx2_tp.compat import has_torchaudio
 from ltx2_tp.pipelines import stages
 from ltx2_tp.pipelines.base import LTX2PipelineBase, Run, pixel_shape
 from ltx2_tp.pipelines.guidance import guided_denoise_fn
@@ -24,7 +25,8 @@ class LTX2RetakePipeline(LTX2PipelineBase):
     name = "LTX2RetakePipeline"
     size_multiple = 32
 
-    def check(self, req: GenerationRequest) -> None:
+    @classmethod
+    def check_request(cls, req: GenerationRequest, num_layers: int) -> None:
         """The output is the source's size, frames and fps: they replace the request's."""
         from ltx_pipelines.utils.media_io import get_videostream_metadata
 
@@ -37,7 +39,10 @@ class LTX2RetakePipeline(LTX2PipelineBase):
             raise RequestError("video_path", f"the source video must have 8k+1 frames and sides that are multiples of "
                                f"32, got {frames} frames of {width}x{height}")
         req.fps, req.num_frames, req.width, req.height = fps, frames, width, height
-        super().check(req)
+        super().check_request(req, num_layers)
+        if _has_audio(req.video_path) and not has_torchaudio():
+            raise RequestError("video_path", f"the source's audio track needs torchaudio to encode (ltx-core's audio "
+                               f"encoder), which is not installed for this torch {torch.__version__}")
 
     def latents(self, run: Run) -> tuple[torch.Tensor, torch.Tensor]:
         from ltx_pipelines.retake import TemporalRegionMask, _encode_audio_for_retake, _encode_video_for_retake
@@ -65,3 +70,10 @@ class LTX2RetakePipeline(LTX2PipelineBase):
                                guided_denoise_fn(c, run.pos, run.neg, video_guidance, audio_guidance), "stage1",
                                run.progress)
             return stages.unpatchify(s)
+
+
+def _has_audio(path: str) -> bool:
+    import av
+
+    with av.open(path) as f:
+        return bool(f.streams.audio)

@@ -29,8 +29,9 @@ class LTX2TwoStageHQPipeline(LTX2TwoStagePipeline):
         super().__init__(components, params)
         self.strengths = (distilled_lora_strength_stage_1, distilled_lora_strength_stage_2)
 
-    def default_params(self):
-        return default_params(self.c, base=HQ_PARAMS)
+    @classmethod
+    def default_params(cls, cfg, checkpoint_path=None, tiny=False):
+        return default_params(cfg, checkpoint_path, tiny, base=HQ_PARAMS)  # its entry point's, for every model
 
     def latents(self, run: Run) -> tuple[torch.Tensor, torch.Tensor]:
         from ltx_core.components.schedulers import LTX2Scheduler
