@@ -6,10 +6,11 @@ What has to change for that, all here and all test-side (the pipelines' code run
   config (LTX_CORE_TRANSFORMER_KEYS), and A2Vid / retake want the audio VAE's encoder
   (`audio_vae.encoder.*`). ltx-core fuses LoRAs only into bf16 (or fp8) weights, so the DiT is
   written in bf16; both sides compute in fp32 from those exact values.
-- dtype: with a LoRA, ltx-core leaves the weights the LoRA does not touch in the file's bf16: the
-  ledger's transformer is cast to fp32 (exact). Every pipeline hard-codes `dtype = torch.bfloat16` (and `torch.cuda.synchronize()`); the
+- dtype: every pipeline hard-codes `dtype = torch.bfloat16` (and `torch.cuda.synchronize()`): the
   pipeline module's `torch` is swapped for a view of torch whose `bfloat16` is float32 and whose
-  `cuda.synchronize` is a no-op. res2s' `model_dtype` (bf16 by default) becomes float32 likewise.
+  `cuda.synchronize` is a no-op; res2s' `model_dtype` (bf16 by default) becomes float32 likewise;
+  with a LoRA, ltx-core leaves the weights the LoRA does not touch in the file's bf16, so the
+  ledger's transformer is cast to fp32 (exact). `cleanup_memory` (gc + CUDA cache) is skipped.
 - sizes: `PipelineComponents.video_latent_channels` is fixed at 128 and `AudioLatentShape` defaults
   to 8 channels; the tiny model has 16 and 1 (a subclass with the tiny defaults is put in place).
 - Gemma cannot run here: `encode_prompts` returns the tiny text encoder's contexts (the same

@@ -328,7 +328,8 @@ def test_guidance_defaults_and_errors(ours):
     from ltx2_tp.pipelines.guidance import default_params
     from ltx2_tp.pipelines.request import RequestError
 
-    params = default_params(ours.transformer.cfg, ours.checkpoint_path)  # the file says model_version 2.0.0-tiny: LTX-2's, STG moved into 2 blocks
+    # the file says model_version 2.0.0-tiny: LTX-2's params, STG moved into the 2 blocks
+    params = default_params(ours.transformer.cfg, ours.checkpoint_path)
     assert params.num_inference_steps == LTX_2_PARAMS.num_inference_steps == 40
     assert params.video_guider_params.stg_blocks == [1] and params.audio_guider_params.cfg_scale == 7.0
     assert LTX_2_3_PARAMS.num_inference_steps == 30 and LTX_2_3_PARAMS.video_guider_params.stg_blocks == [28]

@@ -93,12 +93,14 @@ def request_guidance(req: GenerationRequest, params: PipelineParams, num_layers:
 
     video = MultiModalGuiderParams(
         cfg_scale=float(req.guidance_scale), stg_scale=pick(req.video_stg_guidance_scale, v.stg_scale),
-        rescale_scale=pick(req.video_rescale_scale, v.rescale_scale), modality_scale=pick(req.a2v_guidance_scale, v.modality_scale),
-        skip_step=pick(req.video_skip_step, v.skip_step), stg_blocks=_list(pick(req.video_stg_blocks, v.stg_blocks)))
+        rescale_scale=pick(req.video_rescale_scale, v.rescale_scale),
+        modality_scale=pick(req.a2v_guidance_scale, v.modality_scale), skip_step=pick(req.video_skip_step, v.skip_step),
+        stg_blocks=_list(pick(req.video_stg_blocks, v.stg_blocks)))
     audio = MultiModalGuiderParams(
         cfg_scale=pick(req.audio_cfg_guidance_scale, a.cfg_scale), stg_scale=pick(req.audio_stg_guidance_scale, a.stg_scale),
-        rescale_scale=pick(req.audio_rescale_scale, a.rescale_scale), modality_scale=pick(req.v2a_guidance_scale, a.modality_scale),
-        skip_step=pick(req.audio_skip_step, a.skip_step), stg_blocks=_list(pick(req.audio_stg_blocks, a.stg_blocks)))
+        rescale_scale=pick(req.audio_rescale_scale, a.rescale_scale),
+        modality_scale=pick(req.v2a_guidance_scale, a.modality_scale), skip_step=pick(req.audio_skip_step, a.skip_step),
+        stg_blocks=_list(pick(req.audio_stg_blocks, a.stg_blocks)))
     check_stg_blocks(req, num_layers)
     return video, audio
 

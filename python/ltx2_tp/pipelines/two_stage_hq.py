@@ -41,7 +41,8 @@ class LTX2TwoStageHQPipeline(LTX2TwoStagePipeline):
         video_guidance, audio_guidance = self.guidance(req)
         half = pixel_shape(req, 2)
         tokens = torch.empty(VideoLatentShape.from_pixel_shape(half).to_torch_shape(), device="meta")  # only its shape
-        sigmas = LTX2Scheduler().execute(latent=tokens, steps=req.num_inference_steps).to(dtype=torch.float32, device=c.device)
+        sigmas = LTX2Scheduler().execute(latent=tokens, steps=req.num_inference_steps)
+        sigmas = sigmas.to(dtype=torch.float32, device=c.device)
         with t("latent_preparation"):
             s = stages.prepare_latents(c, half, run.generator, self.image_conditionings(req, half.height, half.width))
         with t("stage1_denoise"), stages.stage2_weights(c, self.strengths[0]):
