@@ -341,3 +341,24 @@ def test_guidance_defaults_and_errors(ours):
         with pytest.raises(RequestError) as e:
             pipe.check(request(**kw))
         assert e.value.field == field, (kw, e.value)
+
+
+def test_cli_reaches_the_family(tmp_path, media, capsys):
+    """`ltx2-tp generate --pipeline-class-name ...` runs a pipeline of the family with its input flags;
+    bad guidance / input flags stop before anything is built, naming the flag (in-process: the CLI's
+    main, without a new interpreter's imports)."""
+    from ltx2_tp.cli import main
+
+    base = ["generate", "--prompt", "a fox", "--width", "64", "--height", "64", "--num-frames", "9"]
+    out = tmp_path / "kf.mp4"
+    assert main([*base, "--pipeline-class-name", "LTX2KeyframeInterpolationPipeline", "--num-inference-steps", "2",
+                 "--image", media["first"], "0", "1.0", "--image", media["last"], "8", "0.9",
+                 "--output-path", str(out)]) == 0
+    assert out.is_file()
+    for flags, msg in ((["--video-stg-blocks", "5"], "--video-stg-blocks: block indices must be between 0 and 1"),
+                       (["--image", media["first"], "9", "1.0"], "--image: image 0: frame index must be between 0 and 8"),
+                       (["--pipeline-class-name", "LTX2RetakePipeline"], "--video-path: the retake pipeline needs"),
+                       (["--pipeline-class-name", "Nope"], "--pipeline-class-name: unknown pipeline 'Nope'")):
+        capsys.readouterr()
+        assert main([*base, *flags, "--output-path", str(tmp_path / "no.mp4")]) == 2, flags
+        assert msg in capsys.readouterr().err and not (tmp_path / "no.mp4").exists(), flags
