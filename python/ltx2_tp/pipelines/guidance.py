@@ -41,8 +41,7 @@ ensure_ltx_imports()
 from ltx_core.components.guiders import (MultiModalGuider, MultiModalGuiderFactory,  # noqa: E402
                                          MultiModalGuiderParams, create_multimodal_guider_factory)
 from ltx_core.model.transformer.model import X0Model  # noqa: E402
-from ltx_pipelines.utils.constants import (LTX_2_3_HQ_PARAMS, LTX_2_3_PARAMS, LTX_2_PARAMS,  # noqa: E402
-                                           PipelineParams, detect_params)
+from ltx_pipelines.utils.constants import LTX_2_3_PARAMS, LTX_2_PARAMS, PipelineParams, detect_params  # noqa: E402
 from ltx_pipelines.utils.helpers import modality_from_latent_state  # noqa: E402
 
 # Per rank: above this many video tokens a pass is GEMM-bound, and batching the passes of a step
@@ -78,9 +77,6 @@ def default_params(cfg, checkpoint_path: str | None = None, tiny: bool = False,
     params = replace(base, video_guider_params=fit(base.video_guider_params),
                      audio_guider_params=fit(base.audio_guider_params))
     return replace(params, num_inference_steps=TINY_STEPS) if tiny else params
-
-
-HQ_PARAMS = LTX_2_3_HQ_PARAMS
 
 
 def request_guidance(req: GenerationRequest, params: PipelineParams, num_layers: int

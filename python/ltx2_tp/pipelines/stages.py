@@ -17,7 +17,7 @@ import torch
 from ltx2_tp.compat import ensure_ltx_imports
 from ltx2_tp.models.ltx2.lora import lora_applied
 from ltx2_tp.pipelines.components import LTX2Components
-from ltx2_tp.pipelines.guidance import CFG_BATCH_MAX_TOKENS, cfg_only, guided_denoise_fn  # noqa: F401
+from ltx2_tp.pipelines.guidance import cfg_only, guided_denoise_fn
 from ltx2_tp.profiling import nvtx_range
 
 ensure_ltx_imports()

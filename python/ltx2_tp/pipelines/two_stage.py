@@ -57,7 +57,7 @@ class LTX2TwoStagePipeline(LTX2PipelineBase):
             video_latent, audio_latent = stages.unpatchify(s)
         return self.refine(run, video_latent, audio_latent, stages.stage2_weights(c))
 
-    def refine(self, run: Run, video_latent, audio_latent, weights=None, conditionings=None, loop=stages.denoise):
+    def refine(self, run: Run, video_latent, audio_latent, weights=None, loop=stages.denoise):
         """ltx-pipelines' stage 2: x2 latent upsampler, then the distilled sigmas at full size on
         `weights` (the distilled LoRA fused; none for a distilled checkpoint), with `loop` (Euler;
         the HQ pipeline's res_2s)."""
@@ -67,8 +67,7 @@ class LTX2TwoStagePipeline(LTX2PipelineBase):
         full = pixel_shape(req)
         sig2 = stages.stage2_sigmas(c.device)
         with t("stage2_refine"):
-            if conditionings is None:
-                conditionings = self.image_conditionings(req, full.height, full.width, self.keyframes)
+            conditionings = self.image_conditionings(req, full.height, full.width, self.keyframes)
             s = stages.prepare_latents(c, full, run.generator, conditionings, noise_scale=float(sig2[0]),
                                        initial_video=up, initial_audio=audio_latent)
             with weights or nullcontext():

@@ -12,7 +12,7 @@ import torch
 
 from ltx2_tp.pipelines import stages
 from ltx2_tp.pipelines.base import Run, pixel_shape
-from ltx2_tp.pipelines.guidance import HQ_PARAMS, default_params, guided_denoise_fn
+from ltx2_tp.pipelines.guidance import default_params, guided_denoise_fn
 from ltx2_tp.pipelines.registry import register_pipeline
 from ltx2_tp.pipelines.two_stage import LTX2TwoStagePipeline
 
@@ -31,7 +31,9 @@ class LTX2TwoStageHQPipeline(LTX2TwoStagePipeline):
 
     @classmethod
     def default_params(cls, cfg, checkpoint_path=None, tiny=False):
-        return default_params(cfg, checkpoint_path, tiny, base=HQ_PARAMS)  # its entry point's, for every model
+        from ltx_pipelines.utils.constants import LTX_2_3_HQ_PARAMS
+
+        return default_params(cfg, checkpoint_path, tiny, base=LTX_2_3_HQ_PARAMS)  # its entry point's, for every model
 
     def latents(self, run: Run) -> tuple[torch.Tensor, torch.Tensor]:
         from ltx_core.components.schedulers import LTX2Scheduler
