@@ -230,7 +230,7 @@ def bench_pipeline(a, pipe, comps, ctx, rank0) -> dict:
         "Decode stage (+MP4 write)": [r["stages"]["decode_and_write"] for r in runs],
     }
     v, au = pipe.guidance(req) if pipe.guided else (None, None)
-    what = (f"stage 1 {seen.get('stage1')} steps, stage 2 {seen.get('stage2')} steps"
+    what = (f"stage 1 {seen.get('stage1')} denoiser calls, stage 2 {seen.get('stage2')} (res_2s: 2 a step)"
             + (f"; video {v}; audio {au}" if v is not None else "; no guidance"))
     return {"steps": what, "runs": runs, "table": {k: {"mean": mean(xs), "runs": xs} for k, xs in rows.items()}}
 
