@@ -1,16 +1,22 @@
-"""A whole two-stage request, per stage and per step, in the shape of sglang PR's table
-(../shared/seeds/004: LTX-2.3, 768x512x121, 30 stage-1 steps, 3 refine steps, warm-up excluded).
+"""Whole requests, per stage and per step, in the shape of sglang PR's table (../shared/seeds/004)
+and sglang's published baselines (../shared/anchors.md): 768x512x121, warm-up excluded.
 
 Full-size DiT with seeded random weights (the speed does not depend on the values); video VAE,
 upsampler, audio VAE and vocoder at the real LTX-2 sizes (configs below, from sglang's LTX-2
 configs) with random weights; the Gemma text encoder is replaced by a fixed random context of
-1024 tokens (text encoding is not timed: it is not our code). Stage 1 runs CFG (2 DiT passes per
-step); the official LTX-2.3 stage 1 adds STG and modality guidance.
+1024 tokens (text encoding is not timed: it is not our code); no distilled LoRA is fused (random
+weights have none). Stage 1 runs the official multimodal guidance with the model's defaults
+(ltx-pipelines' PipelineParams: LTX-2 40 steps, video cfg 3 + STG block 29 + modality 3, audio
+cfg 7 ...: 4 DiT passes per step, one batched forward when this rank's video tokens <= 16,384);
+`--guidance cfg` runs plain CFG on both streams instead (2 passes: the figures before issue 16).
+Several pipelines run in one process over the same weights (`--pipeline-class-name A,B`):
 
-    python benchmark/bench_request.py --model ltx-2.3 --width 768 --height 512 --num-frames 121 \
-        --steps 30 --repeat 3 [--compile] [--json benchmark/results/x.json]
+    python benchmark/bench_request.py --model ltx-2-19b --pipeline-class-name LTX2TwoStagePipeline,LTX2DistilledPipeline \
+        --width 768 --height 512 --num-frames 121 --repeat 3 --json benchmark/results/x.json
+    python benchmark/bench_request.py --model ltx-2.3 --steps 30 [--compile] [--guidance cfg]
     torchrun --nproc-per-node 4 benchmark/bench_request.py --tp-size 4 ...      (TP / SP layouts)
-    python benchmark/bench_request.py --device cpu --model tiny --width 128 --height 128 --num-frames 9 --steps 2
+    python benchmark/bench_request.py --device cpu --model tiny --width 128 --height 128 --num-frames 9 --steps 2 \
+        --pipeline-class-name LTX2TwoStagePipeline,LTX2DistilledPipeline --repeat 1
 """
 
 from __future__ import annotations
@@ -96,13 +102,18 @@ def build_full_size(model: str, device, dtype, ctx, seed: int = 0):
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="ltx-2.3")
-    p.add_argument("--pipeline-class-name", default="LTX2TwoStagePipeline")
+    p.add_argument("--model", default="ltx-2-19b")
+    p.add_argument("--pipeline-class-name", default="LTX2TwoStagePipeline,LTX2DistilledPipeline",
+                   help="comma-separated: each runs warm-up + repeats over the same components")
     p.add_argument("--width", type=int, default=768)
     p.add_argument("--height", type=int, default=512)
     p.add_argument("--num-frames", type=int, default=121)
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=None, help="stage-1 steps; default the model's (LTX-2 40, LTX-2.3 30)")
+    p.add_argument("--guidance", choices=["official", "cfg"], default="official",
+                   help="official: the model's multimodal guidance; cfg: plain CFG on both streams")
     p.add_argument("--guidance-scale", type=float, default=3.0)
+    p.add_argument("--guidance-batch-max-tokens", type=int, default=None,
+                   help="override the rule that batches a step's guidance passes (0: never batch)")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--compile", action="store_true", help="torch.compile each DiT block")
@@ -118,8 +129,6 @@ def main() -> int:
 
     from ltx2_tp.distributed.context import init_parallel
     from ltx2_tp.pipelines.registry import get_pipeline_class
-    from ltx2_tp.pipelines.request import GenerationRequest
-    from ltx2_tp.pipelines.stages import StageTimer
 
     ctx = init_parallel(a.tp_size, a.ulysses_size, a.ring_size)
     device = f"cuda:{torch.cuda.current_device()}" if a.device == "cuda" else a.device
@@ -136,14 +145,54 @@ def main() -> int:
 
         compile_blocks(comps.transformer)
     build_s = time.perf_counter() - t0
-    pipe = get_pipeline_class(a.pipeline_class_name)(comps)
-    pipe.encoder_options = _encoder_options(a)
+    if a.guidance_batch_max_tokens is not None:
+        from ltx2_tp.pipelines import guidance
+
+        guidance.CFG_BATCH_MAX_TOKENS = a.guidance_batch_max_tokens
     rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    results = {}
+    for name in a.pipeline_class_name.split(","):
+        pipe = get_pipeline_class(name)(comps)
+        pipe.encoder_options = _encoder_options(a)
+        results[name] = bench_pipeline(a, pipe, comps, ctx, rank0)
+    if rank0:
+        gpus = torch.cuda.device_count() if a.device == "cuda" else 0
+        device_name = torch.cuda.get_device_name() if a.device == "cuda" else "cpu"
+        print(f"\n{a.model} {a.width}x{a.height}x{a.num_frames}, guidance {a.guidance}, layout[{ctx.describe()}], "
+              f"compile={a.compile}, {device_name} x{max(gpus, 1)}, build {build_s:.1f} s")
+        for name, r in results.items():
+            print(f"\n{name}: {r['steps']}")
+            print("| Metric | mean | runs |\n|---|---|---|")
+            for k, v in r["table"].items():
+                print(f"| {k} | {v['mean']:.4f} s | {', '.join(f'{x:.4f}' for x in v['runs'])} |")
+        if a.device == "cuda":
+            print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+        if a.json:
+            Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.json).write_text(json.dumps({
+                "date": datetime.date.today().isoformat(), "device": device_name, "command": " ".join(sys.argv),
+                "model": a.model, "guidance": a.guidance, "layout": ctx.describe(), "compile": a.compile,
+                "pipelines": results,
+                "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if a.device == "cuda" else None,
+            }, indent=1))
+    return 0
+
+
+def bench_pipeline(a, pipe, comps, ctx, rank0) -> dict:
+    """Warm-up + repeats of one pipeline: request time, stage times, per-step times."""
+    from ltx2_tp.pipelines.request import GenerationRequest
+    from ltx2_tp.pipelines.stages import StageTimer
+
     sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
     out_dir = Path("/tmp/ltx2_tp_bench_request")
     out_dir.mkdir(exist_ok=True)
-
-    runs = []
+    steps = a.steps or pipe.params.num_inference_steps
+    guidance = {}
+    if a.guidance == "cfg":  # the multimodal guider reduced to CFGGuider's arithmetic on both streams
+        guidance = dict(video_stg_guidance_scale=0.0, video_rescale_scale=0.0, a2v_guidance_scale=1.0,
+                        audio_cfg_guidance_scale=a.guidance_scale, audio_stg_guidance_scale=0.0,
+                        audio_rescale_scale=0.0, v2a_guidance_scale=1.0)
+    runs, seen = [], {}
     for i in range(a.warmup + a.repeat):
         step_t: dict[str, list[float]] = {"stage1": [], "stage2": []}
         last = [time.perf_counter()]
@@ -155,10 +204,11 @@ def main() -> int:
                 if done:  # done == 0: the loop starts
                     step_t[stage].append(now - last[0])
                 last[0] = now
+                seen[stage] = total
 
         req = GenerationRequest(prompt="SpongeBob talking with patrick", width=a.width, height=a.height,
-                                num_frames=a.num_frames, num_inference_steps=a.steps, guidance_scale=a.guidance_scale,
-                                seed=i)
+                                num_frames=a.num_frames, num_inference_steps=steps, guidance_scale=a.guidance_scale,
+                                seed=i, **guidance)
         timer = StageTimer(sync=a.device == "cuda")
         sync()
         t = time.perf_counter()
@@ -170,41 +220,26 @@ def main() -> int:
                          "stage1_steps": step_t["stage1"],
                          "stage2_steps": step_t["stage2"]})
         if rank0:
-            print(f"run {i}{' (warm-up)' if i < a.warmup else ''}: {total:.3f} s  " +
+            print(f"{pipe.name} run {i}{' (warm-up)' if i < a.warmup else ''}: {total:.3f} s  " +
                   "  ".join(f"{k} {v:.3f}" for k, v in timer.times.items()) +
                   "  (" + "  ".join(f"{k} {v:.3f}" for k, v in timer.parts.items()) + ")", flush=True)
 
     def mean(xs):
         return statistics.mean(xs) if xs else float("nan")
 
-    rows = [
-        ("Warmup-excluded request", [r["request_s"] for r in runs]),
-        ("Denoise stage", [r["stages"]["stage1_denoise"] for r in runs]),
-        ("Denoise per step", [mean(r["stage1_steps"]) for r in runs]),
-        ("Upsample", [r["stages"]["upsample"] for r in runs]),
-        ("Refinement stage", [r["stages"]["stage2_refine"] for r in runs]),
-        ("Refinement per step", [mean(r["stage2_steps"]) for r in runs]),
-        ("Decode stage (+MP4 write)", [r["stages"]["decode_and_write"] for r in runs]),
-    ]
-    if rank0:
-        gpus = torch.cuda.device_count() if a.device == "cuda" else 0
-        name = torch.cuda.get_device_name() if a.device == "cuda" else "cpu"
-        print(f"\n{a.model} {a.pipeline_class_name} {a.width}x{a.height}x{a.num_frames}, {a.steps}+3 steps, "
-              f"layout[{ctx.describe()}], compile={a.compile}, {name} x{max(gpus, 1)}, build {build_s:.1f} s")
-        print("| Metric | mean | runs |\n|---|---|---|")
-        for k, xs in rows:
-            print(f"| {k} | {mean(xs):.4f} s | {', '.join(f'{x:.4f}' for x in xs)} |")
-        if a.device == "cuda":
-            print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
-        if a.json:
-            Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(a.json).write_text(json.dumps({
-                "date": datetime.date.today().isoformat(), "device": name, "command": " ".join(sys.argv),
-                "layout": ctx.describe(), "compile": a.compile, "runs": runs,
-                "table": {k: {"mean": mean(xs), "runs": xs} for k, xs in rows},
-                "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if a.device == "cuda" else None,
-            }, indent=1))
-    return 0
+    rows = {
+        "Warmup-excluded request": [r["request_s"] for r in runs],
+        "Denoise stage": [r["stages"]["stage1_denoise"] for r in runs],
+        "Denoise per step": [mean(r["stage1_steps"]) for r in runs],
+        "Upsample": [r["stages"].get("upsample", 0.0) for r in runs],
+        "Refinement stage": [r["stages"].get("stage2_refine", 0.0) for r in runs],
+        "Refinement per step": [mean(r["stage2_steps"]) for r in runs],
+        "Decode stage (+MP4 write)": [r["stages"]["decode_and_write"] for r in runs],
+    }
+    v, au = pipe.guidance(req) if pipe.guided else (None, None)
+    what = (f"stage 1 {seen.get('stage1')} denoiser calls, stage 2 {seen.get('stage2')} (res_2s: 2 a step)"
+            + (f"; video {v}; audio {au}" if v is not None else "; no guidance"))
+    return {"steps": what, "runs": runs, "table": {k: {"mean": mean(xs), "runs": xs} for k, xs in rows.items()}}
 
 
 if __name__ == "__main__":

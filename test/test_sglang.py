@@ -53,9 +53,12 @@ RESOLVE = """
     model_cls, arch = ModelRegistry.resolve_model_cls("LTX2TPModel")
     info = get_model_info("ltx2-tp/tiny", backend="sglang")
     two = get_pipeline_class("LTX2TwoStagePipeline")
+    family = {n: get_pipeline_class(n).__module__ for n in (
+        "LTX2Pipeline", "LTX2TwoStageHQPipeline", "LTX2DistilledPipeline", "LTX2KeyframeInterpolationPipeline",
+        "LTX2RetakePipeline", "LTX2ICLoraPipeline", "LTX2A2VidPipeline")}
     print(json.dumps({"pipeline": f"{cls.__module__}.{cls.__name__}", "model": f"{model_cls.__module__}.{model_cls.__name__}",
                       "info": info.pipeline_cls.__name__, "params": get_pipeline_config_classes("LTX2LongVideo")[1].__name__,
-                      "diffusion": get_is_diffusion_model("ltx2-tp/tiny"), "two_stage": two.__module__}))
+                      "diffusion": get_is_diffusion_model("ltx2-tp/tiny"), "two_stage": two.__module__, "family": family}))
 """
 
 
@@ -70,6 +73,8 @@ def test_registration_resolves_through_sglang(env, way):
     assert out["info"] == "SGLangLTX2LongVideo" and out["params"] == "LTX2TPSamplingParams"
     assert out["diffusion"] is True
     assert out["two_stage"].startswith("sglang.")  # sglang's own LTX2TwoStagePipeline stays unless asked
+    for name, module in out["family"].items():  # ours where sglang has none, sglang's own where it has one
+        assert module == EXTERNAL if name not in ("LTX2Pipeline", "LTX2TwoStageHQPipeline") else module.startswith("sglang."), (name, module)
 
 
 def test_two_stage_override_when_asked(env):
@@ -78,6 +83,7 @@ def test_two_stage_override_when_asked(env):
     out = json.loads(run_py(RESOLVE, env, SGLANG_EXTERNAL_MODEL_PACKAGE=EXTERNAL,
                             LTX2_TP_SGLANG_TWO_STAGE="1").strip().splitlines()[-1])
     assert out["two_stage"] == EXTERNAL
+    assert set(out["family"].values()) == {EXTERNAL}  # sglang's LTX2Pipeline and HQ replaced too
 
 
 def test_sglang_argument_parser_takes_our_pipeline(env):

@@ -80,23 +80,31 @@ def cmd_dit(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from ltx2_tp.pipelines.registry import get_pipeline_class
+    from ltx2_tp.pipelines.registry import get_pipeline_class, pipeline_names
     from ltx2_tp.pipelines.request import GenerationRequest, RequestError
 
+    if args.pipeline_class_name not in pipeline_names():
+        raise UsageError(f"--pipeline-class-name: unknown pipeline {args.pipeline_class_name!r}; "
+                         f"allowed: {', '.join(pipeline_names())}")
+    cls = get_pipeline_class(args.pipeline_class_name)
+    files = _checkpoint_files(args)
+    cfg = _check_layout(args, files)
+    steps = args.num_inference_steps  # default: the pipeline's for the model (ltx-pipelines' PipelineParams)
+    if steps is None:
+        steps = cls.default_params(cfg, files.checkpoint if files else None, files is None).num_inference_steps
     fmt = args.output_format or (args.output_path.rsplit(".", 1)[-1].lower() if "." in args.output_path else "mp4")
     req = GenerationRequest(prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width,
-                            height=args.height, num_frames=args.num_frames, fps=args.fps,
-                            num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                            seed=args.seed, image_path=args.image_path, output_format=fmt)
-    pipeline_class = get_pipeline_class(args.pipeline_class_name)
-    try:  # every value checked before anything is built, sizes by the pipeline's own rule
-        req.validate(spatial_multiple=pipeline_class.spatial_multiple)
-    except RequestError as e:
-        raise _flag_error(e) from None
+                            height=args.height, num_frames=args.num_frames, fps=args.fps, num_inference_steps=steps,
+                            guidance_scale=args.guidance_scale, seed=args.seed, image_path=args.image_path,
+                            output_format=fmt, **{k: getattr(args, k) for k in REQUEST_FLAGS})
     if args.image_path and not _exists(args.image_path):
         raise UsageError(f"--image-path: no such file {args.image_path!r}")
-    files = _checkpoint_files(args)
-    _check_layout(args, files)
+    if args.lora and not _exists(args.lora[0]):
+        raise UsageError(f"--lora: no such file {args.lora[0]!r}")
+    try:  # every value checked before anything is built
+        cls.check_request(req, cfg.num_layers)
+    except RequestError as e:
+        raise _flag_error(e) from None
     _check_speed_args(args, files)
     encoder = _encoder_options(args)
 
@@ -106,7 +114,7 @@ def cmd_generate(args) -> int:
     from ltx2_tp.pipelines.two_stage import run_on_rank, this_rank
 
     comps = _components(args, files)
-    pipe = pipeline_class(comps)
+    pipe = cls(comps, **_pipeline_options(cls, args))
     pipe.encoder_options = encoder
     rank0 = this_rank() == 0
     bars: dict[str, tqdm] = {}
@@ -119,7 +127,10 @@ def cmd_generate(args) -> int:
         bars[stage].update(done - bars[stage].n)
 
     timer = StageTimer(sync=comps.device.type == "cuda")
-    result = run_on_rank(pipe, req, args.output_path, this_rank(), progress=progress, timer=timer)
+    try:
+        result = run_on_rank(pipe, req, args.output_path, this_rank(), progress=progress, timer=timer)
+    except RequestError as e:  # what only the built pipeline can check (it runs before anything else)
+        raise _flag_error(e) from None
     for b in bars.values():
         b.close()
     if result is None:  # not rank 0
@@ -164,19 +175,48 @@ def cmd_serve(args) -> int:
     return 0
 
 
-def _check_layout(args, files) -> None:
-    """--num-gpus = TP x SP, and TP / Ulysses must divide the heads: checked before anything is built."""
+def _check_layout(args, files):
+    """--num-gpus = TP x SP, and TP / Ulysses must divide the heads: checked before anything is built.
+    Returns the DiT's config."""
     from ltx2_tp.models.ltx2.config import LTX2Config, get_config
 
     if args.tp_size * args.sp_size != args.num_gpus:
         raise UsageError(f"--num-gpus ({args.num_gpus}) must equal --tp-size x --sp-size ({args.tp_size} x {args.sp_size})")
     if files is None:
-        get_config("tiny").validate_parallel(args.tp_size, args.ulysses_size)
+        cfg = get_config("tiny")
     else:
         from ltx2_tp.models.ltx2.weights import read_checkpoint_config
 
         meta = read_checkpoint_config([files.checkpoint]) or {}
-        LTX2Config.from_checkpoint_config(meta).validate_parallel(args.tp_size, args.ulysses_size)
+        cfg = LTX2Config.from_checkpoint_config(meta)
+    cfg.validate_parallel(args.tp_size, args.ulysses_size)
+    return cfg
+
+
+# request fields that `generate` takes as flags of the same name (ltx-pipelines' argument names)
+REQUEST_FLAGS = ("video_stg_guidance_scale", "video_rescale_scale", "video_stg_blocks", "a2v_guidance_scale",
+                 "video_skip_step", "audio_cfg_guidance_scale", "audio_stg_guidance_scale", "audio_rescale_scale",
+                 "audio_stg_blocks", "v2a_guidance_scale", "audio_skip_step", "images", "video_path", "start_time",
+                 "end_time", "video_conditioning", "conditioning_attention_strength", "audio_path", "audio_start_time",
+                 "audio_max_duration")
+FIELD_FLAGS = {"images": "--image"}  # request fields whose flag is not --field-name
+
+
+def _flag_error(e) -> UsageError:
+    flag = FIELD_FLAGS.get(e.field, "--" + e.field.replace("_", "-"))
+    return UsageError(f"{flag}: {str(e).split(': ', 1)[1]}")
+
+
+def _pipeline_options(cls, args) -> dict:
+    """The constructor options a pipeline takes (IC-LoRA file, HQ LoRA strengths), from their flags."""
+    import inspect
+
+    given = {"lora_path": args.lora[0] if args.lora else None,
+             "lora_strength": float(args.lora[1]) if args.lora and len(args.lora) > 1 else 1.0,
+             "distilled_lora_strength_stage_1": args.distilled_lora_strength_stage_1,
+             "distilled_lora_strength_stage_2": args.distilled_lora_strength_stage_2}
+    params = inspect.signature(cls.__init__).parameters
+    return {k: v for k, v in given.items() if k in params and v is not None}
 
 
 def _checkpoint_files(args):
@@ -258,6 +298,45 @@ def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distilled-lora-strength", type=float, default=1.0)
 
 
+def _add_guidance_args(p: argparse.ArgumentParser) -> None:
+    """Stage-1 multimodal guidance, named as ltx-pipelines' arguments; unset: the model's defaults
+    (pipelines/guidance.py; LTX-2: video cfg 3, stg 1 on block 29, rescale 0.7, a2v 3; audio cfg 7 ...)."""
+    g = p.add_argument_group("guidance (ltx-pipelines' names; default: the model's)")
+    g.add_argument("--guidance-scale", "--video-cfg-guidance-scale", dest="guidance_scale", type=float, default=3.0,
+                   help="video CFG scale (sglang: --guidance-scale)")
+    for name, kind, what in (("video-stg-guidance-scale", float, "video STG scale (0: off)"),
+                             ("video-rescale-scale", float, "video rescale toward cond.std() (0: off)"),
+                             ("a2v-guidance-scale", float, "video modality scale: audio->video (1: off)"),
+                             ("video-skip-step", int, "guide video only on steps i %% (N+1) == 0"),
+                             ("audio-cfg-guidance-scale", float, "audio CFG scale"),
+                             ("audio-stg-guidance-scale", float, "audio STG scale (0: off)"),
+                             ("audio-rescale-scale", float, "audio rescale (0: off)"),
+                             ("v2a-guidance-scale", float, "audio modality scale: video->audio (1: off)"),
+                             ("audio-skip-step", int, "guide audio only on steps i %% (N+1) == 0")):
+        g.add_argument(f"--{name}", type=kind, default=None, help=what)
+    g.add_argument("--video-stg-blocks", type=int, nargs="*", default=None, help="blocks whose video self-attention STG skips")
+    g.add_argument("--audio-stg-blocks", type=int, nargs="*", default=None, help="blocks whose audio self-attention STG skips")
+
+
+def _add_input_args(p: argparse.ArgumentParser) -> None:
+    """The other pipelines' inputs, named as ltx-pipelines' arguments."""
+    g = p.add_argument_group("pipeline inputs (ltx-pipelines' names)")
+    g.add_argument("--image", dest="images", nargs="+", action="append", default=[], metavar="ARG",
+                   help="PATH FRAME_IDX STRENGTH [CRF]: an image at a frame (repeat; keyframes: each one)")
+    g.add_argument("--video-path", default=None, help="retake: the source video")
+    g.add_argument("--start-time", type=float, default=None, help="retake: region start, seconds")
+    g.add_argument("--end-time", type=float, default=None, help="retake: region end, seconds")
+    g.add_argument("--lora", nargs="+", default=None, metavar=("PATH", "STRENGTH"), help="IC-LoRA: the LoRA file [strength]")
+    g.add_argument("--video-conditioning", nargs=2, action="append", default=[], metavar=("PATH", "STRENGTH"),
+                   help="IC-LoRA: a reference video (repeat)")
+    g.add_argument("--conditioning-attention-strength", type=float, default=1.0, help="IC-LoRA: 0 to 1")
+    g.add_argument("--audio-path", default=None, help="A2Vid: the audio to put video to")
+    g.add_argument("--audio-start-time", type=float, default=0.0, help="A2Vid: seconds into the audio")
+    g.add_argument("--audio-max-duration", type=float, default=None, help="A2Vid: seconds (default: the video's)")
+    g.add_argument("--distilled-lora-strength-stage-1", type=float, default=None, help="HQ: default 0.25")
+    g.add_argument("--distilled-lora-strength-stage-2", type=float, default=None, help="HQ: default 0.5")
+
+
 def _add_speed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enable-torch-compile", action="store_true",
                    help="torch.compile each DiT block (first request per resolution compiles: minutes at full size)")
@@ -314,7 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="text/image to video with audio (flags named as sglang's)")
     g.add_argument("--model", default="tiny", help="tiny (embedded; makes noise, not pictures)")
     _add_checkpoint_args(g)
-    g.add_argument("--pipeline-class-name", default="LTX2LongVideo", choices=["LTX2LongVideo", "LTX2TwoStagePipeline"])
+    g.add_argument("--pipeline-class-name", default="LTX2LongVideo",
+                   help="LTX2LongVideo, LTX2TwoStagePipeline, LTX2TwoStageHQPipeline, LTX2Pipeline, LTX2DistilledPipeline, "
+                   "LTX2KeyframeInterpolationPipeline, LTX2RetakePipeline, LTX2ICLoraPipeline, LTX2A2VidPipeline")
     g.add_argument("--prompt", required=True)
     g.add_argument("--negative-prompt", default="")
     g.add_argument("--image-path", default=None, help="first-frame image (image-to-video)")
@@ -322,9 +403,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--height", type=int, default=256)
     g.add_argument("--num-frames", type=int, default=49)
     g.add_argument("--fps", type=float, default=24.0)
-    g.add_argument("--num-inference-steps", type=int, default=8)
-    g.add_argument("--guidance-scale", type=float, default=3.0)
+    g.add_argument("--num-inference-steps", type=int, default=None,
+                   help="default: the model's (ltx-pipelines: LTX-2 40, LTX-2.3 30, HQ 15; tiny 8)")
     g.add_argument("--seed", type=int, default=0)
+    _add_guidance_args(g)
+    _add_input_args(g)
     _add_layout_args(g)
     _add_speed_args(g)
     _add_encoder_args(g)

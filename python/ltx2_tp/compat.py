@@ -33,3 +33,15 @@ def ensure_ltx_imports() -> None:
     mod.functional = _Unavailable("functional")
     mod.ltx2_tp_placeholder = True
     sys.modules["torchaudio"] = mod
+
+
+def has_torchaudio() -> bool:
+    """Whether ltx-core's audio *encoder* can run (its mel spectrogram is torchaudio's)."""
+    ensure_ltx_imports()
+    import torchaudio
+
+    try:
+        torchaudio.transforms.MelSpectrogram  # noqa: B018
+    except ImportError:
+        return False
+    return True

@@ -9,10 +9,13 @@ Three ways in, all ending in `register()` (idempotent):
   model (importing it registers);
 - calling `register()` yourself.
 
-What is registered: our DiT in sglang's `ModelRegistry` as `LTX2TPModel`; `LTX2LongVideo` as a
-native pipeline, recognised for the model paths `ltx2-tp/tiny` (the embedded tiny model) and
-`ltx2-tp/<dir>`-style names; and, only when `LTX2_TP_SGLANG_TWO_STAGE=1`, our
-`LTX2TwoStagePipeline` in place of sglang's own pipeline of that name.
+What is registered: our DiT in sglang's `ModelRegistry` as `LTX2TPModel`; every pipeline of our
+registry as a native sglang pipeline of the same name: `LTX2LongVideo` (recognised for the model
+paths `ltx2-tp/tiny`, the embedded tiny model, and `ltx2-tp/<dir>`-style names),
+`LTX2DistilledPipeline`, `LTX2KeyframeInterpolationPipeline`, `LTX2RetakePipeline`,
+`LTX2ICLoraPipeline`, `LTX2A2VidPipeline`; and, only when `LTX2_TP_SGLANG_TWO_STAGE=1`, ours in
+place of sglang's own pipelines of the same names (`LTX2Pipeline`, `LTX2TwoStagePipeline`,
+`LTX2TwoStageHQPipeline`).
 
 The sglang pipeline is one stage that runs our pipeline end to end (text -> stage 1 -> upsample ->
 stage 2 -> decode -> MP4 with audio) on the DiT built over sglang's TP / Ulysses / ring groups
@@ -33,6 +36,7 @@ from ltx2_tp.pipelines.two_stage import run_on_rank, this_rank
 TINY_MODEL_PATH = "ltx2-tp/tiny"
 MODEL_ARCH = "LTX2TPModel"
 TWO_STAGE_ENV = "LTX2_TP_SGLANG_TWO_STAGE"
+SGLANG_OWN = ("LTX2Pipeline", "LTX2TwoStagePipeline", "LTX2TwoStageHQPipeline")  # sglang ships pipelines by these names
 
 _REGISTERED = False
 _REQUEST_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GenerationRequest)}
@@ -117,11 +121,15 @@ if HAVE_SGLANG:
             cls = get_pipeline_class(self.pipeline_name)  # ours under the same name
             self.add_stage(LTX2TPGenerateStage(cls(self.modules["ltx2_tp_components"])), "ltx2_tp_generate")
 
-    class SGLangLTX2LongVideo(_LTX2TPPipeline):
-        pipeline_name = "LTX2LongVideo"
+    def _sglang_class(name: str) -> type:
+        """The sglang pipeline running our pipeline `name`, a module attribute (sglang's workers import it)."""
+        cls_name = f"SGLang{name}"
+        if cls_name not in globals():
+            globals()[cls_name] = type(cls_name, (_LTX2TPPipeline,), {"pipeline_name": name, "__module__": __name__})
+        return globals()[cls_name]
 
-    class SGLangLTX2TwoStagePipeline(_LTX2TPPipeline):
-        pipeline_name = "LTX2TwoStagePipeline"
+    SGLangLTX2LongVideo = _sglang_class("LTX2LongVideo")
+    SGLangLTX2TwoStagePipeline = _sglang_class("LTX2TwoStagePipeline")
 
 
 def is_ltx2_tp_model_path(path: str) -> bool:
@@ -141,8 +149,17 @@ def request_from_sglang(batch) -> GenerationRequest:
         fps=float(batch.fps), num_inference_steps=int(batch.num_inference_steps),
         guidance_scale=float(batch.guidance_scale), seed=int(first(batch.seed)),
         image_path=first(getattr(batch, "image_path", None)),
+        video_path=first(getattr(batch, "video_path", None)),  # sglang's field: the retake source
+        **{f: getattr(batch, f) for f in SGLANG_EXTRA_FIELDS if getattr(batch, f, None) is not None},
     )
-    return req.validate()
+    return req.validate(multiple=32)  # the pipeline checks its own size rule when it runs
+
+
+# our request fields sglang passes through when its request carries them (ltx-pipelines' names)
+SGLANG_EXTRA_FIELDS = ("video_stg_guidance_scale", "video_rescale_scale", "video_stg_blocks", "a2v_guidance_scale",
+                       "video_skip_step", "audio_cfg_guidance_scale", "audio_stg_guidance_scale", "audio_rescale_scale",
+                       "audio_stg_blocks", "v2a_guidance_scale", "audio_skip_step", "start_time", "end_time",
+                       "audio_path", "audio_start_time", "audio_max_duration")
 
 
 def output_path_from_sglang(batch) -> str:
@@ -180,13 +197,17 @@ def register() -> None:
     from sglang.multimodal_gen.registry import register_pipeline
     from sglang.multimodal_gen.runtime.models.registry import ModelRegistry
 
+    from ltx2_tp.pipelines.registry import pipeline_names
+
     _REGISTERED = True  # set first: register_pipeline re-enters the registry, which imports us again
     ModelRegistry.register_model(MODEL_ARCH, "ltx2_tp.models.ltx2.model:LTX2Model")
     register_pipeline(SGLangLTX2LongVideo, sampling_param_cls=LTX2TPSamplingParams,
                       pipeline_config_cls=LTX2TPPipelineConfig, hf_model_paths=[TINY_MODEL_PATH],
                       model_detectors=[is_ltx2_tp_model_path], overwrite=True)
-    if os.environ.get(TWO_STAGE_ENV) == "1":
-        register_pipeline(SGLangLTX2TwoStagePipeline, sampling_param_cls=LTX2TPSamplingParams,
+    for name in pipeline_names():
+        if name == "LTX2LongVideo" or (name in SGLANG_OWN and os.environ.get(TWO_STAGE_ENV) != "1"):
+            continue
+        register_pipeline(_sglang_class(name), sampling_param_cls=LTX2TPSamplingParams,
                           pipeline_config_cls=LTX2TPPipelineConfig, overwrite=True)
 
 

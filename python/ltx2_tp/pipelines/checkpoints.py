@@ -130,7 +130,7 @@ def build_checkpoint_components(files: CheckpointFiles, device: str | torch.devi
         upsampler=ledger.spatial_upsampler(), audio_decoder=ledger.audio_decoder(), vocoder=ledger.vocoder(),
         text_encoder=text_encoder, video_latent_channels=int(vae.get("latent_channels", 128)),
         audio_latent_channels=audio_channels, audio_mel_bins=mel_bins, device=device, dtype=dtype,
-        name=Path(files.checkpoint).stem, stage2_lora=lora)
+        name=Path(files.checkpoint).stem, stage2_lora=lora, checkpoint_path=files.checkpoint)
 
 
 def build_components(model: str = "tiny", device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,

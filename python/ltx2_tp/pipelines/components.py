@@ -31,6 +31,7 @@ class LTX2Components:
     dtype: torch.dtype
     name: str = "tiny"
     stage2_lora: "LoraWeights | None" = None  # the distilled LoRA, fused in place for stage 2 only
+    checkpoint_path: str | None = None  # the official file the parts came from (defaults, audio encoder)
 
     @property
     def ctx(self) -> ParallelContext:

@@ -115,6 +115,14 @@ def decode_audio_async(c, audio_latent: torch.Tensor, concurrent: bool) -> Futur
     return fut
 
 
+def _ready(audio) -> Future:
+    """A waveform that needs no decoding, as decode_audio_async's future (on the host)."""
+    fut: Future = Future()
+    fut.started, fut.seconds = time.perf_counter(), 0.0
+    fut.set_result(type(audio)(waveform=audio.waveform.cpu(), sampling_rate=audio.sampling_rate))
+    return fut
+
+
 def host_chunks(chunk: torch.Tensor, convert: str, frames_per_copy: int = FRAMES_PER_COPY):
     """(f, h, w, 3) uint8 frames on the device -> (host tensor, ready) pieces of `frames_per_copy`
     frames: RGB, or I420 made on the device (convert="gpu"). On CUDA each piece is copied into
@@ -145,18 +153,22 @@ def decode_and_write(c, video_latent: torch.Tensor, audio_latent: torch.Tensor, 
                      fmt: str = "mp4", generator: torch.Generator | None = None, tile_frames=None,
                      options: EncoderOptions = DEFAULT_OPTIONS, timer: stages.StageTimer | None = None,
                      concurrent_audio: bool | None = None, max_queue: int | None = None,
-                     stage: str = "decode_and_write") -> tuple[Path, int]:
+                     stage: str = "decode_and_write", audio=None) -> tuple[Path, int]:
     """Decode both latents and write `path`; returns (path, audio samples). `tile_frames`: None
     (whole video at once), a tile length, or AUTO (plan_temporal_tile). Sub-times go to `timer`
-    as parts of `stage` (they overlap one another: the table does not add them to the total)."""
+    as parts of `stage` (they overlap one another: the table does not add them to the total).
+    `audio`: an ltx-core Audio to write instead of decoding `audio_latent` (A2Vid writes its input)."""
     tile = resolve_tile(c, video_latent, tile_frames)
     if fmt != "mp4":
         frames, chunks = stages.decode_video(c, video_latent, tile, generator)
-        audio = stages.decode_audio(c, audio_latent)
+        audio = audio if audio is not None else stages.decode_audio(c, audio_latent)
         return write_media(frames, chunks, fps, audio, path, fmt), int(audio.waveform.shape[-1])
 
     cuda = video_latent.device.type == "cuda"
-    audio = decode_audio_async(c, audio_latent, cuda if concurrent_audio is None else concurrent_audio)
+    if audio is not None:
+        audio = _ready(audio)
+    else:
+        audio = decode_audio_async(c, audio_latent, cuda if concurrent_audio is None else concurrent_audio)
     height, width = video_latent.shape[3] * 32, video_latent.shape[4] * 32
     rate = getattr(c.vocoder, "output_sampling_rate", None)
     if max_queue is None:  # room for a whole tile: the next tile decodes while the encoder works on this one

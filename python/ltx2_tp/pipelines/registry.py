@@ -15,10 +15,19 @@ def register_pipeline(cls: type) -> type:
 
 
 def _pipelines() -> dict[str, type]:
+    from ltx2_tp.pipelines.a2vid import LTX2A2VidPipeline
+    from ltx2_tp.pipelines.distilled import LTX2DistilledPipeline
+    from ltx2_tp.pipelines.ic_lora import LTX2ICLoraPipeline
+    from ltx2_tp.pipelines.keyframes import LTX2KeyframeInterpolationPipeline
     from ltx2_tp.pipelines.long_video import LTX2LongVideo
+    from ltx2_tp.pipelines.one_stage import LTX2Pipeline
+    from ltx2_tp.pipelines.retake import LTX2RetakePipeline
     from ltx2_tp.pipelines.two_stage import LTX2TwoStagePipeline
+    from ltx2_tp.pipelines.two_stage_hq import LTX2TwoStageHQPipeline
 
-    builtin = (LTX2TwoStagePipeline, LTX2LongVideo)
+    builtin = (LTX2TwoStagePipeline, LTX2TwoStageHQPipeline, LTX2Pipeline, LTX2DistilledPipeline,
+               LTX2KeyframeInterpolationPipeline, LTX2RetakePipeline, LTX2ICLoraPipeline, LTX2A2VidPipeline,
+               LTX2LongVideo)
     return {**{cls.name: cls for cls in builtin}, **_REGISTERED}
 
 

@@ -36,6 +36,29 @@ class GenerationRequest:
     image_path: str | None = None
     output_format: str = "mp4"
     extra: dict = field(default_factory=dict)
+    # Stage-1 multimodal guidance (ltx-pipelines' argument names; guidance_scale is the video CFG).
+    # None: the pipeline's default for the model (pipelines/guidance.py).
+    video_stg_guidance_scale: float | None = None
+    video_rescale_scale: float | None = None
+    video_stg_blocks: list[int] | None = None
+    a2v_guidance_scale: float | None = None  # the video guider's modality scale
+    video_skip_step: int | None = None
+    audio_cfg_guidance_scale: float | None = None
+    audio_stg_guidance_scale: float | None = None
+    audio_rescale_scale: float | None = None
+    audio_stg_blocks: list[int] | None = None
+    v2a_guidance_scale: float | None = None  # the audio guider's modality scale
+    audio_skip_step: int | None = None
+    # Inputs of the other official pipelines (ltx-pipelines' argument names)
+    images: list[tuple] = field(default_factory=list)  # (path, frame_idx, strength[, crf]): --image
+    video_path: str | None = None  # retake: the source video
+    start_time: float | None = None  # retake: the region to regenerate, seconds
+    end_time: float | None = None
+    video_conditioning: list[tuple] = field(default_factory=list)  # IC-LoRA: (path, strength) reference videos
+    conditioning_attention_strength: float = 1.0  # IC-LoRA
+    audio_path: str | None = None  # A2Vid: the audio to put video to
+    audio_start_time: float = 0.0
+    audio_max_duration: float | None = None
 
     def validate(self, max_frames: int = 2001, max_side: int = 4096,
                  spatial_multiple: int = TWO_STAGE_SPATIAL_MULTIPLE) -> "GenerationRequest":
@@ -50,6 +73,8 @@ class GenerationRequest:
             raise RequestError("guidance_scale", f"must be between 0 and 30, got {self.guidance_scale}")
         if not (0 <= int(self.seed) < 2**63):
             raise RequestError("seed", f"must be between 0 and 2**63-1, got {self.seed}")
+        _check_guidance(self)
+        _check_inputs(self)
         if self.output_format not in OUTPUT_FORMATS:
             raise RequestError("output_format", f"must be one of {OUTPUT_FORMATS}, got {self.output_format!r}")
         return self
@@ -72,3 +97,50 @@ def check_video_size(num_frames: int, height: int, width: int, spatial_multiple:
         if v < m or (max_side and v > max_side) or v % m:
             allowed = f"a multiple of {m} between {m} and {max_side}" if max_side else f"a positive multiple of {m}"
             raise RequestError(name, f"must be {allowed}, got {v}")
+
+
+def _check_guidance(r: GenerationRequest) -> None:
+    """Ranges of the guidance fields; block indices are checked against the model by the pipeline."""
+    for name, lo, hi in (("video_stg_guidance_scale", 0, 30), ("video_rescale_scale", 0, 1), ("a2v_guidance_scale", 0, 30),
+                         ("audio_cfg_guidance_scale", 0, 30), ("audio_stg_guidance_scale", 0, 30),
+                         ("audio_rescale_scale", 0, 1), ("v2a_guidance_scale", 0, 30)):
+        v = getattr(r, name)
+        if v is not None and not (lo <= float(v) <= hi):
+            raise RequestError(name, f"must be between {lo} and {hi}, got {v}")
+    for name in ("video_skip_step", "audio_skip_step"):
+        v = getattr(r, name)
+        if v is not None and not (isinstance(v, int) and 0 <= v <= 100):
+            raise RequestError(name, f"must be an integer between 0 and 100, got {v}")
+    for name in ("video_stg_blocks", "audio_stg_blocks"):
+        v = getattr(r, name)
+        if v is not None and not all(isinstance(b, int) and b >= 0 for b in v):
+            raise RequestError(name, f"must be a list of block indices >= 0, got {v}")
+
+
+def _check_inputs(r: GenerationRequest) -> None:
+    for i, img in enumerate(r.images):
+        try:
+            assert 3 <= len(img) <= 4
+            int(img[1]), float(img[2]), [int(x) for x in img[3:]]
+        except (AssertionError, ValueError, TypeError):
+            raise RequestError("images", f"image {i}: give PATH FRAME_IDX STRENGTH [CRF], got {list(img)}") from None
+        if not (0 <= int(img[1]) < r.num_frames):
+            raise RequestError("images", f"image {i}: frame index must be between 0 and {r.num_frames - 1}, got {img[1]}")
+        if not (0.0 <= float(img[2]) <= 1.0):
+            raise RequestError("images", f"image {i}: strength must be between 0 and 1, got {img[2]}")
+    for i, ref in enumerate(r.video_conditioning):
+        try:
+            ok = len(ref) == 2 and 0.0 <= float(ref[1]) <= 1.0
+        except (ValueError, TypeError):
+            ok = False
+        if not ok:
+            raise RequestError("video_conditioning", f"reference {i}: give PATH STRENGTH (0 to 1), got {list(ref)}")
+    if not (0.0 <= float(r.conditioning_attention_strength) <= 1.0):
+        raise RequestError("conditioning_attention_strength",
+                           f"must be between 0 and 1, got {r.conditioning_attention_strength}")
+    if r.start_time is not None and r.end_time is not None and not (0 <= r.start_time < r.end_time):
+        raise RequestError("start_time", f"must be >= 0 and below end_time ({r.end_time}), got {r.start_time}")
+    if r.audio_start_time < 0:
+        raise RequestError("audio_start_time", f"must be >= 0, got {r.audio_start_time}")
+    if r.audio_max_duration is not None and r.audio_max_duration <= 0:
+        raise RequestError("audio_max_duration", f"must be > 0, got {r.audio_max_duration}")

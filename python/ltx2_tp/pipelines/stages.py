@@ -18,21 +18,21 @@ from ltx2_tp.compat import ensure_ltx_imports
 from ltx2_tp.latent_grid import tokens_per_rank
 from ltx2_tp.models.ltx2.lora import lora_applied
 from ltx2_tp.pipelines.components import LTX2Components
+from ltx2_tp.pipelines.guidance import cfg_only, guided_denoise_fn
 from ltx2_tp.profiling import nvtx_range
 
 ensure_ltx_imports()
 
 from ltx_core.components.diffusion_steps import EulerDiffusionStep  # noqa: E402
-from ltx_core.components.guiders import CFGGuider  # noqa: E402
 from ltx_core.components.noisers import GaussianNoiser  # noqa: E402
 from ltx_core.components.patchifiers import AudioPatchifier, VideoLatentPatchifier  # noqa: E402
 from ltx_core.components.schedulers import LTX2Scheduler  # noqa: E402
 from ltx_core.model.transformer.model import X0Model  # noqa: E402
 from ltx_core.tools import AudioLatentTools, VideoLatentTools  # noqa: E402
 from ltx_core.types import AudioLatentShape, LatentState, VideoLatentShape, VideoPixelShape  # noqa: E402
-from ltx_pipelines.utils.constants import STAGE_2_DISTILLED_SIGMA_VALUES, VIDEO_SCALE_FACTORS  # noqa: E402
-from ltx_pipelines.utils.helpers import (create_noised_state, guider_denoising_func,  # noqa: E402
-                                         modality_from_latent_state, post_process_latent, simple_denoising_func)
+from ltx_pipelines.utils.constants import (DISTILLED_SIGMA_VALUES, STAGE_2_DISTILLED_SIGMA_VALUES,  # noqa: E402
+                                           VIDEO_SCALE_FACTORS)
+from ltx_pipelines.utils.helpers import create_noised_state, post_process_latent, simple_denoising_func  # noqa: E402
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -76,27 +76,34 @@ class Streams:
     audio_tools: AudioLatentTools
 
 
-def encode_text(c: LTX2Components, prompt: str, negative_prompt: str):
+def encode_prompt(c: LTX2Components, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(video context, audio context) in the DiT's dtype."""
     with torch.no_grad():
-        pos = c.text_encoder(prompt)
-        neg = c.text_encoder(negative_prompt or "")
-    cast = lambda t: t.to(device=c.device, dtype=c.dtype)  # noqa: E731
-    return tuple(map(cast, pos)), tuple(map(cast, neg))
+        return tuple(t.to(device=c.device, dtype=c.dtype) for t in c.text_encoder(prompt))
+
+
+def encode_text(c: LTX2Components, prompt: str, negative_prompt: str):
+    return encode_prompt(c, prompt), encode_prompt(c, negative_prompt or "")
 
 
 def prepare_latents(c: LTX2Components, shape: VideoPixelShape, generator: torch.Generator, conditionings=(),
                     noise_scale: float = 1.0, initial_video: torch.Tensor | None = None,
-                    initial_audio: torch.Tensor | None = None) -> Streams:
-    """Noised video and audio latent states (patchified), as ltx-pipelines' denoise_audio_video."""
+                    initial_audio: torch.Tensor | None = None, audio_conditionings=(),
+                    audio_noise_scale: float | None = None) -> Streams:
+    """Noised video and audio latent states (patchified), as ltx-pipelines' denoise_audio_video
+    (`audio_noise_scale` 0: the audio is kept as given, as its denoise_video_only; noise is drawn
+    for it all the same, as there)."""
     noiser = GaussianNoiser(generator=generator)
     vshape = VideoLatentShape.from_pixel_shape(shape=shape, latent_channels=c.video_latent_channels,
                                                scale_factors=VIDEO_SCALE_FACTORS)
     vtools = VideoLatentTools(VideoLatentPatchifier(patch_size=1), vshape, shape.fps)
     ashape = AudioLatentShape.from_video_pixel_shape(shape, channels=c.audio_latent_channels, mel_bins=c.audio_mel_bins)
     atools = AudioLatentTools(AudioPatchifier(patch_size=1), ashape)
-    common = dict(noiser=noiser, dtype=c.dtype, device=c.device, noise_scale=noise_scale)
-    video = create_noised_state(tools=vtools, conditionings=list(conditionings), initial_latent=initial_video, **common)
-    audio = create_noised_state(tools=atools, conditionings=[], initial_latent=initial_audio, **common)
+    common = dict(noiser=noiser, dtype=c.dtype, device=c.device)
+    video = create_noised_state(tools=vtools, conditionings=list(conditionings), initial_latent=initial_video,
+                                noise_scale=noise_scale, **common)
+    audio = create_noised_state(tools=atools, conditionings=list(audio_conditionings), initial_latent=initial_audio,
+                                noise_scale=noise_scale if audio_noise_scale is None else audio_noise_scale, **common)
     return Streams(video, audio, vtools, atools)
 
 
@@ -120,59 +127,72 @@ def denoise(c: LTX2Components, s: Streams, sigmas: torch.Tensor, denoise_fn, sta
     return Streams(video, audio, s.video_tools, s.audio_tools)
 
 
+def denoise_res2s(c: LTX2Components, s: Streams, sigmas: torch.Tensor, denoise_fn, stage: str,
+                  progress: Progress | None = None) -> Streams:
+    """ltx-pipelines' res_2s loop (two DiT evaluations per step, SDE noise from its own seeds), the
+    latents kept in the DiT's dtype between evaluations (ltx-pipelines: its pipeline dtype, bf16)."""
+    from ltx_core.components.diffusion_steps import Res2sDiffusionStep
+    from ltx_pipelines.utils.samplers import res2s_audio_video_denoising_loop
+
+    total = 2 * (len(sigmas) - 1) + int(float(sigmas[-1]) == 0.0)  # DiT evaluations
+    done = [0]
+
+    def counted(*a, **k):
+        with nvtx_range(stage, "_eval", done[0]):
+            out = denoise_fn(*a, **k)
+        done[0] += 1
+        if progress:
+            progress(stage, done[0], total)
+        return out
+
+    if progress:
+        progress(stage, 0, total)
+    video, audio = res2s_audio_video_denoising_loop(sigmas, s.video, s.audio, Res2sDiffusionStep(), counted,
+                                                    model_dtype=c.dtype)
+    return Streams(video, audio, s.video_tools, s.audio_tools)
+
+
 def unpatchify(s: Streams) -> tuple[torch.Tensor, torch.Tensor]:
     v = s.video_tools.unpatchify(s.video_tools.clear_conditioning(s.video))
     a = s.audio_tools.unpatchify(s.audio_tools.clear_conditioning(s.audio))
     return v.latent, a.latent
 
 
-CFG_BATCH_MAX_TOKENS = 16384  # per rank: above this a pass is GEMM-bound and batching only costs memory
-
-
 def stage1_denoise_fn(c: LTX2Components, ctx_pos, ctx_neg, guidance_scale: float, batch: bool | None = None):
-    """CFG denoising. With `batch` (default: when this rank's video tokens are few) the conditional
-    and unconditional passes run as one forward of batch 2: the same arithmetic per sample, half
-    the kernel launches, GEMMs twice as tall. Otherwise ltx-pipelines' two-pass function."""
-    guider, model = CFGGuider(guidance_scale), X0Model(c.transformer)
-    two_pass = guider_denoising_func(guider, ctx_pos[0], ctx_neg[0], ctx_pos[1], ctx_neg[1], model)
-    if not guider.enabled():
-        return two_pass
-    same_shape = all(p.shape == n.shape for p, n in zip(ctx_pos, ctx_neg))
-
-    def step(video_state, audio_state, sigmas, i):
-        local = tokens_per_rank(video_state.latent.shape[1], c.transformer.ctx.sp_size)
-        if not same_shape or not (batch if batch is not None else local <= CFG_BATCH_MAX_TOKENS):
-            return two_pass(video_state, audio_state, sigmas, i)
-        sigma = sigmas[i]
-        v = _stack(modality_from_latent_state(video_state, ctx_pos[0], sigma),
-                   modality_from_latent_state(video_state, ctx_neg[0], sigma))
-        a = _stack(modality_from_latent_state(audio_state, ctx_pos[1], sigma),
-                   modality_from_latent_state(audio_state, ctx_neg[1], sigma))
-        dv, da = model(video=v, audio=a, perturbations=None)
-        (pv, nv), (pa, na) = dv.chunk(2), da.chunk(2)
-        return pv + guider.delta(pv, nv), pa + guider.delta(pa, na)
-
-    return step
-
-
-def _stack(p, n):
-    """Two batch-1 Modality inputs as one of batch 2 (sigma per sample)."""
-    def cat(x, y):
-        return None if x is None else torch.cat([x, y])
-    sig = p.sigma.reshape(-1)
-    return replace(p, latent=cat(p.latent, n.latent), timesteps=cat(p.timesteps, n.timesteps),
-                   positions=cat(p.positions, n.positions), context=cat(p.context, n.context),
-                   context_mask=cat(p.context_mask, n.context_mask), attention_mask=cat(p.attention_mask, n.attention_mask),
-                   sigma=torch.cat([sig, n.sigma.reshape(-1)]))
+    """Plain CFG on both streams (ltx-core's CFGGuider arithmetic: cond + (scale - 1)(cond - uncond)),
+    through the multimodal guidance's passes (guidance.py): one batched forward when they fit."""
+    return guided_denoise_fn(c, ctx_pos, ctx_neg, cfg_only(guidance_scale), cfg_only(guidance_scale), batch)
 
 
 def stage2_denoise_fn(c: LTX2Components, ctx_pos):
-    """Call inside `stage2_weights(c)`: stage 2 runs on the weights plus the distilled LoRA."""
+    """No guidance: one pass per step (stage 2, the distilled model). Call inside the weights the
+    stage runs on (`stage2_weights(c)`: plus the distilled LoRA)."""
     return simple_denoising_func(ctx_pos[0], ctx_pos[1], X0Model(c.transformer))
 
 
-def stage2_weights(c: LTX2Components):
-    return lora_applied(c.transformer, c.stage2_lora)
+def stage2_weights(c: LTX2Components, strength: float | None = None):
+    """The DiT plus the distilled LoRA (at `strength`, default the file's flag) while inside."""
+    lora = c.stage2_lora
+    if lora is not None and strength is not None:
+        lora = replace(lora, strength=strength)
+    return lora_applied(c.transformer, lora)
+
+
+def load_audio_encoder(c: LTX2Components):
+    """ltx-core's audio VAE encoder (A2Vid, retake), built on first use: from the checkpoint, or the
+    tiny one (seeded). It needs torchaudio (its mel spectrogram; compat.py says so if missing)."""
+    from ltx_core.model.audio_vae import AudioEncoderConfigurator
+
+    if c.checkpoint_path:
+        from ltx_pipelines.utils.model_ledger import ModelLedger
+
+        dtype = torch.float32 if c.device.type == "cpu" else c.dtype
+        return ModelLedger(dtype=dtype, device=c.device, checkpoint_path=c.checkpoint_path).audio_encoder()
+    from ltx2_tp.pipelines.components import TINY_AUDIO_VAE
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        return AudioEncoderConfigurator.from_config(TINY_AUDIO_VAE).to(c.device).eval()
 
 
 def stage1_sigmas(steps: int, device) -> torch.Tensor:
@@ -181,6 +201,11 @@ def stage1_sigmas(steps: int, device) -> torch.Tensor:
 
 def stage2_sigmas(device) -> torch.Tensor:
     return torch.tensor(STAGE_2_DISTILLED_SIGMA_VALUES, dtype=torch.float32, device=device)
+
+
+def distilled_sigmas(device) -> torch.Tensor:
+    """The distilled model's 8 steps (ltx-pipelines' DISTILLED_SIGMA_VALUES)."""
+    return torch.tensor(DISTILLED_SIGMA_VALUES, dtype=torch.float32, device=device)
 
 
 @torch.no_grad()

@@ -1,32 +1,21 @@
 """LTX2TwoStagePipeline: the official two-stage flow (ltx-pipelines ti2vid_two_stages) with our DiT.
 
-stage 1 at half resolution with CFG guidance -> x2 latent upsampler -> stage 2 refine with the
-distilled sigmas -> video VAE decode + audio VAE decode + vocoder -> MP4 / WebM / GIF.
+stage 1 at half resolution with the multimodal guidance (guidance.py) -> x2 latent upsampler ->
+stage 2 refine with the distilled LoRA and sigmas -> video VAE decode + audio VAE decode + vocoder
+-> MP4 / WebM / GIF.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-from ltx2_tp.media_stream import DEFAULT_OPTIONS
 from ltx2_tp.pipelines import stages
-from ltx2_tp.pipelines.components import LTX2Components
-from ltx2_tp.pipelines.decode import decode_and_write
-from ltx2_tp.pipelines.request import TWO_STAGE_SPATIAL_MULTIPLE, GenerationRequest, RequestError
-
-
-@dataclass
-class GenerationResult:
-    path: Path
-    frames: int
-    width: int
-    height: int
-    fps: float
-    audio_samples: int
-    stage_times: dict[str, float]
+from ltx2_tp.pipelines.base import GenerationResult, LTX2PipelineBase, Run, pixel_shape
+from ltx2_tp.pipelines.guidance import guided_denoise_fn
+from ltx2_tp.pipelines.request import GenerationRequest
 
 
 def this_rank() -> int:
@@ -48,65 +37,37 @@ def run_on_rank(pipeline, req: GenerationRequest, output_path: str | Path, rank:
     return None
 
 
-class LTX2TwoStagePipeline:
+class LTX2TwoStagePipeline(LTX2PipelineBase):
     name = "LTX2TwoStagePipeline"
-    spatial_multiple = TWO_STAGE_SPATIAL_MULTIPLE  # stage 1 runs at half size, itself a multiple of 32
-    encoder_options = DEFAULT_OPTIONS  # MP4 encoder settings (media_stream.EncoderOptions; CLI --video-encoder-*)
+    keyframes = False  # the keyframe pipeline appends every image as keyframe tokens
 
-    def __init__(self, components: LTX2Components):
-        self.c = components
-
-    # where the long-video pipeline changes decoding
-    def temporal_tile_frames(self, req: GenerationRequest) -> int | None:
-        return None
-
-    def _conditionings(self, req: GenerationRequest, height: int, width: int):
-        if not req.image_path:
-            return []
-        from ltx_pipelines.utils.args import ImageConditioningInput
-        from ltx_pipelines.utils.helpers import combined_image_conditionings
-
-        if not Path(req.image_path).is_file():
-            raise RequestError("image_path", f"no such file: {req.image_path}")
-        enc = self.c.video_encoder
-        with torch.no_grad():
-            conds = combined_image_conditionings([ImageConditioningInput(req.image_path, 0, 1.0)], height, width, enc,
-                                                 next(enc.parameters()).dtype, self.c.device)
-        for cond in conds:  # latents enter the DiT in its dtype
-            if hasattr(cond, "latent"):
-                cond.latent = cond.latent.to(self.c.dtype)
-        return conds
-
-    def __call__(self, req: GenerationRequest, output_path: str | Path, progress: stages.Progress | None = None,
-                 timer: stages.StageTimer | None = None) -> GenerationResult:
-        from ltx_core.types import VideoPixelShape
-
-        req.validate(spatial_multiple=self.spatial_multiple)
-        c, timer = self.c, timer or stages.StageTimer(sync=self.c.device.type == "cuda")
-        gen = torch.Generator(device=c.device).manual_seed(int(req.seed))
-        with timer("text_encoding"):
-            pos, neg = stages.encode_text(c, req.prompt, req.negative_prompt)
-        half = VideoPixelShape(batch=1, frames=req.num_frames, width=req.width // 2, height=req.height // 2, fps=req.fps)
-        with timer("latent_preparation"):
-            s = stages.prepare_latents(c, half, gen, self._conditionings(req, half.height, half.width))
-        with timer("stage1_denoise"):
+    def latents(self, run: Run) -> tuple[torch.Tensor, torch.Tensor]:
+        c, req, t = self.c, run.req, run.timer
+        video_guidance, audio_guidance = self.guidance(req)
+        half = pixel_shape(req, 2)
+        with t("latent_preparation"):
+            conds = self.image_conditionings(req, half.height, half.width, self.keyframes)
+            s = stages.prepare_latents(c, half, run.generator, conds)
+        with t("stage1_denoise"):
             s = stages.denoise(c, s, stages.stage1_sigmas(req.num_inference_steps, c.device),
-                               stages.stage1_denoise_fn(c, pos, neg, req.guidance_scale), "stage1", progress)
+                               guided_denoise_fn(c, run.pos, run.neg, video_guidance, audio_guidance), "stage1",
+                               run.progress)
             video_latent, audio_latent = stages.unpatchify(s)
-        with timer("upsample"):
+        return self.refine(run, video_latent, audio_latent, stages.stage2_weights(c))
+
+    def refine(self, run: Run, video_latent, audio_latent, weights=None, loop=stages.denoise):
+        """ltx-pipelines' stage 2: x2 latent upsampler, then the distilled sigmas at full size on
+        `weights` (the distilled LoRA fused; none for a distilled checkpoint), with `loop` (Euler;
+        the HQ pipeline's res_2s)."""
+        c, req, t = self.c, run.req, run.timer
+        with t("upsample"):
             up = stages.upsample(c, video_latent)
-        full = VideoPixelShape(batch=1, frames=req.num_frames, width=req.width, height=req.height, fps=req.fps)
+        full = pixel_shape(req)
         sig2 = stages.stage2_sigmas(c.device)
-        with timer("stage2_refine"):
-            s = stages.prepare_latents(c, full, gen, self._conditionings(req, full.height, full.width),
-                                       noise_scale=float(sig2[0]), initial_video=up, initial_audio=audio_latent)
-            with stages.stage2_weights(c):
-                s = stages.denoise(c, s, sig2, stages.stage2_denoise_fn(c, pos), "stage2", progress)
-            video_latent, audio_latent = stages.unpatchify(s)
-        with timer("decode_and_write"):
-            path, audio_samples = decode_and_write(c, video_latent, audio_latent, req.fps, output_path, req.output_format,
-                                                   gen, self.temporal_tile_frames(req), self.encoder_options, timer)
-        if progress:
-            progress("done", 1, 1)
-        return GenerationResult(path=path, frames=req.num_frames, width=req.width, height=req.height, fps=req.fps,
-                                audio_samples=audio_samples, stage_times=dict(timer.times))
+        with t("stage2_refine"):
+            conditionings = self.image_conditionings(req, full.height, full.width, self.keyframes)
+            s = stages.prepare_latents(c, full, run.generator, conditionings, noise_scale=float(sig2[0]),
+                                       initial_video=up, initial_audio=audio_latent)
+            with weights or nullcontext():
+                s = loop(c, s, sig2, stages.stage2_denoise_fn(c, run.pos), "stage2", run.progress)
+            return stages.unpatchify(s)

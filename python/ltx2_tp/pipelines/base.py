@@ -1,0 +1,157 @@
+"""What every pipeline does around its denoising: check the request, encode the prompts, decode,
+write the file, report. A pipeline is a class with a `name` (the registry's and sglang's) and a
+`latents(run)` method composing the stages (stages.py) into its flow; `__call__` does the rest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ltx2_tp.media_stream import DEFAULT_OPTIONS
+from ltx2_tp.pipelines import stages
+from ltx2_tp.pipelines.components import LTX2Components
+from ltx2_tp.pipelines.decode import decode_and_write
+from ltx2_tp.pipelines.guidance import check_stg_blocks, default_params, request_guidance
+from ltx2_tp.pipelines.request import TWO_STAGE_SPATIAL_MULTIPLE, GenerationRequest, RequestError
+
+
+@dataclass
+class GenerationResult:
+    path: Path
+    frames: int
+    width: int
+    height: int
+    fps: float
+    audio_samples: int
+    stage_times: dict[str, float]
+
+
+@dataclass
+class Run:
+    """One request inside a pipeline: what its stages share."""
+
+    req: GenerationRequest
+    generator: torch.Generator
+    pos: tuple  # (video context, audio context) of the prompt
+    neg: tuple | None  # of the negative prompt (guided pipelines only)
+    timer: stages.StageTimer
+    progress: stages.Progress | None
+    source_audio: object = None  # A2Vid: the input audio, written as it is
+
+
+class LTX2PipelineBase:
+    name = ""
+    spatial_multiple = TWO_STAGE_SPATIAL_MULTIPLE  # two-stage: stage 1 runs at half size, itself a multiple of 32
+    encoder_options = DEFAULT_OPTIONS  # MP4 encoder settings (media_stream.EncoderOptions; CLI --video-encoder-*)
+    guided = True  # encodes the negative prompt and reads the guidance fields
+
+    def __init__(self, components: LTX2Components, params=None):
+        self.c = components
+        c = components
+        self.params = params or self.default_params(c.transformer.cfg, c.checkpoint_path, c.name == "tiny")
+
+    @classmethod
+    def default_params(cls, cfg, checkpoint_path: str | None = None, tiny: bool = False):
+        """ltx-pipelines' PipelineParams for this pipeline and model (guidance.py)."""
+        return default_params(cfg, checkpoint_path, tiny)
+
+    # hooks ---------------------------------------------------------------------------------
+    @classmethod
+    def check_request(cls, req: GenerationRequest, num_layers: int) -> None:
+        """Everything about the request this pipeline needs that the model does not decide (the CLI
+        calls it before anything is built; `num_layers`: the DiT's blocks, for the STG blocks)."""
+        req.validate(spatial_multiple=cls.spatial_multiple)
+        if req.image_path and not Path(req.image_path).is_file():
+            raise RequestError("image_path", f"no such file: {req.image_path}")
+        for img in req.images:
+            if not Path(img[0]).is_file():
+                raise RequestError("images", f"no such file: {img[0]}")
+        if cls.guided:
+            check_stg_blocks(req, num_layers)
+
+    def check(self, req: GenerationRequest) -> None:
+        """Before anything runs: the request, then what this pipeline instance adds."""
+        self.check_request(req, self.c.transformer.cfg.num_layers)
+
+    def temporal_tile_frames(self, req: GenerationRequest) -> int | None:
+        return None
+
+    def latents(self, run: Run) -> tuple[torch.Tensor, torch.Tensor]:
+        """The final (unpatchified) video and audio latents."""
+        raise NotImplementedError
+
+    def source_audio(self, run: Run):
+        """The audio to write instead of decoding the audio latent (A2Vid: its input); None: decode."""
+        return None
+
+    def output_shape(self, req: GenerationRequest) -> tuple[int, int, int, float]:
+        return req.num_frames, req.width, req.height, req.fps
+
+    # shared pieces -------------------------------------------------------------------------
+    def guidance(self, req: GenerationRequest):
+        """(video, audio) MultiModalGuiderParams: the request's fields over this pipeline's defaults."""
+        return request_guidance(req, self.params, self.c.transformer.cfg.num_layers)
+
+    def image_inputs(self, req: GenerationRequest):
+        """ltx-pipelines' ImageConditioningInput list: --image entries, and sglang's image_path as frame 0."""
+        from ltx_pipelines.utils.args import ImageConditioningInput
+
+        images = [ImageConditioningInput(req.image_path, 0, 1.0)] if req.image_path else []
+        return images + [ImageConditioningInput(str(i[0]), int(i[1]), float(i[2]), *[int(x) for x in i[3:]])
+                         for i in req.images]
+
+    def image_conditionings(self, req: GenerationRequest, height: int, width: int, keyframes: bool = False):
+        """Encoded images at (height, width): frame 0 replaces latents, others append keyframe tokens
+        (ltx-pipelines' combined_image_conditionings); `keyframes`: all appended (keyframe pipeline)."""
+        images = self.image_inputs(req)
+        if not images:
+            return []
+        from ltx_pipelines.utils.helpers import combined_image_conditionings, image_conditionings_by_adding_guiding_latent
+
+        how = image_conditionings_by_adding_guiding_latent if keyframes else combined_image_conditionings
+        enc = self.c.video_encoder
+        with torch.no_grad():
+            conds = how(images, height, width, enc, next(enc.parameters()).dtype, self.c.device)
+        return [_in_dit_dtype(cond, self.c.dtype) for cond in conds]
+
+    # the request ---------------------------------------------------------------------------
+    def __call__(self, req: GenerationRequest, output_path: str | Path, progress: stages.Progress | None = None,
+                 timer: stages.StageTimer | None = None) -> GenerationResult:
+        self.check(req)
+        c, timer = self.c, timer or stages.StageTimer(sync=self.c.device.type == "cuda")
+        gen = torch.Generator(device=c.device).manual_seed(int(req.seed))
+        with timer("text_encoding"):
+            if self.guided:
+                pos, neg = stages.encode_text(c, req.prompt, req.negative_prompt)
+            else:  # ltx-pipelines encodes the prompt alone here
+                pos, neg = stages.encode_prompt(c, req.prompt), None
+        run = Run(req, gen, pos, neg, timer, progress)
+        video_latent, audio_latent = self.latents(run)
+        frames_n, width, height, fps = self.output_shape(req)
+        with timer("decode_and_write"):
+            path, audio_samples = decode_and_write(c, video_latent, audio_latent, fps, output_path, req.output_format,
+                                                   gen, self.temporal_tile_frames(req), self.encoder_options, timer,
+                                                   audio=self.source_audio(run))
+        if progress:
+            progress("done", 1, 1)
+        return GenerationResult(path=path, frames=frames_n, width=width, height=height, fps=fps,
+                                audio_samples=audio_samples, stage_times=dict(timer.times))
+
+
+def pixel_shape(req: GenerationRequest, divide: int = 1):
+    """The request's video at 1 / `divide` of its size (stage 1 of two: 2)."""
+    from ltx_core.types import VideoPixelShape
+
+    return VideoPixelShape(batch=1, frames=req.num_frames, width=req.width // divide, height=req.height // divide,
+                           fps=req.fps)
+
+
+def _in_dit_dtype(cond, dtype):
+    """Conditioning latents enter the DiT in its dtype (the encoder may run in another)."""
+    for name in ("latent", "keyframes"):
+        if isinstance(getattr(cond, name, None), torch.Tensor):
+            setattr(cond, name, getattr(cond, name).to(dtype))
+    return cond
