@@ -49,11 +49,13 @@ def write_files(folder: Path, lora_rank: int = 2, seed: int = 0):
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    from ltx2_tp.pipelines.checkpoints import write_official_files
-    from ltx2_tp.pipelines.components import TINY_AUDIO_VAE, build_tiny_components
+    from ltx2_tp.pipelines.checkpoints import CheckpointFiles
+    from ltx2_tp.pipelines.tiny import write_official_files
+    from ltx2_tp.pipelines.tiny import TINY_AUDIO_VAE, build_tiny_components
 
     c = build_tiny_components(seed=seed, dtype=torch.bfloat16)
-    files = write_official_files(c, folder, lora_rank=lora_rank, seed=seed)
+    write_official_files(c, folder, lora_rank=lora_rank, seed=seed)
+    files = CheckpointFiles.discover(str(folder), text_encoder="tiny")
     with safe_open(files.checkpoint, framework="pt") as h:
         config = json.loads(h.metadata()["config"])
     config["transformer"].update(LTX_CORE_TRANSFORMER_KEYS)

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import official  # noqa: E402
 from reference import TOL, rel_err  # noqa: E402
 
-from ltx2_tp.pipelines.components import build_components  # noqa: E402
+from ltx2_tp.pipelines.checkpoints import build_components  # noqa: E402
 from ltx2_tp.pipelines.registry import get_pipeline_class  # noqa: E402
 from ltx2_tp.pipelines.request import GenerationRequest  # noqa: E402
 
@@ -80,7 +80,6 @@ def ours_latents(pipeline, req):
     from ltx2_tp.pipelines.base import Run
 
     pipeline.check(req)
-    pipeline.prepare(req)
     gen = torch.Generator().manual_seed(req.seed)
     c = pipeline.c
     pos = stages.encode_prompt(c, req.prompt)
@@ -169,13 +168,18 @@ def test_long_video_on_two_stage(ours, official_two_stage, monkeypatch):
     """LTX2LongVideo is the two-stage flow with its chunk plan (here chunks of 4 tokens, which the
     memory rule would only pick for long videos)."""
     from ltx2_tp.memory.plan import ExecutionPlan
-    from ltx2_tp.pipelines import long_video
 
-    monkeypatch.setattr(long_video, "plan_for", lambda *a, **k: ExecutionPlan(4, 4, cache_rope=False))
+    class FourTokenChunks:  # a PlanRule that always chunks
+        def plan(self, *args, **kwargs):
+            return ExecutionPlan(4, 4, cache_rope=False)
+
+    rule = ours.transformer.plan_rule
+    pipe = get_pipeline_class("LTX2LongVideo")(ours)
+    ours.transformer.plan_rule = FourTokenChunks()
     try:
-        check("LTX2LongVideo", ours_latents(get_pipeline_class("LTX2LongVideo")(ours), request()), official_two_stage)
+        check("LTX2LongVideo", ours_latents(pipe, request()), official_two_stage)
     finally:
-        ours.transformer.plan = ExecutionPlan()
+        ours.transformer.plan_rule = rule
 
 
 def test_one_stage(files, ours, contexts, media):
@@ -265,7 +269,7 @@ def test_a2vid(files, ours, contexts, media):
     with official.mel_spectrogram_stand_in():
         got = ours_latents(pipe, request(audio_path=media["audio"]))
     check("LTX2A2VidPipeline", got, rec, audio=False)
-    audio = pipe.output_audio(got.run, got.audio)
+    audio = pipe.source_audio(got.run)
     assert torch.equal(audio.waveform, rec.output[1].waveform) and audio.sampling_rate == rec.output[1].sampling_rate
 
 

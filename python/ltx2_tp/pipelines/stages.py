@@ -188,7 +188,7 @@ def load_audio_encoder(c: LTX2Components):
 
         dtype = torch.float32 if c.device.type == "cpu" else c.dtype
         return ModelLedger(dtype=dtype, device=c.device, checkpoint_path=c.checkpoint_path).audio_encoder()
-    from ltx2_tp.pipelines.components import TINY_AUDIO_VAE
+    from ltx2_tp.pipelines.tiny import TINY_AUDIO_VAE
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)
