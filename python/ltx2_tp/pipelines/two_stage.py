@@ -29,25 +29,6 @@ class GenerationResult:
     stage_times: dict[str, float]
 
 
-def this_rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def run_on_rank(pipeline, req: GenerationRequest, output_path: str | Path, rank: int, **kw) -> GenerationResult | None:
-    """Every rank runs the same request (their collectives meet) and computes the same video: rank 0
-    keeps its file and gets the result; the others write beside it and delete theirs."""
-    if rank == 0:
-        return pipeline(req, output_path, **kw)
-    side = Path(f"{output_path}.rank{rank}")
-    try:
-        pipeline(req, side, **kw)
-    finally:
-        side.unlink(missing_ok=True)
-    return None
-
-
 @register_pipeline
 class LTX2TwoStagePipeline:
     name = "LTX2TwoStagePipeline"
