@@ -12,22 +12,27 @@ over the control group: a flag (go on / cancel / failed / out of memory) and the
 A step of the real model takes 0.1-200 s; this costs well under a millisecond.
 - Cancel: rank 0's job was deleted. Every rank raises JobCancelled at that step; no collective of
   the DiT is open between steps, so nothing else is needed.
-- A failure on any rank (out of memory, any exception): that rank joins the next agreement with
-  `failed`, and every rank fails the job. A rank that was inside a DiT collective its failed peer
-  never joined leaves it when the group's timeout expires (`collective_timeout_s`), fails, and
-  joins. One of the DiT's groups may then hold a half-done collective, so after a failure every
-  rank aborts the DiT's groups and replaces them with fresh ones (new store prefix), in place in
-  the one ParallelContext the model's layers read, before the next job.
+- A failure on any rank (out of memory, any exception): that rank releases the DiT's groups
+  (abort, destroy, drop every reference, its traceback's frames included). With gloo that closes
+  their connections, so a peer waiting inside a DiT collective or ring exchange the failed rank
+  never joined fails at once ("Connection closed by peer") and does the same. The failed rank
+  then joins the next agreement with `failed`, every rank fails the job, and all of them build
+  fresh DiT groups (new store prefix), in place in the one ParallelContext the model's layers
+  read, before the next job. Where closing does not reach the peer (NCCL), the peer's CPU thread
+  is not blocked by a pending collective: it reaches the agreement, and aborting the NCCL groups
+  there ends the kernel still waiting. DiT collectives are also bounded by `collective_timeout_s`.
 Limits: a rank that dies (killed, segfault) or hangs past CONTROL_TIMEOUT_S breaks the control
 group: the remaining ranks stop (ControlLost, exit status 1) and torchrun restarts them all with
 `--max-restarts`; the job store then fails the running job (`server_restarted`) and keeps the
-rest. With NCCL the watchdog, not this module, handles a collective that outlasts its timeout: by
-default it ends the process (same restart). In-process recovery is tested with gloo on CPU.
+rest. With NCCL the watchdog ends the process when a collective outlasts its timeout (same
+restart). In-process recovery is tested with gloo on CPU only; the NCCL path is untested.
 """
 
 from __future__ import annotations
 
+import gc
 import time
+import traceback
 from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
@@ -39,7 +44,9 @@ from ltx2_tp.pipelines.request import GenerationRequest
 from ltx2_tp.serving.cancel import JobCancelled
 from ltx2_tp.serving.metrics import device_memory
 
-GO, CANCEL, FAILED, OUT_OF_MEMORY = 0, 1, 2, 3
+# a rank's vote at a step; BROKEN: a collective failed under it because a peer went away (not a
+# cause: the job's error names the rank that failed first, when one says so)
+GO, CANCEL, BROKEN, FAILED, OUT_OF_MEMORY = 0, 1, 2, 3, 4
 # the longest a rank waits for the others at a step boundary: above the longest step (200 s), a
 # first compiled step (minutes) and the collective timeout
 CONTROL_TIMEOUT_S = 3600
@@ -132,12 +139,18 @@ class RankSync:
         except (JobCancelled, ControlLost, KeyboardInterrupt, SystemExit):
             raise
         except PeerFailed:
-            self.recover()
+            self._release()
+            self._rebuild()
             raise
-        except BaseException as e:  # failed here: tell the others at the step they are at, then recover
-            self._abort()
-            self._agree(OUT_OF_MEMORY if isinstance(e, torch.OutOfMemoryError) else FAILED)
-            self.recover()
+        except BaseException as e:  # failed here: free the peers, tell them at the step they are at, rebuild
+            _drop_frames(e)
+            self._release()
+            mine = OUT_OF_MEMORY if isinstance(e, torch.OutOfMemoryError) else BROKEN if _is_comm_error(e) else FAILED
+            flags = self._agree(mine)
+            self._rebuild()
+            causes = [r for r, f in enumerate(flags) if f >= FAILED]
+            if mine == BROKEN and causes:
+                raise PeerFailed(causes, OUT_OF_MEMORY in flags) from e
             raise
 
     def _progress(self, report):
@@ -149,7 +162,7 @@ class RankSync:
                 except JobCancelled:
                     flag = CANCEL
             flags = self._agree(flag)
-            failed = [r for r, f in enumerate(flags) if f >= FAILED]
+            failed = [r for r, f in enumerate(flags) if f >= FAILED] or [r for r, f in enumerate(flags) if f == BROKEN]
             if failed:
                 raise PeerFailed(failed, OUT_OF_MEMORY in flags)
             if CANCEL in flags:
@@ -176,28 +189,51 @@ class RankSync:
         for g in self._groups():
             _set_pg_timeout(self.timeout, g)
 
-    def _abort(self) -> None:
-        for g in self._groups():  # NCCL: ncclCommAbort ends a kernel still waiting for the failed rank
-            try:
-                g.abort()
-            except Exception:  # noqa: BLE001 - not every backend aborts; the group is replaced anyway
-                pass
+    def _release(self) -> None:
+        """Abort and destroy the DiT's groups and drop every reference, so they close their
+        connections (gloo) or end their kernels (NCCL: ncclCommAbort)."""
+        old = self._groups()
+        for f in _GROUP_FIELDS:
+            setattr(self.ctx, f, None)
+        while old:
+            _close(old.pop())
+        gc.collect()
 
-    def recover(self) -> None:
-        """Fresh DiT groups on every rank (all ranks call this at the same agreement)."""
+    def _rebuild(self) -> None:
+        """Fresh DiT groups, in place in the shared context (every rank calls this at the same agreement)."""
         from ltx2_tp.distributed.context import build_groups
 
-        old = self._groups()
-        self._abort()
         fresh = build_groups(self.ctx.tp_size, self.ctx.ulysses_size, self.ctx.ring_size)
         for f in _GROUP_FIELDS:
             setattr(self.ctx, f, getattr(fresh, f))
-        for g in old:
-            try:
-                dist.destroy_process_group(g)
-            except Exception:  # noqa: BLE001 - an aborted group may refuse; it is dropped either way
-                pass
         self._bound_groups()
+
+
+def _is_comm_error(e: BaseException) -> bool:
+    """A collective or exchange that failed because a peer left (gloo: closed connection, timeout)."""
+    if isinstance(e, dist.DistError):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "Timed out waiting", "NCCL"))
+
+
+def _close(group) -> None:
+    for close in (group.abort, lambda: dist.destroy_process_group(group)):
+        try:
+            close()
+        except Exception:  # noqa: BLE001 - not every backend aborts; an aborted group may refuse
+            pass
+
+
+def _drop_frames(e: BaseException) -> None:
+    """The failed call's frames (ring exchanges, collectives) hold the groups and their pending work:
+    clear their locals (the traceback keeps its text) so releasing the groups really closes them."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        traceback.clear_frames(e.__traceback__)
+        e = e.__cause__ or e.__context__
 
 
 class LeaderPipeline:
