@@ -10,6 +10,7 @@ Bad values stop with a message naming the flag and the allowed values, before an
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 
@@ -321,11 +322,17 @@ def _add_device_args(p: argparse.ArgumentParser, cpu_dtype: str) -> None:
 
 
 class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows every flag's default, also where the flag has no help text."""
+    """--help shows every flag's default (also where the flag has no help text; not None / off)."""
+
+    def _format_action(self, action):
+        if action.help is None and action.default not in (None, False, argparse.SUPPRESS):
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
 
     def _get_help_string(self, action):
-        if action.help is None and action.default not in (None, False, argparse.SUPPRESS):
-            return "(default: %(default)s)"
+        if action.default is None or action.default is False:
+            return action.help
         return super()._get_help_string(action)
 
 
