@@ -2,7 +2,8 @@
 
     {"ts": 1764000000.123, "event": "job", "id": "video_...", "status": "completed", "seconds": 41.2}
 
-status: queued | in_progress | completed | failed | cancelled | deleted | expired | requeued.
+status: queued | in_progress | completed | failed | cancelled | deleted | expired | requeued | swept |
+stopped (running when the server stopped; failed with server_restarted on the next start).
 """
 
 from __future__ import annotations

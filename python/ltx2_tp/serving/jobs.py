@@ -254,7 +254,8 @@ class JobManager:
             for stage, s in result.stage_times.items():
                 self.metrics.stage_seconds.labels(stage).observe(s)
         elif outcome == "cancelled" and self._stopping and self.store.get(job.id) is not None:
-            shutil.rmtree(staging, ignore_errors=True)  # stopping: the row stays in_progress, failed on the next start
+            outcome = "stopped"  # the server stops: the row stays in_progress, failed on the next start
+            shutil.rmtree(staging, ignore_errors=True)
         else:
             self.files.remove(job.id)  # a failed or deleted job owns no file
         self.metrics.jobs_finished.labels(outcome).inc()

@@ -2,7 +2,7 @@
 
     ltx2_queue_depth                      jobs waiting
     ltx2_jobs{status}                     jobs the store holds, by status
-    ltx2_jobs_finished_total{outcome}     completed | failed | cancelled, since start
+    ltx2_jobs_finished_total{outcome}     completed | failed | cancelled | stopped, since start
     ltx2_stage_seconds{stage}             wall time per pipeline stage (text_encoding ... decode_and_write)
     ltx2_step_seconds{stage}              wall time per denoising step (stage1 / stage2)
     ltx2_gpu_memory_bytes{rank,kind}      allocated / reserved on each rank's GPU (0 on CPU), as of the
