@@ -60,7 +60,7 @@ def test_restart_keeps_completed_fails_running_requeues_queued_and_sweeps(tmp_pa
     (out / ".tmp" / running.id).mkdir(parents=True)
     (out / ".tmp" / running.id / ".video.mp4.partial").write_bytes(b"half")
     expired, soon = _job("expired"), _job("soon")
-    for j, expires in ((expired, now - 1), (soon, now + 8)):
+    for j, expires in ((expired, now - 1), (soon, now + 4)):
         store.add(j, 8)
         assert store.claim_next(time.time()).id == j.id
         store.finish(j.id, "completed", now, expires)
@@ -100,7 +100,7 @@ def test_restart_keeps_completed_fails_running_requeues_queued_and_sweeps(tmp_pa
             assert not (out / a.id / ".thumbnail.png.partial").exists() and (out / "notes.txt").exists()
             assert sorted(p.name for p in (out / a.id).iterdir()) == ["thumbnail.png", "video.mp4"]
             # expiry goes on from the persisted expires_at
-            time.sleep(max(0.0, now + 8.2 - time.time()))
+            time.sleep(max(0.0, now + 4.2 - time.time()))
             with pytest.raises(KeyError):
                 m2.get(soon.id)
             assert not (out / soon.id).exists()
