@@ -59,6 +59,7 @@ def _serve_two_ranks(rank, world, outdir):
     from ltx2_tp.pipelines.request import GenerationRequest
     from ltx2_tp.serving.job import Job
     from ltx2_tp.serving.jobs import JobManager
+    from ltx2_tp.serving import ranks
     from ltx2_tp.serving.ranks import ControlChannel, LeaderPipeline, RankSync, follow
 
     ctx = build_groups(1, 1, 2)
@@ -98,6 +99,8 @@ def _serve_two_ranks(rank, world, outdir):
     out = {}
     a, _ = run("a fox", seed=1)
     out["a"] = (a.status, frames(a))
+    ranks.HEARTBEAT_S = 0.2
+    time.sleep(1.5)  # idle: the leader pings rank 1 (the worker wakes every second), which keeps following
     early, _ = run("FAIL-EARLY")
     out["early"] = (early.status, early.error)
     inside, t_inside = run("FAIL-INSIDE")

@@ -181,7 +181,12 @@ class JobManager:
                     self._guard(idle)
                 self._guard(self.expire)
                 continue
-            self._run(job, token)
+            try:
+                self._run(job, token)
+            except BaseException:  # noqa: BLE001 - e.g. the store's disk is full: log it, keep serving
+                traceback.print_exc()
+                with self._lock:
+                    self._running = None
 
     def _guard(self, fn) -> None:
         try:

@@ -9,7 +9,8 @@ queue, and its pipeline is wrapped in `LeaderPipeline`, which sends each request
 Inside a job, `RankSync` makes them leave at the same step. At every progress call of the
 pipeline (each denoising step, each stage's start, the end) the ranks all-gather three numbers
 over the control group: a flag (go on / cancel / failed / out of memory) and their GPU memory.
-A step of the real model takes 0.1-200 s; this costs well under a millisecond.
+A step of the real model takes 0.1-200 s; this costs about 0.5 ms (gloo on CPU, measured by
+benchmark/serve_ranks.py, which also runs the failure below on GPUs with NCCL).
 - Cancel: rank 0's job was deleted. Every rank raises JobCancelled at that step; no collective of
   the DiT is open between steps, so nothing else is needed.
 - A failure on any rank (out of memory, any exception): that rank releases the DiT's groups
