@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ltx2_tp.pipelines.request import RequestError
-from ltx2_tp.serving.cancel import CancelToken, JobCancelled
+from ltx2_tp.serving.cancel import CancelToken
 from ltx2_tp.serving.events import log_job
 from ltx2_tp.serving.files import THUMBNAIL, UPLOAD, JobFiles
 from ltx2_tp.serving.job import ID_RE, Job, new_job_id
@@ -49,8 +49,7 @@ class JobManager:
                  store: JobStore | None = None, idle_poll_s: float = 1.0):
         self.pipeline = pipeline
         self.files = JobFiles(output_dir)
-        self.output_dir = self.files.root
-        self.store = store if store is not None else SQLiteJobStore(self.output_dir)
+        self.store = store if store is not None else SQLiteJobStore(self.files.root)
         self.max_queue, self.ttl_s, self.idle_poll_s = max_queue, ttl_s, idle_poll_s
         self.metrics = ServerMetrics(self.store, self.rank_memory)
         self.on_fatal = None  # called with the exception when the ranks can no longer work together
@@ -66,9 +65,6 @@ class JobManager:
     # ---- public ----------------------------------------------------------------------------
     def new_id(self) -> str:
         return new_job_id()
-
-    def job_dir(self, job_id: str) -> Path:
-        return self.files.job_dir(job_id)
 
     def submit(self, job: Job) -> Job:
         if not self.store.add(job, self.max_queue):
