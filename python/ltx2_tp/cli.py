@@ -10,6 +10,7 @@ Bad values stop with a message naming the flag and the allowed values, before an
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 
@@ -97,8 +98,8 @@ def cmd_generate(args) -> int:
                             height=args.height, num_frames=args.num_frames, fps=args.fps, num_inference_steps=steps,
                             guidance_scale=args.guidance_scale, seed=args.seed, image_path=args.image_path,
                             output_format=fmt, **{k: getattr(args, k) for k in REQUEST_FLAGS})
-    if args.image_path and not _exists(args.image_path):
-        raise UsageError(f"--image-path: no such file {args.image_path!r}")
+    if args.image_path:
+        _check_image(args.image_path)
     if args.lora and not _exists(args.lora[0]):
         raise UsageError(f"--lora: no such file {args.lora[0]!r}")
     try:  # every value checked before anything is built
@@ -111,7 +112,7 @@ def cmd_generate(args) -> int:
     from tqdm import tqdm
 
     from ltx2_tp.pipelines.stages import StageTimer
-    from ltx2_tp.pipelines.two_stage import run_on_rank, this_rank
+    from ltx2_tp.serving.ranks import run_on_rank, this_rank
 
     comps = _components(args, files)
     pipe = cls(comps, **_pipeline_options(cls, args))
@@ -146,33 +147,58 @@ def cmd_serve(args) -> int:
 
     from ltx2_tp.pipelines.registry import get_pipeline_class
     from ltx2_tp.serving.api import create_app
+    from ltx2_tp.serving.events import log_to_stderr
     from ltx2_tp.serving.jobs import JobManager
+    from ltx2_tp.serving.ranks import ControlChannel, ControlLost, LeaderPipeline, RankSync, follow
 
-    from ltx2_tp.serving.ranks import ControlChannel, LeaderPipeline, follow
-
+    for flag, v, lo in (("--max-queue", args.max_queue, 1), ("--ttl-s", args.ttl_s, 1),
+                        ("--max-upload-bytes", args.max_upload_bytes, 1), ("--max-image-pixels", args.max_image_pixels, 1),
+                        ("--max-prompt-chars", args.max_prompt_chars, 1), ("--max-video-tokens", args.max_video_tokens, 1),
+                        ("--collective-timeout-s", args.collective_timeout_s, 1), ("--port", args.port, 0)):
+        if v < lo:
+            raise UsageError(f"{flag} must be at least {lo}, got {v}")
     files = _checkpoint_files(args)
     _check_layout(args, files)
     _check_speed_args(args, files)
     encoder = _encoder_options(args)
     pipe = get_pipeline_class(args.pipeline_class_name)(_components(args, files))
     pipe.encoder_options = encoder
-    if not torch.distributed.is_initialized():
-        manager = JobManager(pipe, args.output_dir, args.max_queue, args.ttl_s)
-    else:  # one worker drives every rank: rank 0 serves HTTP, the others follow its jobs
+    if torch.distributed.is_initialized():  # one worker drives every rank: rank 0 serves HTTP, the others follow
         channel = ControlChannel()
+        sync = RankSync(channel, pipe.c.ctx, pipe.c.device, args.collective_timeout_s)
         if channel.rank != 0:
-            follow(pipe, channel)
+            try:
+                follow(pipe, channel, sync)
+            except (ControlLost, KeyboardInterrupt) as e:
+                print(f"[rank {channel.rank}] stopping: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                return 1 if isinstance(e, ControlLost) else 0
             return 0
-        pipe = LeaderPipeline(pipe, channel)
-        manager = JobManager(pipe, args.output_dir, args.max_queue, args.ttl_s)
+        pipe = LeaderPipeline(pipe, channel, sync)
+    log_to_stderr()
+    manager = JobManager(pipe, args.output_dir, args.max_queue, args.ttl_s)
     app = create_app(manager, model_name=args.served_model_name, api_key=args.api_key,
-                     max_video_tokens=args.max_video_tokens, default_steps=args.num_inference_steps)
+                     max_video_tokens=args.max_video_tokens, default_steps=args.num_inference_steps,
+                     max_upload_bytes=args.max_upload_bytes, max_prompt_chars=args.max_prompt_chars,
+                     max_image_pixels=args.max_image_pixels)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"))
+    status = [0]
+
+    def fatal(e: BaseException) -> None:  # the ranks can no longer work together: stop (torchrun may restart)
+        print(f"ltx2-tp: error: {e}", file=sys.stderr, flush=True)
+        status[0] = 1
+        server.should_exit = True
+
+    manager.on_fatal = fatal
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+        server.run()
     finally:
-        if isinstance(pipe, LeaderPipeline):
-            pipe.stop()
-    return 0
+        stopped = manager.close()
+        if isinstance(pipe, LeaderPipeline) and stopped and not status[0]:
+            try:
+                pipe.stop()
+            except ControlLost:
+                pass
+    return status[0]
 
 
 def _check_layout(args, files):
@@ -375,10 +401,32 @@ def _encoder_options(args):
         raise UsageError(f"--video-encoder-*: {e}") from None
 
 
-def _exists(p: str) -> bool:
+def _check_image(path: str) -> None:
+    """--image-path names a readable image: its header and checksums are read, nothing is decoded."""
     import os
 
-    return os.path.exists(p)
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.exists(path):
+        raise UsageError(f"--image-path: no such file {path!r}")
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        raise UsageError(f"--image-path: not an image (PNG, JPEG, WebP): {path!r}") from None
+
+
+def _check_device(args) -> None:
+    """--device is a torch device this machine has: checked before anything is built."""
+    dev = getattr(args, "device", None)
+    if dev is None:
+        return
+    try:
+        kind = torch.device(dev).type
+    except RuntimeError:
+        raise UsageError(f"--device: expected cpu, cuda or cuda:N, got {dev!r}") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {dev}: no CUDA device is available on this machine; use --device cpu")
 
 
 def _add_device_args(p: argparse.ArgumentParser, cpu_dtype: str) -> None:
@@ -387,10 +435,26 @@ def _add_device_args(p: argparse.ArgumentParser, cpu_dtype: str) -> None:
     p.add_argument("--dtype", default="bf16" if gpu else cpu_dtype, choices=["bf16", "fp16", "fp32"])
 
 
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows every flag's default (also where the flag has no help text; not None / off)."""
+
+    def _format_action(self, action):
+        if action.help is None and action.default not in (None, False, argparse.SUPPRESS):
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ltx2-tp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="text/image to video with audio (flags named as sglang's)")
+    g = sub.add_parser("generate", help="text/image to video with audio (flags named as sglang's)",
+                       formatter_class=_HelpWithDefaults)
     g.add_argument("--model", default="tiny", help="tiny (embedded; makes noise, not pictures)")
     _add_checkpoint_args(g)
     g.add_argument("--pipeline-class-name", default="LTX2LongVideo",
@@ -415,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output-format", default=None, choices=["mp4", "webm", "gif"], help="default: from --output-path")
     _add_device_args(g, cpu_dtype="fp32")
     g.set_defaults(func=cmd_generate)
-    sv = sub.add_parser("serve", help="OpenAI-compatible /v1/videos server")
+    sv = sub.add_parser("serve", help="OpenAI-compatible /v1/videos server", formatter_class=_HelpWithDefaults)
     sv.add_argument("--model", default="tiny")
     _add_checkpoint_args(sv)
     sv.add_argument("--served-model-name", default="ltx-2-tiny")
@@ -424,16 +488,23 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--output-dir", default="outputs/server")
     sv.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on every route")
-    sv.add_argument("--max-queue", type=int, default=8)
-    sv.add_argument("--ttl-s", type=int, default=3600, help="finished files are deleted after this many seconds")
-    sv.add_argument("--max-video-tokens", type=int, default=400_000)
+    sv.add_argument("--max-queue", type=int, default=8, help="queued jobs beyond the running one; more get 429")
+    sv.add_argument("--ttl-s", type=int, default=3600, help="finished jobs and their files are deleted after this "
+                    "many seconds (also across restarts)")
+    sv.add_argument("--max-video-tokens", type=int, default=400_000, help="larger requests get 400 (memory plan)")
+    sv.add_argument("--max-upload-bytes", type=int, default=10 * 2**20, help="input_reference larger than this: 413")
+    sv.add_argument("--max-image-pixels", type=int, default=4096 * 4096,
+                    help="input_reference with more pixels: 400 (read from the header, before decoding)")
+    sv.add_argument("--max-prompt-chars", type=int, default=10_000, help="longer prompts: 400")
+    sv.add_argument("--collective-timeout-s", type=float, default=600,
+                    help="several ranks: a DiT collective whose peer failed gives up after this long")
     sv.add_argument("--num-inference-steps", type=int, default=8, help="default when a request gives none")
     _add_layout_args(sv)
     _add_speed_args(sv)
     _add_encoder_args(sv)
     _add_device_args(sv, cpu_dtype="fp32")
     sv.set_defaults(func=cmd_serve)
-    d = sub.add_parser("dit", help="one DiT forward with random weights: shapes and time")
+    d = sub.add_parser("dit", help="one DiT forward with random weights: shapes and time", formatter_class=_HelpWithDefaults)
     d.add_argument("--model", default="tiny", choices=sorted(PRESETS))
     d.add_argument("--num-frames", type=int, default=25, help="8k+1")
     d.add_argument("--height", type=int, default=256, help="a multiple of 32, the DiT's latent cell "
@@ -463,6 +534,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.ulysses_size * args.ring_size != args.sp_size:
                 raise UsageError(f"--sp-size ({args.sp_size}) must equal --ulysses-size x --ring-size "
                                  f"({args.ulysses_size} x {args.ring_size})")
+        _check_device(args)
         if getattr(args, "attention", "auto") != "auto":  # refuses (naming the flag) before anything is built
             from ltx2_tp.layers.attention_backend import QUANTIZED, set_attention_backend
 

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from ltx2_tp.pipelines.request import GenerationRequest
-from ltx2_tp.pipelines.two_stage import run_on_rank, this_rank
+from ltx2_tp.serving.ranks import run_on_rank, this_rank
 
 TINY_MODEL_PATH = "ltx2-tp/tiny"
 MODEL_ARCH = "LTX2TPModel"

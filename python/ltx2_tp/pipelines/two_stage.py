@@ -18,25 +18,6 @@ from ltx2_tp.pipelines.guidance import guided_denoise_fn
 from ltx2_tp.pipelines.request import GenerationRequest
 
 
-def this_rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def run_on_rank(pipeline, req: GenerationRequest, output_path: str | Path, rank: int, **kw) -> GenerationResult | None:
-    """Every rank runs the same request (their collectives meet) and computes the same video: rank 0
-    keeps its file and gets the result; the others write beside it and delete theirs."""
-    if rank == 0:
-        return pipeline(req, output_path, **kw)
-    side = Path(f"{output_path}.rank{rank}")
-    try:
-        pipeline(req, side, **kw)
-    finally:
-        side.unlink(missing_ok=True)
-    return None
-
-
 class LTX2TwoStagePipeline(LTX2PipelineBase):
     name = "LTX2TwoStagePipeline"
     keyframes = False  # the keyframe pipeline appends every image as keyframe tokens

@@ -1,167 +1,281 @@
-"""Video jobs: a bounded queue in front of one worker thread that owns the pipeline.
+"""Video jobs: a durable queue (serving/store.py) in front of one worker thread that owns the pipeline.
 
 queued -> in_progress (progress 0-100 from the pipeline's steps) -> completed | failed.
-A failing job (out-of-memory included) is marked failed with {code, message}, GPU memory is
-released, and the worker takes the next job. Finished files live in `output_dir/<id>/` until
-`expires_at`; deleting a job removes them. Job ids are `video_<32 hex>` and are checked against
-that pattern before they touch a path.
+- A failing job (out-of-memory included) is marked failed with {code, message}; its files are
+  removed, GPU memory is released and the worker takes the next job.
+- DELETE of a running job sets its cancel token: the pipeline stops at its next denoising step
+  (serving/cancel.py), the worker removes the job's files and takes the next job at once.
+- The worker writes into a staging directory; the files move into `output_dir/<id>/` only if the
+  job still exists when it finishes (serving/files.py), so a deleted job never leaves files.
+- On start (after a crash or a stop): completed jobs stay listed and downloadable until they
+  expire; a job that was running is failed with code `server_restarted` (a job that may have
+  crashed the server is not run again by itself); queued jobs run again in their order; files no
+  job owns are removed; expiry goes on from the persisted expires_at.
 """
 
 from __future__ import annotations
 
 import gc
-import itertools
-import queue
-import re
+import math
 import shutil
 import threading
 import time
 import traceback
-import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ltx2_tp.pipelines.request import GenerationRequest, RequestError
+from ltx2_tp.pipelines.request import RequestError
+from ltx2_tp.serving.cancel import CancelToken
+from ltx2_tp.serving.events import log_job
+from ltx2_tp.serving.files import THUMBNAIL, UPLOAD, JobFiles
+from ltx2_tp.serving.job import ID_RE, Job, new_job_id
+from ltx2_tp.serving.metrics import ServerMetrics, device_memory
+from ltx2_tp.serving.sqlite_store import SQLiteJobStore
+from ltx2_tp.serving.store import JobStore
 
-ID_RE = re.compile(r"^video_[0-9a-f]{32}$")
-_SEQ = itertools.count()  # creation order (created_at has 1 s resolution)
+# progress 0-100: stage 1 is most of the work, stage 2 a few steps, decoding the rest
+PROGRESS_SPANS = {"stage1": (0, 80), "stage2": (80, 95)}
+RESTARTED = {"code": "server_restarted",
+             "message": "the server stopped while this job was running; submit it again"}
 
 
 class QueueFull(Exception):
     pass
 
 
-@dataclass
-class Job:
-    id: str
-    request: GenerationRequest
-    model: str
-    seconds: str
-    size: str
-    created_at: int = field(default_factory=lambda: int(time.time()))
-    status: str = "queued"
-    progress: int = 0
-    completed_at: int | None = None
-    expires_at: int | None = None
-    error: dict | None = None
-    video_path: Path | None = None
-    thumbnail_path: Path | None = None
-    upload_path: Path | None = None
-    seq: int = field(default_factory=lambda: next(_SEQ))
-
-    def to_openai(self) -> dict:
-        return {"id": self.id, "object": "video", "created_at": self.created_at, "completed_at": self.completed_at,
-                "expires_at": self.expires_at, "model": self.model, "progress": self.progress,
-                "prompt": self.request.prompt, "seconds": self.seconds, "size": self.size, "status": self.status,
-                "error": self.error, "remixed_from_video_id": None}
-
-
 class JobManager:
-    def __init__(self, pipeline, output_dir: str | Path, max_queue: int = 8, ttl_s: int = 3600):
+    def __init__(self, pipeline, output_dir: str | Path, max_queue: int = 8, ttl_s: int = 3600,
+                 store: JobStore | None = None, idle_poll_s: float = 1.0):
         self.pipeline = pipeline
-        self.output_dir = Path(output_dir).resolve()
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.ttl_s = ttl_s
-        self.jobs: dict[str, Job] = {}
-        self.lock = threading.Lock()
-        self.queue: queue.Queue[str] = queue.Queue(maxsize=max_queue)
+        self.files = JobFiles(output_dir)
+        self.store = store if store is not None else SQLiteJobStore(self.files.root)
+        self.max_queue, self.ttl_s, self.idle_poll_s = max_queue, ttl_s, idle_poll_s
+        self.metrics = ServerMetrics(self.store, self.rank_memory)
+        self.on_fatal = None  # called with the exception when the ranks can no longer work together
+        self._lock = threading.Lock()  # a job's end (publish files, mark completed) vs its deletion
+        self._wake = threading.Event()
+        self._running: tuple[str, CancelToken] | None = None
+        self._stopping = False
+        self._job_s = 5.0  # moving average of a job's wall time: the Retry-After of a full queue
+        self.recover()
         self.worker = threading.Thread(target=self._work, name="ltx2-worker", daemon=True)
         self.worker.start()
 
     # ---- public ----------------------------------------------------------------------------
     def new_id(self) -> str:
-        return f"video_{uuid.uuid4().hex}"
-
-    def job_dir(self, job_id: str) -> Path:
-        if not ID_RE.match(job_id):
-            raise KeyError(job_id)
-        d = (self.output_dir / job_id).resolve()
-        if d.parent != self.output_dir:  # belt and braces: never outside output_dir
-            raise KeyError(job_id)
-        return d
+        return new_job_id()
 
     def submit(self, job: Job) -> Job:
-        with self.lock:
-            self.jobs[job.id] = job
-            try:
-                self.queue.put_nowait(job.id)
-            except queue.Full:
-                del self.jobs[job.id]
-                raise QueueFull() from None
+        if not self.store.add(job, self.max_queue):
+            raise QueueFull()
+        log_job(job.id, "queued", size=job.size, frames=job.request.num_frames,
+                steps=job.request.num_inference_steps)
+        self._wake.set()
         return job
+
+    def queue_full(self) -> bool:
+        return self.queue_depth() >= self.max_queue
+
+    def queue_depth(self) -> int:
+        return self.store.count_by_status().get("queued", 0)
+
+    def retry_after_s(self) -> int:
+        """A full queue frees a place when the running job ends: about one job's time."""
+        return max(1, math.ceil(self._job_s))
 
     def get(self, job_id: str) -> Job:
         self.expire()
         if not ID_RE.match(job_id):
             raise KeyError(job_id)
-        with self.lock:
-            return self.jobs[job_id]
+        job = self.store.get(job_id)
+        if job is None:
+            raise KeyError(job_id)
+        return job
 
     def list(self) -> list[Job]:
         self.expire()
-        with self.lock:
-            return sorted(self.jobs.values(), key=lambda j: j.seq)
+        return self.store.list()
 
     def delete(self, job_id: str) -> Job:
-        job = self.get(job_id)
-        with self.lock:
-            self.jobs.pop(job_id, None)
-        shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+        if not ID_RE.match(job_id):
+            raise KeyError(job_id)
+        with self._lock:
+            job = self.store.delete(job_id)
+            if job is None:
+                raise KeyError(job_id)
+            running = self._running is not None and self._running[0] == job_id
+            if running:  # the worker stops at the next step and removes the files itself
+                self._running[1].cancel()
+            else:
+                self.files.remove(job_id)
+        log_job(job_id, "deleted", was=job.status)
         return job
 
     def expire(self) -> None:
         now = time.time()
-        with self.lock:
-            dead = [j for j in self.jobs.values() if j.expires_at is not None and j.expires_at <= now]
-            for j in dead:
-                self.jobs.pop(j.id, None)
-        for j in dead:
-            shutil.rmtree(self.job_dir(j.id), ignore_errors=True)
+        for job_id in self.store.expired(now):
+            with self._lock:
+                if self.store.delete(job_id) is not None:
+                    self.files.remove(job_id)
+            log_job(job_id, "expired")
+
+    def rank_memory(self) -> list[tuple[int, int]]:
+        """(allocated, reserved) GPU bytes per rank, as of the last step (0 on CPU)."""
+        per_rank = getattr(self.pipeline, "rank_memory", None)
+        if callable(per_rank):
+            return per_rank()
+        c = getattr(self.pipeline, "c", None)
+        return [device_memory(c.device if c is not None else "cpu")]
+
+    def close(self, timeout: float = 30.0) -> bool:
+        """Stop the worker: a running job stops at its next step and stays `in_progress` in the store,
+        so the next start fails it with `server_restarted`, as after a crash. True if the worker ended."""
+        self._stopping = True
+        with self._lock:
+            if self._running is not None:
+                self._running[1].cancel()
+        self._wake.set()
+        self.worker.join(timeout)
+        if self.worker.is_alive():  # inside a long step: the store stays open for it
+            return False
+        self.store.close()
+        return True
+
+    # ---- start -----------------------------------------------------------------------------
+    def recover(self) -> None:
+        now = int(time.time())
+        for job in self.store.list():
+            if job.status == "in_progress":
+                self.store.finish(job.id, "failed", now, now + self.ttl_s, RESTARTED)
+                log_job(job.id, "failed", code=RESTARTED["code"])
+            elif job.status == "queued":
+                log_job(job.id, "requeued")
+        self.expire()
+        owned = {}
+        for job in self.store.list():
+            if job.status == "completed":
+                owned[job.id] = {self.files.video_name(job), THUMBNAIL}
+            elif job.status == "queued":
+                owned[job.id] = {UPLOAD}
+        for p in self.files.sweep(owned):
+            log_job(p.name if ID_RE.match(p.name) else "-", "swept", path=str(p))
 
     # ---- worker ----------------------------------------------------------------------------
     def _work(self) -> None:
-        while True:
-            job_id = self.queue.get()
-            with self.lock:
-                job = self.jobs.get(job_id)
-            if job is None:  # deleted while queued
+        while not self._stopping:
+            token = CancelToken()
+            with self._lock:
+                job = self.store.claim_next(time.time())
+                if job is not None:
+                    self._running = (job.id, token)
+            if job is None:
+                self._wake.wait(self.idle_poll_s)
+                self._wake.clear()
+                idle = getattr(self.pipeline, "idle", None)  # several ranks: keep the followers' channel alive
+                if callable(idle) and not self._stopping:
+                    self._guard(idle)
+                self._guard(self.expire)
                 continue
-            self._run(job)
+            try:
+                self._run(job, token)
+            except BaseException:  # noqa: BLE001 - e.g. the store's disk is full: log it, keep serving
+                traceback.print_exc()
+                with self._lock:
+                    self._running = None
 
-    def _run(self, job: Job) -> None:
-        job.status, job.progress = "in_progress", 0
-        d = self.job_dir(job.id)
-        d.mkdir(parents=True, exist_ok=True)
-        weights = {"stage1": (0, 80), "stage2": (80, 95)}
+    def _guard(self, fn) -> None:
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001 - the worker thread never dies
+            traceback.print_exc()
+            if getattr(e, "fatal", False) and self.on_fatal is not None:
+                self._stopping = True
+                self.on_fatal(e)
+
+    def _progress(self, job: Job, token: CancelToken):
+        last: dict[str, float] = {}
+        shown = [0]
 
         def progress(stage: str, done: int, total: int) -> None:
-            lo, hi = weights.get(stage, (95, 99))
-            job.progress = max(job.progress, int(lo + (hi - lo) * done / max(total, 1)))
+            now = time.perf_counter()
+            if done > 0 and stage in last:
+                self.metrics.step_seconds.labels(stage).observe(now - last[stage])
+            last[stage] = now
+            lo, hi = PROGRESS_SPANS.get(stage, (95, 99))
+            p = max(shown[0], int(lo + (hi - lo) * done / max(total, 1)))
+            if p != shown[0] or done == 0:
+                shown[0] = p
+                if not self.store.set_progress(job.id, p):  # deleted elsewhere (another server process)
+                    token.cancel()
+            token.check()
 
+        return progress
+
+    def _run(self, job: Job, token: CancelToken) -> None:
+        t0 = time.time()
+        log_job(job.id, "in_progress", waited_s=round(t0 - job.created_at, 3))
+        req = job.request
+        if req.image_path:  # one place says where the upload is, wherever the output dir now lives
+            req.image_path = str(self.files.upload(job.id))
+        staging = self.files.staging_dir(job.id)
+        staging.mkdir(parents=True, exist_ok=True)
+        video_name = self.files.video_name(job)
+        outcome, error, result = "completed", None, None
         try:
-            result = self.pipeline(job.request, d / f"video.{job.request.output_format}", progress=progress)
-            job.thumbnail_path = _thumbnail(result.path, d / "thumbnail.png")
-            job.video_path = result.path
-            job.status, job.progress = "completed", 100
-        except BaseException as e:  # a job never takes the server down
-            code = "out_of_memory" if isinstance(e, torch.OutOfMemoryError) else (
+            token.check()
+            result = self.pipeline(req, staging / video_name, progress=self._progress(job, token))
+            token.check()  # deleted while decoding: nothing is published
+            _thumbnail(result.path, staging / THUMBNAIL)
+        except BaseException as e:  # noqa: BLE001 - a job never takes the server down
+            if token.cancelled:  # deleted (or the server stops): whatever it raised on the way out
+                outcome = "cancelled"
+            else:
+                outcome, error = "failed", _error(e)
+                if error["code"] == "internal_error":
+                    traceback.print_exc()
+            fatal = e if getattr(e, "fatal", False) else None
+        else:
+            fatal = None
+        now = int(time.time())
+        with self._lock:
+            self._running = None
+            if outcome == "completed":
+                if self.store.get(job.id) is not None:
+                    self.files.publish(job.id, [video_name, THUMBNAIL])
+                    if not self.store.finish(job.id, "completed", now, now + self.ttl_s):
+                        outcome = "cancelled"
+                else:
+                    outcome = "cancelled"
+            elif outcome == "failed" and not self.store.finish(job.id, "failed", now, now + self.ttl_s, error):
+                outcome = "cancelled"
+        if outcome == "completed":
+            self.files.remove_upload(job.id)
+            self._job_s = 0.8 * self._job_s + 0.2 * (time.time() - t0)
+            for stage, s in result.stage_times.items():
+                self.metrics.stage_seconds.labels(stage).observe(s)
+        elif outcome == "cancelled" and self._stopping and self.store.get(job.id) is not None:
+            outcome = "stopped"  # the server stops: the row stays in_progress, failed on the next start
+            shutil.rmtree(staging, ignore_errors=True)
+        else:
+            self.files.remove(job.id)  # a failed or deleted job owns no file
+        self.metrics.jobs_finished.labels(outcome).inc()
+        extra = {"code": error["code"]} if error else {}
+        log_job(job.id, outcome, seconds=round(time.time() - t0, 3), **extra)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if fatal is not None and self.on_fatal is not None:
+            self._stopping = True
+            self.on_fatal(fatal)
+
+
+def _error(e: BaseException) -> dict:
+    code = getattr(e, "code", None)
+    if not isinstance(code, str):
+        code = ("out_of_memory" if isinstance(e, torch.OutOfMemoryError) else
                 "invalid_request" if isinstance(e, RequestError) else "internal_error")
-            job.error = {"code": code, "message": f"{type(e).__name__}: {e}"[:2000]}
-            job.status = "failed"
-            if code == "internal_error":
-                traceback.print_exc()
-            for p in d.glob("*"):  # never a partial file
-                p.unlink(missing_ok=True)
-        finally:
-            job.completed_at = int(time.time())
-            job.expires_at = job.completed_at + self.ttl_s
-            if job.upload_path is not None:
-                job.upload_path.unlink(missing_ok=True)
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+    return {"code": code, "message": f"{type(e).__name__}: {e}"[:2000]}
 
 
 def _thumbnail(video: Path, out: Path) -> Path:
