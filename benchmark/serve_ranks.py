@@ -36,7 +36,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
 from ltx2_tp.distributed.context import init_parallel  # noqa: E402
-from ltx2_tp.pipelines.components import build_tiny_components  # noqa: E402
+from ltx2_tp.pipelines.tiny import build_tiny_components  # noqa: E402
 from ltx2_tp.pipelines.registry import get_pipeline_class  # noqa: E402
 from ltx2_tp.pipelines.request import GenerationRequest  # noqa: E402
 from ltx2_tp.serving.job import Job  # noqa: E402

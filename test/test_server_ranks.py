@@ -54,7 +54,7 @@ class InjectFailures:
 
 def _serve_two_ranks(rank, world, outdir):
     from ltx2_tp.distributed.context import build_groups
-    from ltx2_tp.pipelines.components import build_tiny_components
+    from ltx2_tp.pipelines.tiny import build_tiny_components
     from ltx2_tp.pipelines.registry import get_pipeline_class
     from ltx2_tp.pipelines.request import GenerationRequest
     from ltx2_tp.serving.job import Job

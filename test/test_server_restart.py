@@ -14,7 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from ltx2_tp.pipelines.components import build_tiny_components
+from ltx2_tp.pipelines.tiny import build_tiny_components
 from ltx2_tp.pipelines.registry import get_pipeline_class
 from ltx2_tp.pipelines.request import GenerationRequest
 from ltx2_tp.serving.api import create_app
