@@ -100,6 +100,7 @@ def ltx_core_scaled(cfg, scaled_sd):
     return ref
 
 
+@torch.no_grad()
 def layer_parity(ref, ours, run) -> int:
     """Replay every FP8Linear call of ltx-core's model during `run()` through our layer; returns how many."""
     from ltx_core.quantization.fp8_scaled_mm import FP8Linear
@@ -310,11 +311,24 @@ def test_stg_skips_with_every_method(tmp_path, method):
 
 
 # ---- TP ---------------------------------------------------------------------------------------------------
-def _tp_worker(rank, world, cfg, files, bf16_sd, inputs):
+def _fused_under_lora(model, lora):
+    """The fp8-cast q/k/v weight of block 1 while `lora` is fused (stochastic rounding)."""
+    import ltx2_tp.layers.quantization.fp8_cast as fp8_cast
+    from ltx2_tp.models.ltx2.lora import lora_applied
+
+    before, fp8_cast.LORA_ROUNDING = fp8_cast.LORA_ROUNDING, "stochastic"
+    try:
+        with lora_applied(model, lora):
+            return model.transformer_blocks[1].attn1.to_qkv.weight.clone()
+    finally:
+        fp8_cast.LORA_ROUNDING = before
+
+
+def _tp_worker(rank, world, cfg, files, bf16_sd, inputs, lora):
     from ltx2_tp.distributed.context import build_groups
 
     ctx = build_groups(world, 1, 1)
-    out = {}
+    out = {"lora": _fused_under_lora(build_transformer(cfg, ctx, state_dict=bf16_sd, quantization="fp8-cast"), lora)}
     for name, kw in (("file", dict(files=files)), ("on_load", dict(state_dict=bf16_sd, quantization="fp8-scaled-mm"))):
         m = build_transformer(cfg, ctx, dtype=torch.float32, **kw)
         qkv = m.transformer_blocks[1].attn1.to_qkv
@@ -325,8 +339,11 @@ def _tp_worker(rank, world, cfg, files, bf16_sd, inputs):
 
 def test_tp2_per_tensor_equals_single_rank(tmp_path):
     """TP=2 (gloo): every rank keeps the single rank's scales (a per-tensor scale holds for any shard;
-    quantized on load, the amax is taken over the whole tensor) and its rows of the fp8 weights."""
+    quantized on load, the amax is taken over the whole tensor) and its rows of the fp8 weights. A
+    LoRA fused into fp8-cast weights with stochastic rounding gives each rank the single rank's bits."""
     from dist_utils import run_distributed
+
+    from ltx2_tp.models.ltx2.lora import LoraWeights
 
     cfg = _cfg()
     sd = _pair(cfg)
@@ -335,7 +352,14 @@ def test_tp2_per_tensor_equals_single_rank(tmp_path):
     files = _save(tmp_path, scaled)
     single = {"file": build_transformer(cfg, dtype=torch.float32, files=files),
               "on_load": build_transformer(cfg, dtype=torch.float32, state_dict=sd, quantization="fp8-scaled-mm")}
-    results = run_distributed(_tp_worker, 2, cfg, files, sd, (v, a))
+    g = torch.Generator().manual_seed(5)
+    lora = LoraWeights({f"transformer_blocks.1.attn1.{p}.weight": (torch.randn(2, 32, generator=g) * 0.1,
+                                                                  torch.randn(32, 2, generator=g) * 0.1)
+                        for p in ("to_q", "to_v")})
+    results = run_distributed(_tp_worker, 2, cfg, files, sd, (v, a), lora)
+    fused = _fused_under_lora(build_transformer(cfg, state_dict=sd, quantization="fp8-cast"), lora)
+    for rank, r in enumerate(results):
+        assert torch.equal(r["lora"], torch.cat([s.narrow(0, rank * 16, 16) for s in fused.split(32)]))
     for name, m in single.items():
         ref = m(v, a)
         qkv = m.transformer_blocks[1].attn1.to_qkv
