@@ -208,7 +208,7 @@ def describe(model: nn.Module) -> str:
                  FP8_CAST_WEIGHT_SCALED: "fp8-cast (scaled)",
                  FP8_ROWWISE: "fp8-rowwise"}.get(m, "bf16" if m.supports_lora else type(m).__name__)
         counts[label] = counts.get(label, 0) + 1
-    return ", ".join(f"{n} {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1])) + " block linears"
+    return ", ".join(f"{n} {k}" for k, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))) + " block linears"
 
 
 # ---- calibration (static input scales for quantize-on-load) --------------------------------------------
