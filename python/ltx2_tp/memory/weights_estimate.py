@@ -9,7 +9,8 @@ under 0.01%). Under TP, one rank's shards.
 19B (ltx-2-19b), one rank, MiB a block (GiB for 48): bf16 736.4 (34.52); fp8-rowwise 368.8 (17.29);
 fp8-cast 368.4 (17.27); fp8-scaled-mm 368.4 (19.42: blocks 0 and 43-47 stay bf16, as in ltx-core's
 files). TP=2 halves each (bf16 368.3). Transients beside them: fp8-cast upcasts one weight while its
-linear runs (largest: an FFN weight, 128 MiB in bf16); the fp8 matmuls hold an e4m3 copy of their input.
+linear runs (largest: an FFN weight, 128 MiB in bf16, and 256 MiB more in fp32 on the way when the
+file is per-tensor scaled); the fp8 matmuls hold x * (1 / scale) in x's dtype and its e4m3 copy.
 """
 
 from __future__ import annotations

@@ -119,8 +119,9 @@ class Fp8PerTensorLinearMethod(LinearMethodBase):
         return self.layer_tensors(layer)
 
     def _input_scale(self, layer, x2: torch.Tensor, spans) -> torch.Tensor:
-        if not self.static:
-            return x2.abs().amax().float().clamp_min(1e-12) / FP8_MAX
+        if not self.static:  # aminmax: one pass, no |x| temporary the size of x
+            lo, hi = torch.aminmax(x2)
+            return torch.maximum(-lo, hi).float().clamp_min(1e-12) / FP8_MAX
         if len(spans) == 1:
             i = spans[0][0]
             return layer.input_scale[i]
