@@ -230,7 +230,8 @@ def test_scaled_mm_equals_dequantized_ltx_core(tmp_path):
     assert layer_parity(ref, m, lambda: run_ltx_core(ref, v, a)) == 2 * 28
     ov, oa = m(v, a)
     assert rel_err(ov, rv) <= 5e-2 and rel_err(oa, ra) <= 5e-2, (rel_err(ov, rv), rel_err(oa, ra))
-    bf = build_model(cfg, dtype=torch.float32, state_dict=sd)(v, a)  # the fp8 error itself: nonzero, bounded
+    with torch.no_grad():  # the fp8 error itself: nonzero, bounded
+        bf = build_model(cfg, dtype=torch.float32, state_dict=sd)(v, a)
     assert 1e-3 < rel_err(ov, bf[0]) < 0.1
 
 

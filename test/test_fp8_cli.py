@@ -53,7 +53,8 @@ def test_refusals_name_the_flag(fp8_folder, capsys):
         ([*GEN, "--fp8", "--quantization", "fp8-cast"], "--fp8 is --quantization fp8-rowwise; it conflicts with "
                                                        "--quantization fp8-cast"),
         ([*GEN, "--model-path", str(fp8_folder)],
-         f"--model-path: {fp8_folder}/ltx-2-tiny-dev-fp8.safetensors is fp8 with per-tensor scales"),
+         f"--model-path {fp8_folder}/ltx-2-tiny-dev-fp8.safetensors: an fp8 checkpoint (fp8 with per-tensor scales"),
+        ([*GEN, "--model-path", str(fp8_folder)], "runs fp8 matmuls, which needs a CUDA device"),
         ([*GEN, "--model-path", str(fp8_folder)], "--quantization fp8-cast runs it with bf16 compute"),
         ([*GEN, "--model-path", str(fp8_folder), "--quantization", "fp8-rowwise"],
          "--quantization fp8-rowwise: the checkpoint is already fp8 with per-tensor scales"),

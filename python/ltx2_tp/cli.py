@@ -240,19 +240,19 @@ def _check_quantization(args, files) -> None:
     if args.quantization not in FP8_MATMUL:
         return
     if getattr(args, "fp8", False):
-        flag = "--fp8"
+        who = "--fp8:"
     elif requested is not None:
-        flag = f"--quantization {requested}"
+        who = f"--quantization {requested}:"
     else:
-        flag = f"--model-path: {files.checkpoint} is {fmt.describe()}, whose fp8 matmuls"
+        who = f"--model-path {files.checkpoint}: an fp8 checkpoint ({fmt.describe()}) runs fp8 matmuls, which"
     hint = "; --quantization fp8-cast runs it with bf16 compute (fp8 storage)" if fmt.kind else ""
     if not str(args.device).startswith("cuda") or not torch.cuda.is_available():
-        raise UsageError(f"{flag}: needs a CUDA device (torch._scaled_mm), got --device {args.device}{hint}")
+        raise UsageError(f"{who} needs a CUDA device (torch._scaled_mm), got --device {args.device}{hint}")
     major, minor = torch.cuda.get_device_capability()
     if (major, minor) < (8, 9):
-        raise UsageError(f"{flag}: needs compute capability >= 8.9 (Ada / Hopper), this GPU has {major}.{minor}{hint}")
+        raise UsageError(f"{who} needs compute capability >= 8.9 (Ada / Hopper), this GPU has {major}.{minor}{hint}")
     if files is not None and files.distilled_lora:
-        raise UsageError(f"{flag}: not supported with a stage-2 distilled LoRA ({files.distilled_lora}), which is "
+        raise UsageError(f"{who} not supported with a stage-2 distilled LoRA ({files.distilled_lora}), which is "
                          "fused into the weights for stage 2; --quantization fp8-cast fuses it into fp8 storage "
                          "(as ltx-core)")
 
