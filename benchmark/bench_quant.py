@@ -1,18 +1,18 @@
 """One DiT step per weight storage (--quantization), 19B random weights: s/step, peak, weights, error vs bf16.
 
-  python benchmark/bench_quant.py --case 1920x1088x121 --out benchmark/results/quant_h100_<date>.json
+  python benchmark/bench_quant.py --case 1920x1088x121 --gemm --out benchmark/results/bench_quant_h100_<date>.json
 
-Order: bf16 (the reference output; its block linears' input amax recorded on this very step, the
-calibration a static-scale fp8-scaled-mm run uses - optimistic: the official files are calibrated
+Order: bf16 (the reference output; its block linears' input amax recorded on this very step: the
+calibration the static-scale fp8-scaled-mm run uses - optimistic, the official files are calibrated
 on other data), then each storage built as users get it (build_transformer: the same seed, so the
-same weights, bf16 blocks converted one at a time while loading; fp8-scaled-mm-static is that
-with the recorded scales, i.e. an official-format checkpoint). Eager (--compile: each block
-compiled), the model's own chunk plan. Per storage: median s/step, peak GiB of the step, GiB the
-weights hold after building, relative max error of video / audio vs bf16 (rel = max|d| / max|ref|).
---gemm adds the fused q/k/v GEMM alone at this case's tokens: one row-wise GEMM (what
-fp8-scaled-mm runs) vs three per-tensor GEMMs and a concatenation vs one per-tensor GEMM (a single
-shared scale) vs bf16, and the activation quantization. CPU (--model tiny --device cpu) only to
-smoke-test the script.
+same weights, bf16 blocks converted one at a time while loading; fp8-scaled-mm-static is that with
+the recorded scales, i.e. an official-format checkpoint). Eager unless --compile (the fp8 storages'
+blocks compiled; eager fp8 pays its activation quantization as separate kernels), the model's own
+chunk plan. Per storage: median s/step, peak GiB of the step, GiB the weights hold after building,
+relative max error of video / audio vs bf16 (max|d| / max|ref|). --gemm adds the fused q/k/v GEMM
+alone at this case's tokens: one row-wise GEMM (what fp8-scaled-mm runs) vs three per-tensor GEMMs
+and a concatenation vs one per-tensor GEMM (one shared scale) vs bf16, and the activation
+quantization. CPU (--model tiny --device cpu) only to smoke-test the script.
 """
 
 from __future__ import annotations
@@ -80,7 +80,9 @@ def main():
     ap.add_argument("--storages", default=",".join(STORAGES), help=f"comma list of {STORAGES}")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--layers", type=int, default=None, help="fewer blocks (quick checks)")
-    ap.add_argument("--compile", action="store_true", help="compile each block (minutes per storage at 1080p)")
+    ap.add_argument("--compile", action="store_true", help="compile each block of the fp8 storages (a minute or "
+                    "two each at 1080p); the bf16 reference stays eager unless --compile-bf16")
+    ap.add_argument("--compile-bf16", action="store_true")
     ap.add_argument("--gemm", action="store_true", help="also the fused q/k/v GEMM alone, each way")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default=None)
@@ -102,15 +104,16 @@ def main():
         reset_peak()
         model = build_transformer(cfg, device=dev, dtype=dtype, seed=0, **kw)
         weights = allocated_gib()
-        if args.compile:
+        compiled = args.compile and (label != "bf16" or args.compile_bf16)
+        if compiled:
             from ltx2_tp.compile import compile_blocks
 
             compile_blocks(model)
         reset_peak()
-        times = cuda_time(lambda: model(v, a), 2 if args.compile else 1, args.repeat)
+        times = cuda_time(lambda: model(v, a), 2 if compiled else 1, args.repeat)
         out = [t.float().cpu() for t in model(v, a)]
         r = {"s_per_step": median(times), "times": times, "peak_gib": peak_gib(), "weights_gib": weights,
-             "linears": describe(model)}
+             "compiled": compiled, "linears": describe(model)}
         if label == "bf16":
             res["bf16_out"] = out
             res["input_amax"] = {k: t.cpu() for k, t in calibrate_input_amax(model, lambda: model(v, a)).items()}
@@ -141,12 +144,13 @@ def main():
     _sync()
 
     print(f"\n{name} | {res['date']} | torch {torch.__version__} | {args.model} ({cfg.num_layers} blocks) {args.case}, "
-          f"{res['video_tokens']} video tokens, {'compiled' if args.compile else 'eager'}")
-    print("| storage | s/step | vs bf16 | peak GiB | weights GiB | rel err video | rel err audio |")
-    print("|---|---|---|---|---|---|---|")
+          f"{res['video_tokens']} video tokens")
+    print("| storage | compiled | s/step | vs bf16 | peak GiB | weights GiB | rel err video | rel err audio |")
+    print("|---|---|---|---|---|---|---|---|")
     for label, r in res["runs"].items():
         e = (lambda k: f"{r[k]:.2e}" if r.get(k) is not None else "-")
-        print(f"| {label} | {r['s_per_step']:.3f} | {r.get('speedup_vs_bf16', 1.0):.2f}x | {r['peak_gib']:.1f} | "
+        print(f"| {label} | {'yes' if r['compiled'] else 'no'} | {r['s_per_step']:.3f} | "
+              f"{r.get('speedup_vs_bf16', 1.0):.2f}x | {r['peak_gib']:.1f} | "
               f"{r['weights_gib']:.1f} | {e('rel_err_video')} | {e('rel_err_audio')} |")
     del res["bf16_out"], res["input_amax"]
     if args.out:
