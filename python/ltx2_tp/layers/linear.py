@@ -67,11 +67,21 @@ class LinearBase(nn.Module):
         n = full // self.ctx.tp_size
         param.data.narrow(d, offset, n).copy_(loaded.narrow(d, self.ctx.tp_rank * n, n))
 
+    @staticmethod
+    def scalar_loader(param: torch.Tensor, loaded: torch.Tensor, shard_id: int | None = None) -> None:
+        """One checkpoint scalar (an fp8 per-tensor weight_scale / input_scale) into its shard's slot
+        of `param` (shards,). Whole on every TP rank: a per-tensor scale holds for any part of its
+        tensor. Only the layer knows its shards, so the rule is here (vLLM: adjust_scalar_to_fused_array)."""
+        expect_shape(loaded.shape, ())
+        param.data[shard_id or 0] = loaded
+
     def _entries(self, prefix: str, shard_id: int | None = None) -> dict[str, CheckpointEntry]:
         tensors = dict(self.quant_method.checkpoint_tensors(self))
         if self.bias is not None:
             tensors["bias"] = self.bias
-        return {f"{prefix}.{k}": CheckpointEntry(t, self.weight_loader, shard_id, self._full_shape(t, shard_id), self)
+        scalars = self.quant_method.per_shard_scalars
+        return {f"{prefix}.{k}": (CheckpointEntry(t, self.scalar_loader, shard_id, (), self) if k in scalars else
+                                  CheckpointEntry(t, self.weight_loader, shard_id, self._full_shape(t, shard_id), self))
                 for k, t in tensors.items()}
 
     def checkpoint_spec(self, name: str) -> dict[str, CheckpointEntry]:

@@ -292,13 +292,16 @@ class BlockSwap(BlockResidency):
     def _plan_file_reads(self, model: nn.Module, files: list[str]) -> None:
         """Which checkpoint key (and loader) fills which tensor of which streamed block."""
         self._src = _Source(files=files)
+        spec = checkpoint_spec(model)
+        fp8_in_file = {id(e.param) for key, e in spec.items() if key in self._src.keys()
+                       and self._src.dtype(key) == e.param.dtype}  # an fp8 checkpoint's own tensors
         for i in self.streamed:  # quantized in memory (quantize_fp8): the file holds other tensors
             for e in self._entries[i]:
-                if e.current().dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                t = e.current()
+                if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and id(t) not in fp8_in_file:
                     raise ValueError(f"source='file' streams checkpoint tensors only, and block {i}'s {e.name} "
                                      f"({type(e.module).__name__}) is not one (fp8 weights made by quantize_fp8?): "
                                      f"use source='host'")
-        spec = checkpoint_spec(model)
         _check(spec, self._src)
         where = {id(e.current()): (i, k) for i in self.streamed for k, e in enumerate(self._entries[i])}
         self._keys: dict[int, list[tuple]] = {i: [] for i in self.streamed}
@@ -340,8 +343,8 @@ class BlockSwap(BlockResidency):
             t.data = v
         self._log("run", i, slot)
         try:
-            for k, delta, inputs in self._deltas.get(i, ()):  # a fused LoRA, added to this copy only
-                views[k].add_(delta(*extras[:len(inputs)]))
+            for k, fuse, inputs in self._deltas.get(i, ()):  # a fused LoRA, into this copy only
+                fuse(views[k], *extras[:len(inputs)])
                 del extras[:len(inputs)]
             yield
         finally:
