@@ -30,10 +30,30 @@ class ExecutionPlan:
     # Ulysses: heads go through all-to-all -> attention -> all-to-all in this many groups, so one
     # group's all-to-all runs under another group's attention (1: no pipelining)
     ulysses_head_groups: int = 1
+    # Activation tiers (memory/offload.py). Self-attention over more tokens than one attention chunk
+    # runs in two passes (K/V of every token first, then the queries chunk by chunk), so no
+    # whole-sequence q or output exists. kv_offload parks that K/V in pinned host memory and streams
+    # it back in blocks of kv_block_tokens per query chunk (log-sum-exp merge); residual_offload parks
+    # the video residual stream there too, streamed per chunk through every sub-layer.
+    kv_offload: bool = False
+    residual_offload: bool = False
+    kv_block_tokens: int | None = None  # None: one block of all keys
+
+    def __post_init__(self):
+        if self.kv_offload and self.ulysses_head_groups > 1:
+            # streamed K/V blocks serve all of a chunk's heads at once: groups would stream them G times
+            raise ValueError("kv_offload needs ulysses_head_groups=1")
 
     def describe(self) -> str:
         return (f"ffn_chunk={self.ffn_chunk_tokens} attn_chunk={self.attn_chunk_tokens} cache_rope={self.cache_rope}"
-                f" comm_chunk={self.comm_chunk_tokens} ulysses_head_groups={self.ulysses_head_groups}")
+                f" comm_chunk={self.comm_chunk_tokens} ulysses_head_groups={self.ulysses_head_groups}"
+                f" kv_offload={self.kv_offload} residual_offload={self.residual_offload}"
+                f" kv_block={self.kv_block_tokens}")
+
+    def two_pass(self, tokens: int, kv_offload: bool = False) -> bool:
+        """Self-attention over `tokens` (the most any rank of the sequence group holds) in two passes:
+        when its queries span more than one attention chunk, or its K/V live in host memory."""
+        return kv_offload or len(token_chunks(tokens, self.attn_chunk_tokens)) > 1
 
     def out_chunks(self, n: int, size: int | None) -> list[tuple[int, int]]:
         """Chunks of a loop that ends in a row-parallel linear: `size`, or smaller for overlap."""

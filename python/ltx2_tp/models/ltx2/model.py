@@ -21,6 +21,7 @@ from ltx2_tp.distributed.sequence import SequenceLayout
 from ltx2_tp.latent_grid import tokens_per_rank
 from ltx2_tp.layers.adaln import AdaLayerNormSingle, TokenModulation
 from ltx2_tp.layers.rope import RopeSpec, StreamRope
+from ltx2_tp.memory.offload import HostTokens, rows
 from ltx2_tp.memory.plan import ExecutionPlan, PlanRule, token_chunks
 from ltx2_tp.memory.residency import ALL_RESIDENT
 from ltx2_tp.models.ltx2.block import AVTransformerBlock, StreamState
@@ -89,6 +90,9 @@ class LTX2Model(nn.Module):
         pert = as_perturbations(perturbations, batch)
         if plan is None:
             plan = self.execution_plan(video.latent.shape[1] if video is not None else 0)
+        if plan.kv_offload and self.ctx.ring_size > 1:
+            raise ValueError("kv_offload is not supported with ring attention (ring_size > 1): it passes whole "
+                             "K/V blocks between GPUs in one pass")
         with nvtx_range("dit_forward"):
             v = a = None
             if video is not None:  # split over the SP ranks
@@ -125,7 +129,7 @@ class LTX2Model(nn.Module):
         s0, e0 = layout.local_range
         mult = cfg.timestep_scale_multiplier
 
-        x = getattr(self, f"{p}patchify_proj")(m.latent[:, s0:e0])
+        x = self._patchify(getattr(self, f"{p}patchify_proj"), m.latent[:, s0:e0], video and plan.residual_offload, plan)
         ts = m.timesteps.reshape(b, -1)
         if ts.shape[1] == total:
             ts = ts[:, s0:e0]
@@ -150,6 +154,7 @@ class LTX2Model(nn.Module):
             x=x, mod=mod, embedded=embedded, rope=StreamRope(positions, spec, dtype, plan.cache_rope),
             context=context, context_mask=_context_bias(m.context_mask, dtype), layout=layout,
             enabled=m.enabled, prompt_mod=prompt_mod, self_mask=_self_attention_bias(m.attention_mask, dtype),
+            offload=video,
         )
         if cross is not None and cfg.has_video and cfg.has_audio:
             cross_spec = RopeSpec(cfg.audio_cross_attention_dim, heads, (cfg.cross_pe_max_pos,), cfg.rope_type,
@@ -163,16 +168,29 @@ class LTX2Model(nn.Module):
             st.cross_gate = gate_adaln(t.flatten() * (cfg.av_ca_timestep_scale_multiplier / mult), dtype)[0].view(b, -1, inner)
         return st
 
+    def _patchify(self, proj: nn.Linear, latent: torch.Tensor, offload: bool, plan: ExecutionPlan):
+        """The residual stream's start: latent tokens projected to the inner dim; with the plan's
+        residual_offload, chunk by chunk into pinned host memory."""
+        if not offload:
+            return proj(latent)
+        b, n, _ = latent.shape
+        x = HostTokens((b, n, proj.out_features), latent.dtype, latent.device)
+        for s, e in token_chunks(n, plan.ffn_chunk_tokens):
+            x.write(s, e, proj(latent[:, s:e]))
+        return x
+
     def _output(self, kind: str, st: StreamState, plan: ExecutionPlan) -> torch.Tensor:
         p = self._names(kind)
         table = getattr(self, f"{p}scale_shift_table")
         proj = getattr(self, f"{p}proj_out")
         x = st.x
-        out = x.new_empty(*x.shape[:2], proj.out_features)
-        for s, e in token_chunks(x.shape[1], plan.ffn_chunk_tokens):
+        out = torch.empty(*x.shape[:2], proj.out_features, dtype=x.dtype, device=x.device)
+        chunks = token_chunks(x.shape[1], plan.ffn_chunk_tokens)
+        walk = rows(x, chunks)
+        for s, e in chunks:
             emb = st.embedded.rows(s, e)
             shift, scale = (table[None, None].to(device=x.device, dtype=x.dtype) + emb[:, :, None]).unbind(dim=2)
-            h = F.layer_norm(x[:, s:e], (x.shape[-1],), eps=self.cfg.norm_eps)
+            h = F.layer_norm(walk.load(s, e), (x.shape[-1],), eps=self.cfg.norm_eps)
             out[:, s:e] = proj(h * (1 + scale) + shift)
         if st.layout.split:
             out = gather_sequence(out, list(st.layout.sizes), self.ctx.sp_group)
