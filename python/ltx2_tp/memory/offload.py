@@ -166,14 +166,15 @@ class _HostWalk:
     """load(s, e) -> the device chunk (the next one is copied in meanwhile); with `write`,
     store(s, e, xc) copies each updated chunk back. Chunks are loaded in the order given."""
 
-    SLOTS = 3  # the chunk being completed (add_residual completes one chunk late), the current, the next
-
     def __init__(self, tokens: HostTokens, chunks: list[tuple[int, int]], write: bool):
         self.t, self.chunks, self.write = tokens, chunks, write
         b, _, d = tokens.shape
         longest = max((e - s for s, e in chunks), default=0)
+        # reading: the current chunk and the next; updating: also the one being completed (add_residual
+        # completes each chunk after the next one was issued, and its copy back reads the slot)
+        slots = 3 if write else 2
         self.slots = [torch.empty(b * longest * d, dtype=tokens.dtype, device=tokens.device)
-                      for _ in range(min(self.SLOTS, len(chunks)))]
+                      for _ in range(min(slots, len(chunks)))]
         self.free = [None] * len(self.slots)  # event: the slot's last reader is done
         self.before = tokens.written  # copies in wait for the previous walk's copies back
         self.ready: dict[int, tuple[torch.Tensor, object]] = {}

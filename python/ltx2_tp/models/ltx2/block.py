@@ -136,9 +136,12 @@ class AVTransformerBlock(nn.Module):
         chunks = token_chunks(n, plan.attn_chunk_tokens)
         walk = rows(x, chunks)
 
-        def project(s, e):
+        def modulated(s, e):  # the AdaLN values die here, not alive under the projection
             shift, scale = ada_values(table, st.mod, s, e, slice(0, 2))
-            h = _modulate(walk.load(s, e), self.cfg.norm_eps, scale, shift)
+            return _modulate(walk.load(s, e), self.cfg.norm_eps, scale, shift)
+
+        def project(s, e):
+            h = modulated(s, e)
             if skip_all:
                 return None, None, attn.v_only(h), attn.gates(h)
             q, k, v = attn.qkv(h)
@@ -190,7 +193,9 @@ class AVTransformerBlock(nn.Module):
         for s, e in keys.pass1:
             k, v = attn.kv(modulated(s, e, walk.load(s, e)))
             keys.add(self._rope(k, *st.rope(s, e)), v)
+            del k, v  # not alive under the next chunk's projection
         keys.finish()
+        del walk  # its chunk slots (a parked residual)
         m = None
         if pert.any_in_batch(kind, self.idx):  # these samples pass v through (recomputed per chunk)
             m = pert.mask(kind, self.idx, st.x.device, st.x.dtype).view(-1, 1, 1, 1)

@@ -151,7 +151,7 @@ class LTX2Model(nn.Module):
         spec = RopeSpec(inner, heads, tuple(max_pos), cfg.rope_type, cfg.positional_embedding_theta,
                         cfg.use_middle_indices_grid, cfg.double_precision_rope, self.ctx.tp_size, self.ctx.tp_rank)
         st = StreamState(
-            x=x, mod=mod, embedded=embedded, rope=StreamRope(positions, spec, dtype, plan.cache_rope),
+            x=x, mod=mod, embedded=embedded, rope=StreamRope(positions, spec, dtype, plan.cache_rope, plan.attn_chunk_tokens),
             context=context, context_mask=_context_bias(m.context_mask, dtype), layout=layout,
             enabled=m.enabled, prompt_mod=prompt_mod, self_mask=_self_attention_bias(m.attention_mask, dtype),
             offload=video,
@@ -160,7 +160,7 @@ class LTX2Model(nn.Module):
             cross_spec = RopeSpec(cfg.audio_cross_attention_dim, heads, (cfg.cross_pe_max_pos,), cfg.rope_type,
                                   cfg.positional_embedding_theta, True, cfg.double_precision_rope,
                                   self.ctx.tp_size, self.ctx.tp_rank)
-            st.cross_rope = StreamRope(positions[:, 0:1], cross_spec, dtype, plan.cache_rope)
+            st.cross_rope = StreamRope(positions[:, 0:1], cross_spec, dtype, plan.cache_rope, plan.attn_chunk_tokens)
             t = cross.sigma.view(b, 1) * mult
             ss_adaln = getattr(self, f"av_ca_{kind}_scale_shift_adaln_single")
             gate_adaln = self.av_ca_a2v_gate_adaln_single if video else self.av_ca_v2a_gate_adaln_single
