@@ -21,6 +21,7 @@ from ltx2_tp.distributed.sequence import SequenceLayout
 from ltx2_tp.latent_grid import tokens_per_rank
 from ltx2_tp.layers.adaln import AdaLayerNormSingle, TokenModulation
 from ltx2_tp.layers.rope import RopeSpec, StreamRope
+from ltx2_tp.memory.estimate import StepShape
 from ltx2_tp.memory.offload import HostTokens, rows
 from ltx2_tp.memory.plan import ExecutionPlan, PlanRule, token_chunks
 from ltx2_tp.memory.residency import ALL_RESIDENT
@@ -89,7 +90,7 @@ class LTX2Model(nn.Module):
         batch = (video if video is not None else audio).latent.shape[0]
         pert = as_perturbations(perturbations, batch)
         if plan is None:
-            plan = self.execution_plan(video.latent.shape[1] if video is not None else 0)
+            plan = self.execution_plan(*_step_tokens(video, audio))
         if plan.kv_offload and self.ctx.ring_size > 1:
             raise ValueError("kv_offload is not supported with ring attention (ring_size > 1): it passes whole "
                              "K/V blocks between GPUs in one pass")
@@ -106,12 +107,15 @@ class LTX2Model(nn.Module):
             ax = self._output("audio", a, plan) if a is not None else None
         return vx, ax
 
-    def execution_plan(self, video_tokens: int) -> ExecutionPlan:
+    def execution_plan(self, video_tokens: int, audio_tokens: int = 0, text_tokens: int = 0, batch: int = 1,
+                       per_token_timesteps: bool = True, dtype_bytes: int = 2) -> ExecutionPlan:
         """The plan a forward over `video_tokens` video tokens runs with when it is given none: the
         rule applied to the most tokens an SP rank holds, the same number on every rank (the plan
         also decides collectives, e.g. Ulysses head groups, whose count every rank must share)."""
-        local = tokens_per_rank(video_tokens, self.ctx.sp_size)
-        return self.plan_rule.plan(local, self.cfg.inner_dim, self.ctx.tp_size, self.cfg.ff_mult, self.ctx.ulysses_size)
+        ctx = self.ctx
+        shape = StepShape(tokens_per_rank(video_tokens, ctx.sp_size), audio_tokens, text_tokens, batch, ctx.tp_size,
+                          ctx.ulysses_size, ctx.ring_size, per_token_timesteps, dtype_bytes)
+        return self.plan_rule.for_step(self.cfg, shape)
 
     # ---------------------------------------------------------------------------------------
     def _names(self, kind: str) -> str:
@@ -195,6 +199,15 @@ class LTX2Model(nn.Module):
         if st.layout.split:
             out = gather_sequence(out, list(st.layout.sizes), self.ctx.sp_group)
         return out
+
+
+def _step_tokens(video: Modality | None, audio: Modality | None) -> tuple:
+    """execution_plan's arguments for these inputs: video, audio and text tokens, batch, whether
+    timesteps are per token, dtype bytes."""
+    ref = video if video is not None else audio
+    b = ref.latent.shape[0]
+    return (video.latent.shape[1] if video is not None else 0, audio.latent.shape[1] if audio is not None else 0,
+            ref.context.shape[1], b, ref.timesteps.numel() > b, ref.latent.dtype.itemsize)
 
 
 def _context_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
