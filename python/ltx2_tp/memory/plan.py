@@ -117,18 +117,21 @@ def _candidates(shape: StepShape):
     groups = 2 if shape.ulysses > 1 and n >= 2 * OVERLAP_MIN_TOKENS else 1
     for cache in (True, False):
         yield ExecutionPlan(cache_rope=cache, ulysses_head_groups=groups)
-    chunks = [c for c in ATTN_CHUNKS if c < n] or [n]
+    # a short sequence may also be cut into 2 to 16 chunks (a budget that small only fits tests)
+    chunks = [c for c in ATTN_CHUNKS if c < n] or [n // 2**k for k in range(1, 5) if n // 2**k] or [n]
     ring = shape.ring > 1
     tiers = [{}, {"residual_offload": True}] if ring else [{}, {"kv_offload": True},
                                                          {"kv_offload": True, "residual_offload": True}]
     for tier in tiers:
         for c in chunks:
-            if tier.get("kv_offload") and c * shape.ulysses < min(KV_OFFLOAD_MIN_QUERIES, n * shape.ulysses):
+            if tier.get("kv_offload") and c * shape.ulysses < KV_OFFLOAD_MIN_QUERIES <= n * shape.ulysses:
                 continue
             for cache in (True, False):
-                kw = dict(attn_chunk_tokens=c, ffn_chunk_tokens=max(c // 2, ATTN_CHUNKS[-1]), cache_rope=cache, **tier)
+                kw = dict(attn_chunk_tokens=c, ffn_chunk_tokens=max(c // 2, min(c, ATTN_CHUNKS[-1])), cache_rope=cache,
+                          **tier)
                 if tier.get("kv_offload"):
-                    for kb in [b for b in KV_BLOCKS if b < n * shape.ulysses] or [None]:
+                    keys = n * shape.ulysses
+                    for kb in [b for b in KV_BLOCKS if b < keys] or [keys // 2**k for k in range(1, 5) if keys // 2**k]:
                         yield ExecutionPlan(**kw, kv_block_tokens=kb)
                 else:
                     yield ExecutionPlan(**kw, ulysses_head_groups=groups)
