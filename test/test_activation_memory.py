@@ -261,3 +261,24 @@ def test_plan_rule_budget_runs_within_it():
     assert plan.kv_offload and plan.residual_offload
     model.plan_rule = PlanRule()  # the default rule: unchanged
     assert model.execution_plan(1024) == ExecutionPlan(cache_rope=True)
+
+
+def test_compiled_two_pass_block_is_one_graph():
+    """Two-pass attention traced with the rest of a block: one graph for every block on one GPU."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from ltx2_tp.compile import compile_blocks
+
+    torch._dynamo.reset()
+    cfg = tiny_config(apply_gated_attention=True)
+    model = build_model(cfg, dtype=torch.float32, seed=2)
+    v, a = make_inputs(cfg, frames=4, h=3, w=5, audio_tokens=13)
+    plan = ExecutionPlan(attn_chunk_tokens=16, ffn_chunk_tokens=8, cache_rope=False)
+    with torch.no_grad():
+        rv, ra = model(v, a)
+        counter = CompileCounterWithBackend("eager")
+        compile_blocks(model, backend=counter)
+        ov, oa = model(v, a, plan=plan)
+    assert counter.frame_count == 1, counter.frame_count
+    assert rel_err(ov, rv) <= TOL and rel_err(oa, ra) <= TOL
+    torch._dynamo.reset()
