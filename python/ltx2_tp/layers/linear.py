@@ -109,7 +109,8 @@ class MergedColumnParallelLinear(LinearBase):
 
     Checkpoint tensors arrive separately (`shard_names`: to_q, to_k, to_v, beside this module);
     `weight_loader(param, t, shard_id)` writes this rank's part of each at its offset. forward
-    returns the per-projection outputs; `forward_shard` computes one projection alone.
+    returns the per-projection outputs; `forward_shard(s)` computes some of them alone (the rows of
+    the others are not multiplied).
     """
 
     def __init__(self, in_features: int, output_sizes: list[int], shard_names: tuple[str, ...], bias: bool = True,
@@ -134,8 +135,13 @@ class MergedColumnParallelLinear(LinearBase):
 
     def forward_shard(self, x: torch.Tensor, shard_id: int) -> torch.Tensor:
         """Projection `shard_id` alone (e.g. v without q and k): only its output rows are computed."""
-        rows = (sum(self.local_sizes[:shard_id]), self.local_sizes[shard_id])
-        return self.matmul(x, self.bias, out_rows=rows)
+        return self.forward_shards(x, shard_id, shard_id + 1)[0]
+
+    def forward_shards(self, x: torch.Tensor, first: int, stop: int) -> tuple[torch.Tensor, ...]:
+        """Projections first..stop-1 (adjacent rows: k and v) in one GEMM, split as `forward` splits."""
+        sizes = self.local_sizes[first:stop]
+        y = self.matmul(x, self.bias, out_rows=(sum(self.local_sizes[:first]), sum(sizes)))
+        return y.split(sizes, dim=-1) if len(sizes) > 1 else (y,)
 
 
 class RowParallelLinear(LinearBase):

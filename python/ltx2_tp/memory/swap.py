@@ -40,12 +40,12 @@ from torch import nn
 
 from ltx2_tp.distributed.context import SINGLE
 from ltx2_tp.layers.fp8 import quantize_fp8
+from ltx2_tp.memory.host import HostBuffer
 from ltx2_tp.memory.residency import ALL_RESIDENT, BlockResidency
 from ltx2_tp.layers.weight_loading import CheckpointEntry
 from ltx2_tp.models.ltx2.weights import _check, _load_one, _Source, build_model, checkpoint_spec
 
 ALIGN = 512  # bytes: every tensor of a flat block starts here (cuBLAS / _scaled_mm need 16)
-PAGE = 4096  # cudaHostRegister pins whole pages: host buffers are page-aligned and page-sized
 SOURCES = ("host", "file")
 
 
@@ -143,27 +143,6 @@ def _to_device(block: nn.Module, device: torch.device) -> None:
             _set(e, t, torch.empty(e.shape, dtype=e.dtype, device=device))
         elif t.device != device:
             t.data = t.data.to(device)
-
-
-class HostBuffer:
-    """Page-aligned host bytes, pinned with cudaHostRegister when `pin` (pin_memory()'s caching
-    allocator rounds every allocation up to a power of two: a 0.77 GB block would take 1.07 GB)."""
-
-    def __init__(self, nbytes: int, pin: bool):
-        size = -(-max(nbytes, 1) // PAGE) * PAGE
-        base = torch.empty(size + PAGE, dtype=torch.uint8)
-        start = (-base.data_ptr()) % PAGE
-        self.tensor = base[start:start + nbytes]
-        if pin:
-            ptr = base.data_ptr() + start
-            rc = int(torch.cuda.cudart().cudaHostRegister(ptr, size, 0))
-            if rc != 0:
-                raise RuntimeError(f"block swap: pinning {size / 2**30:.2f} GiB of host memory failed (cudaError {rc})")
-            weakref.finalize(self, _unregister, ptr, base)  # keeps `base` alive until unpinned
-
-
-def _unregister(ptr: int, base: torch.Tensor) -> None:
-    torch.cuda.cudart().cudaHostUnregister(ptr)
 
 
 # ---- the side stream and its events; synchronous stand-ins on the CPU --------------------------
