@@ -82,7 +82,7 @@ def main():
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
     if args.memory_fraction is not None and cuda:
-        torch.cuda.set_per_process_memory_fraction(args.memory_fraction, dev)
+        torch.cuda.set_per_process_memory_fraction(args.memory_fraction, torch.cuda.current_device() if dev.index is None else dev.index)
     cfg = get_config(args.model)
     if args.layers:
         cfg = cfg.replace(num_layers=args.layers)

@@ -91,7 +91,7 @@ def main():
 
     dev = torch.device(args.device)
     if args.memory_fraction is not None and dev.type == "cuda":
-        torch.cuda.set_per_process_memory_fraction(args.memory_fraction, dev)
+        torch.cuda.set_per_process_memory_fraction(args.memory_fraction, torch.cuda.current_device() if dev.index is None else dev.index)
     dtype = torch.bfloat16
     cfg = get_config(args.model)
     if args.layers:
