@@ -99,6 +99,16 @@ class _Transfers:
         if self.cuda:
             t.record_stream(self.d2h)
 
+    def slot(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A device staging buffer that both side streams use: when it is freed, the allocator waits
+        for every copy queued on them so far (a copy back still reading it, or a prefetch still
+        writing it, when its owner is dropped) before it hands the memory out again."""
+        t = torch.empty(numel, dtype=dtype, device=self.device)
+        if self.cuda:
+            t.record_stream(self.h2d)
+            t.record_stream(self.d2h)
+        return t
+
 
 _POOL: dict[tuple[str, torch.device], HostBuffer] = {}
 
@@ -173,8 +183,7 @@ class _HostWalk:
         # reading: the current chunk and the next; updating: also the one being completed (add_residual
         # completes each chunk after the next one was issued, and its copy back reads the slot)
         slots = 3 if write else 2
-        self.slots = [torch.empty(b * longest * d, dtype=tokens.dtype, device=tokens.device)
-                      for _ in range(min(slots, len(chunks)))]
+        self.slots = [tokens.transfers.slot(b * longest * d, tokens.dtype) for _ in range(min(slots, len(chunks)))]
         self.free = [None] * len(self.slots)  # event: the slot's last reader is done
         self.before = tokens.written  # copies in wait for the previous walk's copies back
         self.ready: dict[int, tuple[torch.Tensor, object]] = {}
@@ -248,8 +257,7 @@ class HostKeyValues:
         self.transfers = _Transfers.of(self.device)
         self.blocks = token_chunks(n, block_tokens)
         longest = max((e - s for s, e in self.blocks), default=0)
-        self.slots = [torch.empty(2 * b * longest * h * d, dtype=dtype, device=self.device)
-                      for _ in range(min(2, len(self.blocks)))]
+        self.slots = [self.transfers.slot(2 * b * longest * h * d, dtype) for _ in range(min(2, len(self.blocks)))]
         self.slot_of: dict[int, int] = {}  # block -> the slot holding it (or receiving it)
         self.turn = 0  # fetches alternate slots
         self.free = [None] * len(self.slots)  # event: the slot's last attention is done
