@@ -33,8 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ltx2_tp.layers.fp8_attention_ref import (AMAX_MIN, FP8, FP8_MAX, INT8_MAX, LN2, P_SHIFT, k_mean, score_scale,
-                                              v_shift_scale)
+from ltx2_tp.layers.fp8_attention_ref import (AMAX_MIN, FP8, FP8_MAX, INT8_MAX, LN2, P_SHIFT, k_mean, reciprocal,
+                                              score_scale, v_shift_scale)
 
 HEAD_DIMS = (64, 128)  # tl.arange needs a power of two; the video heads are 128, the audio heads 64
 
@@ -46,6 +46,11 @@ _P_SHIFT = tl.constexpr(P_SHIFT)
 _LN2 = tl.constexpr(LN2)
 _I2F_BITS = tl.constexpr(0x4B400000)  # bits of 1.5 * 2^23: (x + bits) read as fp32 is 1.5 * 2^23 + x
 _I2F_OFFSET = tl.constexpr(12582912.0)
+
+
+# the quantization launches round every multiply and add on its own, as the emulation's torch ops
+# do (a fused x * r + 0.5 would round once): their codes are then bit-identical to it
+QUANT_OPTS = {"enable_fp_fusion": False}
 
 
 @dataclass(frozen=True)
@@ -87,11 +92,16 @@ def parse_config(text: str) -> KernelConfig:
 
 @triton.jit
 def _to_codes(x, amax, INT8: tl.constexpr):
-    """x / amax onto the grid: int8 over +-127 as floor(x + 0.5), or e4m3 over +-448 (RNE, saturating)."""
+    """x onto the grid as x * (max / amax), the reciprocal by an IEEE division (div_rn; `/` would be
+    div.full.f32, whose last bit flips exact ties: fp8_attention_ref.py): int8 over +-127 as
+    floor(x + 0.5), or e4m3 over +-448 (RNE, saturating). The quantization kernels are compiled
+    without FMA fusion (QUANT_OPTS), so each operation rounds as torch's does."""
     if INT8:
-        return tl.clamp(tl.floor(x * _INT8_MAX / amax + 0.5), -_INT8_MAX, _INT8_MAX).to(tl.int8)
+        r = tl.math.div_rn(tl.zeros_like(amax) + _INT8_MAX, amax)
+        return tl.clamp(tl.floor(x * r + 0.5), -_INT8_MAX, _INT8_MAX).to(tl.int8)
     else:
-        return tl.clamp(x * _FP8_MAX / amax, -_FP8_MAX, _FP8_MAX).to(tl.float8e4nv)
+        r = tl.math.div_rn(tl.zeros_like(amax) + _FP8_MAX, amax)
+        return tl.clamp(x * r, -_FP8_MAX, _FP8_MAX).to(tl.float8e4nv)
 
 
 @triton.jit(do_not_specialize=["NQ"])  # token counts: one compilation for every length
@@ -131,7 +141,7 @@ def _quant_k(K, s_kb, s_kn, s_kh, KC, K8, KS, H, NK, NKP,
 
 
 @triton.jit(do_not_specialize=["NK"])  # token counts: one compilation for every length
-def _pack_v(V, s_vb, s_vn, s_vh, VC, VS, VP, H, NK, NKP,
+def _pack_v(V, s_vb, s_vn, s_vh, VC, VI, VP, H, NK, NKP,
             D: tl.constexpr, BLOCK: tl.constexpr, FP8_V: tl.constexpr):
     j = tl.program_id(0)
     bh = tl.program_id(1)
@@ -142,7 +152,7 @@ def _pack_v(V, s_vb, s_vn, s_vh, VC, VS, VP, H, NK, NKP,
     ptrs = V + b.to(tl.int64) * s_vb + h * s_vh + rn[:, None].to(tl.int64) * s_vn + rd[None, :]
     v = tl.load(ptrs, mask=valid, other=0.0)
     if FP8_V:
-        vf = (v.to(tl.float32) - tl.load(VC + bh * D + rd)[None, :]) / tl.load(VS + bh * D + rd)[None, :]
+        vf = (v.to(tl.float32) - tl.load(VC + bh * D + rd)[None, :]) * tl.load(VI + bh * D + rd)[None, :]
         v8 = tl.clamp(tl.where(valid, vf, 0.0), -_FP8_MAX, _FP8_MAX).to(tl.float8e4nv)
         # transposed: (token n, channel c) of head bh at row bh * D + c, column n
         tl.store(VP + (bh.to(tl.int64) * D + rd[None, :]) * NKP + rn[:, None], v8)
@@ -243,19 +253,21 @@ def quantize_qkv(q, k, v, qk_int8: bool, fp8_v: bool, cfg: KernelConfig) -> dict
     qs, qc = (torch.empty(b * h * nqp, dtype=torch.float32, device=dev) for _ in range(2))
     warps = 8 if d * max(bm, bn) >= 128 * 128 else 4
     _quant_q[(nqp // bm, b * h)](q, q.stride(0), q.stride(1), q.stride(2), kc, q8, qs, qc, h, nq, nqp,
-                                 score_scale(d) / qmax, score_scale(d), D=d, BLOCK=bm, INT8=qk_int8, num_warps=warps)
+                                 score_scale(d) / qmax, score_scale(d), D=d, BLOCK=bm, INT8=qk_int8, num_warps=warps,
+                                 **QUANT_OPTS)
     k8 = torch.empty(b * h * nkp, d, dtype=code, device=dev)
     ks = torch.empty(b * h, nkp // bn, dtype=torch.float32, device=dev)
     _quant_k[(nkp // bn, b * h)](k, k.stride(0), k.stride(1), k.stride(2), kc, k8, ks, h, nk, nkp,
-                                 D=d, BLOCK=bn, INT8=qk_int8, num_warps=warps)
+                                 D=d, BLOCK=bn, INT8=qk_int8, num_warps=warps, **QUANT_OPTS)
     if fp8_v:
         vc, vs = (t.contiguous() for t in v_shift_scale(v))
+        vi = reciprocal(vs)  # as fp8_attention_ref.quantize_v
         vp = torch.empty(b * h * d, nkp, dtype=FP8, device=dev)
     else:
-        vc = vs = kc  # not read
+        vc = vs = vi = kc  # not read
         vp = torch.empty(b * h * nkp, d, dtype=v.dtype, device=dev)
-    _pack_v[(nkp // bn, b * h)](v, v.stride(0), v.stride(1), v.stride(2), vc, vs, vp, h, nk, nkp,
-                                D=d, BLOCK=bn, FP8_V=fp8_v, num_warps=warps)
+    _pack_v[(nkp // bn, b * h)](v, v.stride(0), v.stride(1), v.stride(2), vc, vi, vp, h, nk, nkp,
+                                D=d, BLOCK=bn, FP8_V=fp8_v, num_warps=warps, **QUANT_OPTS)
     return dict(Q8=q8, QS=qs, QC=qc, K8=k8, KS=ks, VP=vp, VS=vs, VC=vc, NQP=nqp, NKP=nkp)
 
 
