@@ -135,9 +135,9 @@ def _quant_k(K, s_kb, s_kn, s_kh, KC, K8, KS, H, NK, NKP,
     amax = tl.maximum(tl.max(tl.max(tl.abs(k), 1), 0), _AMAX_MIN)
     tl.store(K8 + (bh.to(tl.int64) * NKP + rn[:, None]) * D + rd[None, :], _to_codes(k, amax, INT8))
     if INT8:
-        tl.store(KS + bh * (NKP // BLOCK) + j, amax / _INT8_MAX)
+        tl.store(KS + bh * (NKP // BLOCK) + j, amax * (1.0 / _INT8_MAX))  # a multiply, as the emulation's
     else:
-        tl.store(KS + bh * (NKP // BLOCK) + j, amax / _FP8_MAX)
+        tl.store(KS + bh * (NKP // BLOCK) + j, amax * (1.0 / _FP8_MAX))
 
 
 @triton.jit(do_not_specialize=["NK"])  # token counts: one compilation for every length
@@ -306,15 +306,26 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk_int8: bo
 last_kernel = None  # the last launch's compiled kernel: n_regs, n_spills, metadata.shared (benchmarks)
 
 
-def compile_for(cfg: KernelConfig, qk_int8: bool, fp8_v: bool, head_dim: int = 128, nq: int = 124_440,
-                nk: int = 124_440, heads: int = 32, arch: int = 90):
-    """Compile `_attn_fwd` for an sm_`arch` GPU on a machine without one (Triton ships ptxas),
-    specialized as a launch at these sizes would be: checks that a config lowers (8-bit wgmma,
-    registers, no spills) before GPU time is spent on it. Uses Triton 3.6 internals."""
+def _compile(fn, args: dict, opts: dict, arch: int):
+    """Compile a Triton kernel for an sm_`arch` GPU on a machine without one (Triton ships ptxas),
+    bound to `args` as a launch would be. Uses Triton 3.6 internals."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
 
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    opts = dict(opts, debug=False, instrumentation_mode="")
+    bound, spec, options = binder(**args, **opts)
+    options, sig, consts, attrs = fn._pack_args(backend, opts, bound, spec, options)
+    return triton.compile(ASTSource(fn, sig, consts, attrs), target=target, options=options.__dict__)
+
+
+def compile_for(cfg: KernelConfig, qk_int8: bool, fp8_v: bool, head_dim: int = 128, nq: int = 124_440,
+                nk: int = 124_440, heads: int = 32, arch: int = 90):
+    """Compile `_attn_fwd` for sm_`arch`, specialized as a launch at these sizes would be: checks
+    that a config lowers (8-bit wgmma, registers, no spills) before GPU time is spent on it."""
     d, bm, bn = head_dim, cfg.block_m, cfg.block_n
     code = torch.int8 if qk_int8 else FP8
     f = torch.zeros(4 * max(bm, bn, d), dtype=torch.float32)
@@ -324,11 +335,25 @@ def compile_for(cfg: KernelConfig, qk_int8: bool, fp8_v: bool, head_dim: int = 1
     out = torch.zeros(1, 1, heads, d, dtype=torch.bfloat16)
     args = _kernel_args(bufs, out, f, nk, qk_int8, fp8_v, cfg)
     args.update(NQ=nq, s_ob=nq * heads * d)  # the ints a real launch specializes on
-    target = GPUTarget("cuda", arch, 32)
-    backend = make_backend(target)
-    binder = create_function_from_signature(_attn_fwd.signature, _attn_fwd.params, backend)
-    opts = dict(num_warps=args.pop("num_warps"), num_stages=args.pop("num_stages"), debug=False,
-                instrumentation_mode="", **({"maxnreg": args.pop("maxnreg")} if "maxnreg" in args else {}))
-    bound, spec, options = binder(**args, **opts)
-    options, sig, consts, attrs = _attn_fwd._pack_args(backend, opts, bound, spec, options)
-    return triton.compile(ASTSource(_attn_fwd, sig, consts, attrs), target=target, options=options.__dict__)
+    opts = dict(num_warps=args.pop("num_warps"), num_stages=args.pop("num_stages"),
+                **({"maxnreg": args.pop("maxnreg")} if "maxnreg" in args else {}))
+    return _compile(_attn_fwd, args, opts, arch)
+
+
+def compile_quantization_for(qk_int8: bool, fp8_v: bool, head_dim: int = 128, block: int = 64, heads: int = 32,
+                             arch: int = 90) -> list:
+    """Compile the three quantization kernels for sm_`arch` as quantize_qkv launches them."""
+    d = head_dim
+    x = torch.zeros(1, 2 * block, heads, d, dtype=torch.bfloat16)
+    f = torch.zeros(heads * d, dtype=torch.float32)
+    code = torch.zeros(2 * block, d, dtype=torch.int8 if qk_int8 else FP8)
+    strides = dict(zip(("b", "n", "h"), x.stride()[:3]))
+    opts = dict(num_warps=4, **QUANT_OPTS)
+    return [_compile(_quant_q, dict(Q=x, s_qb=strides["b"], s_qn=strides["n"], s_qh=strides["h"], KC=f, Q8=code, QS=f,
+                                    QC=f, H=heads, NQ=1000, NQP=1024, rs_mult=0.1, sm_log2=0.1, D=d, BLOCK=block,
+                                    INT8=qk_int8), opts, arch),
+            _compile(_quant_k, dict(K=x, s_kb=strides["b"], s_kn=strides["n"], s_kh=strides["h"], KC=f, K8=code, KS=f,
+                                    H=heads, NK=1000, NKP=1024, D=d, BLOCK=block, INT8=qk_int8), opts, arch),
+            _compile(_pack_v, dict(V=x, s_vb=strides["b"], s_vn=strides["n"], s_vh=strides["h"], VC=f, VI=f,
+                                   VP=torch.zeros(d, 2 * block, dtype=FP8) if fp8_v else x, H=heads, NK=1000, NKP=1024,
+                                   D=d, BLOCK=block, FP8_V=fp8_v), opts, arch)]
