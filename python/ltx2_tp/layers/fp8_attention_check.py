@@ -82,7 +82,7 @@ def _rounding_var(y: torch.Tensor, int8: bool) -> torch.Tensor:
 
 
 def predicted_error(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_n: int, fp8_v: bool, qk_int8: bool,
-                    rows: torch.Tensor | None = None, row_chunk: int = 64, key_chunk: int = 2048) -> float:
+                    rows: torch.Tensor | None = None, key_chunk: int = 2048) -> float:
     """The format's relative RMS error against exact attention, to first order in its rounding
     steps, each rounding an independent error of variance step^2 / 12 (on the query rows `rows`).
 
@@ -106,32 +106,30 @@ def predicted_error(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_n: 
     total, norm = 0.0, 0.0
     for bi in range(b):
         for hi in range(h):
-            kk, vv, kcc = k[bi, :, hi].float(), vf[bi, :, hi], kc[bi, :, hi]
-            for r0 in range(0, qf.shape[1], row_chunk):
-                qq = qf[bi, r0:r0 + row_chunk, hi]
-                s = qq @ kk.T / math.sqrt(d)
-                pi = torch.softmax(s, -1)
-                o = pi @ vv
+            qq, kk, vv, kcc = qf[bi, :, hi], k[bi, :, hi].float(), vf[bi, :, hi], kc[bi, :, hi]
+            s = qq @ kk.T / math.sqrt(d)
+            pi = torch.softmax(s, -1)
+            o = pi @ vv
 
-                def spread(w):  # sum_j w_ij (v_jc - o_ic)^2
-                    return w @ vv ** 2 - 2 * o * (w @ vv) + o ** 2 * w.sum(-1, keepdim=True)
+            def spread(w):  # sum_j w_ij (v_jc - o_ic)^2
+                return w @ vv ** 2 - 2 * o * (w @ vv) + o ** 2 * w.sum(-1, keepdim=True)
 
-                e = spread(pi ** 2 * ((qq ** 2) @ var_k[bi, :, hi].T) / d)  # K
-                cov = -o[:, :, None] * (pi @ kcc)[:, None, :]  # sum_j pi_j (v_jc - o_c) kc_je, keys in chunks
-                for j0 in range(0, kk.shape[0], key_chunk):
-                    vk = vv[j0:j0 + key_chunk, :, None] * kcc[j0:j0 + key_chunk, None, :]
-                    cov += (pi[:, j0:j0 + key_chunk] @ vk.flatten(1)).view(cov.shape)
-                e = e + (cov ** 2 * var_q[bi, r0:r0 + row_chunk, hi, None, :]).sum(-1) / d  # Q
-                p = torch.exp(s - s.amax(-1, keepdim=True))
-                if fp8_v:  # P * 2^8 onto e4m3, V onto e4m3
-                    var_p = _e4m3_ulp(p * 2 ** 8) ** 2 / 12 / 2 ** 16
-                    e = e + pi ** 2 @ var_v[bi, :, hi]
-                else:
-                    var_p = _bf16_ulp(p) ** 2 / 12
-                e = e + spread(var_p / p.sum(-1, keepdim=True) ** 2)  # P
-                e = e + _bf16_ulp(o) ** 2 / 12  # the output's rounding
-                total += float(e.sum())
-                norm += float((o ** 2).sum())
+            e = spread(pi ** 2 * ((qq ** 2) @ var_k[bi, :, hi].T) / d)  # K
+            cov = -o[:, :, None] * (pi @ kcc)[:, None, :]  # sum_j pi_j (v_jc - o_c) kc_je, keys in chunks
+            for j0 in range(0, kk.shape[0], key_chunk):
+                vk = vv[j0:j0 + key_chunk, :, None] * kcc[j0:j0 + key_chunk, None, :]
+                cov += (pi[:, j0:j0 + key_chunk] @ vk.flatten(1)).view(cov.shape)
+            e = e + (cov ** 2 * var_q[bi, :, hi, None, :]).sum(-1) / d  # Q
+            p = torch.exp(s - s.amax(-1, keepdim=True))
+            if fp8_v:  # P * 2^8 onto e4m3, V onto e4m3
+                var_p = _e4m3_ulp(p * 2 ** 8) ** 2 / 12 / 2 ** 16
+                e = e + pi ** 2 @ var_v[bi, :, hi]
+            else:
+                var_p = _bf16_ulp(p) ** 2 / 12
+            e = e + spread(var_p / p.sum(-1, keepdim=True) ** 2)  # P
+            e = e + _bf16_ulp(o) ** 2 / 12  # the output's rounding
+            total += float(e.sum())
+            norm += float((o ** 2).sum())
     return math.sqrt(total / max(norm, 1e-30))
 
 
