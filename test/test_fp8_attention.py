@@ -1,6 +1,8 @@
 """8-bit attention (`--attention fp8` and variants): the bookkeeping in pure torch against float64
-references, the backend's routing and refusals, and (where triton is importable) the Triton kernel
-under TRITON_INTERPRET against the emulation, and its sm_90 compilation.
+references, the emulation's GPU-arithmetic switches, the smoke criterion (fp8_attention_check.py:
+a correct kernel passes, a broken one fails), the backend's routing and refusals, and (where triton
+is importable) the Triton kernel under TRITON_INTERPRET against the emulation, and its sm_90
+compilation.
 
 CI has no triton: the kernel tests skip there; the emulation (fp8_attention_ref.py) is what the
 kernel is held to, and what these tests hold to fp64 attention.
@@ -22,8 +24,11 @@ import torch.nn.functional as F
 
 import ltx2_tp.layers.attention_backend as ab
 import ltx2_tp.layers.fp8_attention as fa
-from ltx2_tp.layers.fp8_attention_ref import (FP8, FP8_MAX, INT8_MAX, dequantized_attention, fp8_attention_reference,
-                                              k_mean, quantize_k, quantize_q, quantize_v, score_scale, v_shift_scale)
+import ltx2_tp.layers.fp8_attention_ref as ref_mod
+from ltx2_tp.layers.fp8_attention_check import check_output, fp32_attention, predicted_error, rel_errors, score_bound
+from ltx2_tp.layers.fp8_attention_ref import (EXACT, FP8, FP8_MAX, HOPPER, INT8_MAX, LN2, GpuArithmetic,
+                                              dequantized_attention, fp8_attention_reference, k_mean, mma, quantize_k,
+                                              quantize_q, quantize_v, reciprocal, score_scale, to_fp8, v_shift_scale)
 
 FORMATS = [(False, False), (False, True), (True, False), (True, True)]  # (qk_int8, fp8_v)
 
@@ -158,6 +163,128 @@ def test_lse_merges_over_key_blocks_like_ring_attention():
         acc.add(*fp8_attention_reference(q, k[:, s:e], v[:, s:e], 64, fp8_v=True, qk_int8=True))
     assert _rms(acc.out, ref) < 0.008
     assert (acc.lse - ref_lse).abs().max() < 0.01
+
+
+# ---- the GPU's arithmetic, emulated (GpuArithmetic) ------------------------------------------
+
+
+def test_reciprocal_is_one_ieee_division():
+    """The kernel's div_rn quotient: torch's `448.0 / t` is reciprocal-then-multiply, an ulp off here,
+    and on bf16 data such ulps move exact rounding ties of x * 448 / amax to the other code."""
+    a = torch.tensor([3.0625, 1.75, 2.609375])
+    exact = (torch.full((3,), 448.0, dtype=torch.float64) / a.double()).float()
+    assert torch.equal(reciprocal(a, 448.0), exact)
+    assert not torch.equal(448.0 / a, exact)
+
+
+def test_fp8_rounding_modes():
+    x = torch.tensor([1.0625, 1.1, -1.1, 17.5, 1.0625 + 2**-12, 500.0])
+    assert to_fp8(x).float().tolist() == [1.0, 1.125, -1.125, 18.0, 1.125, 448.0]  # nearest even, saturating
+    assert to_fp8(x, "rz").float().tolist() == [1.0, 1.0, -1.0, 16.0, 1.0, 448.0]
+    assert to_fp8(x, "fp16").float().tolist() == [1.0, 1.125, -1.125, 18.0, 1.0, 448.0]  # fp16 lands on the tie
+
+
+def test_mma_model_truncates_each_k32_step():
+    g = torch.Generator().manual_seed(0)
+    a = to_fp8(torch.rand(8, 128, generator=g) * 400).float()
+    b = to_fp8(torch.rand(128, 16, generator=g) * 400).float()
+    exact = a.double() @ b.double()
+    assert torch.equal(mma(a, b, None), a @ b)
+    hop = mma(a, b, 13).double()
+    assert bool((hop <= exact).all()) and bool((hop >= exact * (1 - 4 * 2.0**-13)).all())  # RZ, 4 steps
+    assert bool((hop < exact).any())
+
+
+@pytest.mark.parametrize("qk_int8,fp8_v", FORMATS)
+def test_gpu_switches_move_the_emulation(qk_int8, fp8_v):
+    """Each switch changes what it models and nothing else; HOPPER's LSE stays within the smoke
+    criterion's bound (fp8_attention_check.score_bound)."""
+    q, k, v = _qkv(b=1, nq=32, nk=200, h=1)
+    base, base_lse = fp8_attention_reference(q, k, v, 128, fp8_v, qk_int8)
+
+    def run(**kw):
+        return fp8_attention_reference(q, k, v, 128, fp8_v, qk_int8, GpuArithmetic(**kw))
+
+    out, lse = run(mma_bits=13)
+    if qk_int8 and not fp8_v:  # no 8-bit float MMA
+        assert torch.equal(out, base) and torch.equal(lse, base_lse)
+    else:
+        assert 0 < _rms(out, base) < 0.02
+        assert bool(((lse - base_lse).abs() <= LN2 * score_bound(q, k, 128, qk_int8) + 1e-5).all())
+        assert torch.equal(lse, base_lse) == qk_int8  # int8 scores sum exactly
+    assert _rms(run(quotient_ulp=True)[0], base) > 0
+    assert _rms(run(exp2_rel=2.0**-22)[0], base) < 2e-3
+    for kw in ({"p_shift": 0.0}, {"rowsum_rounded_p": True}):
+        o, _ = run(**kw)
+        assert torch.equal(o, base) == (not fp8_v and "p_shift" in kw)  # P unscaled: only where P is e4m3
+    if not (qk_int8 and not fp8_v):
+        assert _rms(run(fp8_rounding="rz")[0], base) > 1e-3  # truncating conversions: a bias, not noise
+
+
+# ---- the smoke criterion (fp8_attention_check.py) ------------------------------------------------
+
+
+def _qknorm(b=1, nq=48, nk=300, h=2, d=128, seed=0):
+    """As the model feeds attention: q, k RMS-normed with affine weights ~1, v ~ N(0, 1)."""
+    g = torch.Generator().manual_seed(seed)
+    norm = lambda x: x * torch.rsqrt(x.pow(2).mean((-1, -2), keepdim=True)) * (1 + 0.1 * torch.randn(h, d, generator=g))
+    q = norm(torch.randn(b, nq, h, d, generator=g))
+    k = norm(torch.randn(b, nk, h, d, generator=g) + 0.5 * torch.randn(h, d, generator=g))
+    return q.bfloat16(), k.bfloat16(), torch.randn(b, nk, h, d, generator=g).bfloat16()
+
+
+@pytest.mark.parametrize("qk_int8,fp8_v", FORMATS)
+def test_predicted_error_matches_the_emulation(qk_int8, fp8_v):
+    """The first-order error from the rounding steps (check 3's yardstick) is the emulation's error
+    against exact attention within 15%, on normal and on qk-normed data (measured 0.92-1.06 here,
+    0.95-1.02 at 200 x 1,500; it overestimates on outlier data, where first order fails: 0.54-0.71)."""
+    for q, k, v in (_qkv(b=1, nq=32, nk=300, h=1), _qknorm(nq=32, nk=300, h=1)):
+        ref, _ = fp32_attention(q, k, v)
+        measured = rel_errors(fp8_attention_reference(q, k, v, 128, fp8_v, qk_int8)[0], ref)["rel_rms"]
+        assert 0.85 < measured / predicted_error(q, k, v, 128, fp8_v, qk_int8) < 1.15
+
+
+def _broken(name, q, k, v, bn, fp8_v, qk_int8, monkeypatch):
+    """The emulation with one deliberate bug, as a kernel could have it."""
+    n = k.shape[1]
+    if name == "k_scale":  # every K block's scale 10% off
+        quantize = ref_mod.quantize_k
+        monkeypatch.setattr(ref_mod, "quantize_k", lambda *a, **kw: (lambda c, s: (c, s * 1.1))(*quantize(*a, **kw)))
+        r = fp8_attention_reference(q, k, v, bn, fp8_v, qk_int8)
+        monkeypatch.undo()
+        return r
+    if name == "padding_unmasked":  # the last tile's padding keys counted (zero codes: K = mean, V = mean)
+        pad = -n % bn
+        k = torch.cat([k, k.float().mean(1, keepdim=True).expand(-1, pad, -1, -1).to(k.dtype)], 1)
+        v = torch.cat([v, v.float().mean(1, keepdim=True).expand(-1, pad, -1, -1).to(v.dtype)], 1)
+    elif name == "v_rows_shifted":
+        v = torch.roll(v, 1, 1)
+    elif name == "last_tile_dropped":
+        k, v = k[:, :n // bn * bn], v[:, :n // bn * bn]
+    return fp8_attention_reference(q, k, v, bn, fp8_v, qk_int8)
+
+
+def _smoke_data():
+    q, k, v = _qknorm(nq=25, nk=200, h=1)  # 200 keys: 56 of padding in the last tile of 64 or 128
+    return q[:, 1:], k, v  # q: a strided view, as the smoke passes
+
+
+@pytest.mark.parametrize("qk_int8,fp8_v", FORMATS)
+def test_smoke_criterion_passes_a_right_kernel(qk_int8, fp8_v):
+    q, k, v = _smoke_data()
+    bn = 128 if fp8_v else 64
+    for arith in (EXACT, HOPPER):  # the emulation, and what an H100's MMAs add to it
+        c = check_output(*fp8_attention_reference(q, k, v, bn, fp8_v, qk_int8, arith), q, k, v, bn, fp8_v, qk_int8)
+        assert c["ok"], c
+
+
+@pytest.mark.parametrize("bug", ["k_scale", "padding_unmasked", "v_rows_shifted", "last_tile_dropped"])
+@pytest.mark.parametrize("qk_int8,fp8_v", [(False, True), (True, False)])  # the loosest LSE bound; int8's exact one
+def test_smoke_criterion_fails_a_broken_kernel(qk_int8, fp8_v, bug, monkeypatch):
+    q, k, v = _smoke_data()
+    bn = 128 if fp8_v else 64
+    c = check_output(*_broken(bug, q, k, v, bn, fp8_v, qk_int8, monkeypatch), q, k, v, bn, fp8_v, qk_int8)
+    assert not c["ok"], c
 
 
 # ---- the backend ----------------------------------------------------------------------------
@@ -296,13 +423,17 @@ def test_default_configs_compile_for_hopper(qk_int8, fp8_v):
     """Each format's default config lowers for sm_90 (ptxas ships with triton): 8-bit wgmma for the
     quantized products, no register spills."""
     import re
-    from ltx2_tp.layers.fp8_attention_kernel import DEFAULT_CONFIGS, compile_for
+    from ltx2_tp.layers.fp8_attention_kernel import DEFAULT_CONFIGS, compile_for, compile_quantization_for
 
     c = compile_for(DEFAULT_CONFIGS[(qk_int8, fp8_v)], qk_int8, fp8_v)
     ptx = c.asm["ptx"]
     assert re.search(r"wgmma\.mma_async\S*\.s32\.s8\.s8" if qk_int8 else r"wgmma\.mma_async\S*\.f32\.e4m3\.e4m3", ptx)
     if fp8_v:
         assert re.search(r"wgmma\.mma_async\S*\.f32\.e4m3\.e4m3", ptx)
+    for quant in compile_quantization_for(qk_int8, fp8_v):  # bit-identical codes: IEEE quotient, no fused ops
+        qptx = quant.asm["ptx"]
+        assert "div.full" not in qptx and "fma." not in qptx
+        assert "div.rn.f32" in qptx or quant.name == "_pack_v"
     cuobjdump = Path(importlib.util.find_spec("triton").origin).parent / "backends/nvidia/bin/cuobjdump"
     if cuobjdump.exists():
         cubin = Path(os.environ.get("TMPDIR", "/tmp")) / f"fp8_attn_{os.getpid()}.cubin"

@@ -33,8 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ltx2_tp.layers.fp8_attention_ref import (AMAX_MIN, FP8, FP8_MAX, INT8_MAX, LN2, P_SHIFT, k_mean, score_scale,
-                                              v_shift_scale)
+from ltx2_tp.layers.fp8_attention_ref import (AMAX_MIN, FP8, FP8_MAX, INT8_MAX, LN2, P_SHIFT, k_mean, reciprocal,
+                                              score_scale, v_shift_scale)
 
 HEAD_DIMS = (64, 128)  # tl.arange needs a power of two; the video heads are 128, the audio heads 64
 
@@ -46,6 +46,11 @@ _P_SHIFT = tl.constexpr(P_SHIFT)
 _LN2 = tl.constexpr(LN2)
 _I2F_BITS = tl.constexpr(0x4B400000)  # bits of 1.5 * 2^23: (x + bits) read as fp32 is 1.5 * 2^23 + x
 _I2F_OFFSET = tl.constexpr(12582912.0)
+
+
+# the quantization launches round every multiply and add on its own, as the emulation's torch ops
+# do (a fused x * r + 0.5 would round once): their codes are then bit-identical to it
+QUANT_OPTS = {"enable_fp_fusion": False}
 
 
 @dataclass(frozen=True)
@@ -87,11 +92,16 @@ def parse_config(text: str) -> KernelConfig:
 
 @triton.jit
 def _to_codes(x, amax, INT8: tl.constexpr):
-    """x / amax onto the grid: int8 over +-127 as floor(x + 0.5), or e4m3 over +-448 (RNE, saturating)."""
+    """x onto the grid as x * (max / amax), the reciprocal by an IEEE division (div_rn; `/` would be
+    div.full.f32, whose last bit flips exact ties: fp8_attention_ref.py): int8 over +-127 as
+    floor(x + 0.5), or e4m3 over +-448 (RNE, saturating). The quantization kernels are compiled
+    without FMA fusion (QUANT_OPTS), so each operation rounds as torch's does."""
     if INT8:
-        return tl.clamp(tl.floor(x * _INT8_MAX / amax + 0.5), -_INT8_MAX, _INT8_MAX).to(tl.int8)
+        r = tl.math.div_rn(tl.zeros_like(amax) + _INT8_MAX, amax)
+        return tl.clamp(tl.floor(x * r + 0.5), -_INT8_MAX, _INT8_MAX).to(tl.int8)
     else:
-        return tl.clamp(x * _FP8_MAX / amax, -_FP8_MAX, _FP8_MAX).to(tl.float8e4nv)
+        r = tl.math.div_rn(tl.zeros_like(amax) + _FP8_MAX, amax)
+        return tl.clamp(x * r, -_FP8_MAX, _FP8_MAX).to(tl.float8e4nv)
 
 
 @triton.jit(do_not_specialize=["NQ"])  # token counts: one compilation for every length
@@ -125,13 +135,13 @@ def _quant_k(K, s_kb, s_kn, s_kh, KC, K8, KS, H, NK, NKP,
     amax = tl.maximum(tl.max(tl.max(tl.abs(k), 1), 0), _AMAX_MIN)
     tl.store(K8 + (bh.to(tl.int64) * NKP + rn[:, None]) * D + rd[None, :], _to_codes(k, amax, INT8))
     if INT8:
-        tl.store(KS + bh * (NKP // BLOCK) + j, amax / _INT8_MAX)
+        tl.store(KS + bh * (NKP // BLOCK) + j, amax * (1.0 / _INT8_MAX))  # a multiply, as the emulation's
     else:
-        tl.store(KS + bh * (NKP // BLOCK) + j, amax / _FP8_MAX)
+        tl.store(KS + bh * (NKP // BLOCK) + j, amax * (1.0 / _FP8_MAX))
 
 
 @triton.jit(do_not_specialize=["NK"])  # token counts: one compilation for every length
-def _pack_v(V, s_vb, s_vn, s_vh, VC, VS, VP, H, NK, NKP,
+def _pack_v(V, s_vb, s_vn, s_vh, VC, VI, VP, H, NK, NKP,
             D: tl.constexpr, BLOCK: tl.constexpr, FP8_V: tl.constexpr):
     j = tl.program_id(0)
     bh = tl.program_id(1)
@@ -142,7 +152,7 @@ def _pack_v(V, s_vb, s_vn, s_vh, VC, VS, VP, H, NK, NKP,
     ptrs = V + b.to(tl.int64) * s_vb + h * s_vh + rn[:, None].to(tl.int64) * s_vn + rd[None, :]
     v = tl.load(ptrs, mask=valid, other=0.0)
     if FP8_V:
-        vf = (v.to(tl.float32) - tl.load(VC + bh * D + rd)[None, :]) / tl.load(VS + bh * D + rd)[None, :]
+        vf = (v.to(tl.float32) - tl.load(VC + bh * D + rd)[None, :]) * tl.load(VI + bh * D + rd)[None, :]
         v8 = tl.clamp(tl.where(valid, vf, 0.0), -_FP8_MAX, _FP8_MAX).to(tl.float8e4nv)
         # transposed: (token n, channel c) of head bh at row bh * D + c, column n
         tl.store(VP + (bh.to(tl.int64) * D + rd[None, :]) * NKP + rn[:, None], v8)
@@ -243,19 +253,21 @@ def quantize_qkv(q, k, v, qk_int8: bool, fp8_v: bool, cfg: KernelConfig) -> dict
     qs, qc = (torch.empty(b * h * nqp, dtype=torch.float32, device=dev) for _ in range(2))
     warps = 8 if d * max(bm, bn) >= 128 * 128 else 4
     _quant_q[(nqp // bm, b * h)](q, q.stride(0), q.stride(1), q.stride(2), kc, q8, qs, qc, h, nq, nqp,
-                                 score_scale(d) / qmax, score_scale(d), D=d, BLOCK=bm, INT8=qk_int8, num_warps=warps)
+                                 score_scale(d) / qmax, score_scale(d), D=d, BLOCK=bm, INT8=qk_int8, num_warps=warps,
+                                 **QUANT_OPTS)
     k8 = torch.empty(b * h * nkp, d, dtype=code, device=dev)
     ks = torch.empty(b * h, nkp // bn, dtype=torch.float32, device=dev)
     _quant_k[(nkp // bn, b * h)](k, k.stride(0), k.stride(1), k.stride(2), kc, k8, ks, h, nk, nkp,
-                                 D=d, BLOCK=bn, INT8=qk_int8, num_warps=warps)
+                                 D=d, BLOCK=bn, INT8=qk_int8, num_warps=warps, **QUANT_OPTS)
     if fp8_v:
         vc, vs = (t.contiguous() for t in v_shift_scale(v))
+        vi = reciprocal(vs)  # as fp8_attention_ref.quantize_v
         vp = torch.empty(b * h * d, nkp, dtype=FP8, device=dev)
     else:
-        vc = vs = kc  # not read
+        vc = vs = vi = kc  # not read
         vp = torch.empty(b * h * nkp, d, dtype=v.dtype, device=dev)
-    _pack_v[(nkp // bn, b * h)](v, v.stride(0), v.stride(1), v.stride(2), vc, vs, vp, h, nk, nkp,
-                                D=d, BLOCK=bn, FP8_V=fp8_v, num_warps=warps)
+    _pack_v[(nkp // bn, b * h)](v, v.stride(0), v.stride(1), v.stride(2), vc, vi, vp, h, nk, nkp,
+                                D=d, BLOCK=bn, FP8_V=fp8_v, num_warps=warps, **QUANT_OPTS)
     return dict(Q8=q8, QS=qs, QC=qc, K8=k8, KS=ks, VP=vp, VS=vs, VC=vc, NQP=nqp, NKP=nkp)
 
 
@@ -294,15 +306,26 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk_int8: bo
 last_kernel = None  # the last launch's compiled kernel: n_regs, n_spills, metadata.shared (benchmarks)
 
 
-def compile_for(cfg: KernelConfig, qk_int8: bool, fp8_v: bool, head_dim: int = 128, nq: int = 124_440,
-                nk: int = 124_440, heads: int = 32, arch: int = 90):
-    """Compile `_attn_fwd` for an sm_`arch` GPU on a machine without one (Triton ships ptxas),
-    specialized as a launch at these sizes would be: checks that a config lowers (8-bit wgmma,
-    registers, no spills) before GPU time is spent on it. Uses Triton 3.6 internals."""
+def _compile(fn, args: dict, opts: dict, arch: int):
+    """Compile a Triton kernel for an sm_`arch` GPU on a machine without one (Triton ships ptxas),
+    bound to `args` as a launch would be. Uses Triton 3.6 internals."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
 
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    opts = dict(opts, debug=False, instrumentation_mode="")
+    bound, spec, options = binder(**args, **opts)
+    options, sig, consts, attrs = fn._pack_args(backend, opts, bound, spec, options)
+    return triton.compile(ASTSource(fn, sig, consts, attrs), target=target, options=options.__dict__)
+
+
+def compile_for(cfg: KernelConfig, qk_int8: bool, fp8_v: bool, head_dim: int = 128, nq: int = 124_440,
+                nk: int = 124_440, heads: int = 32, arch: int = 90):
+    """Compile `_attn_fwd` for sm_`arch`, specialized as a launch at these sizes would be: checks
+    that a config lowers (8-bit wgmma, registers, no spills) before GPU time is spent on it."""
     d, bm, bn = head_dim, cfg.block_m, cfg.block_n
     code = torch.int8 if qk_int8 else FP8
     f = torch.zeros(4 * max(bm, bn, d), dtype=torch.float32)
@@ -312,11 +335,25 @@ def compile_for(cfg: KernelConfig, qk_int8: bool, fp8_v: bool, head_dim: int = 1
     out = torch.zeros(1, 1, heads, d, dtype=torch.bfloat16)
     args = _kernel_args(bufs, out, f, nk, qk_int8, fp8_v, cfg)
     args.update(NQ=nq, s_ob=nq * heads * d)  # the ints a real launch specializes on
-    target = GPUTarget("cuda", arch, 32)
-    backend = make_backend(target)
-    binder = create_function_from_signature(_attn_fwd.signature, _attn_fwd.params, backend)
-    opts = dict(num_warps=args.pop("num_warps"), num_stages=args.pop("num_stages"), debug=False,
-                instrumentation_mode="", **({"maxnreg": args.pop("maxnreg")} if "maxnreg" in args else {}))
-    bound, spec, options = binder(**args, **opts)
-    options, sig, consts, attrs = _attn_fwd._pack_args(backend, opts, bound, spec, options)
-    return triton.compile(ASTSource(_attn_fwd, sig, consts, attrs), target=target, options=options.__dict__)
+    opts = dict(num_warps=args.pop("num_warps"), num_stages=args.pop("num_stages"),
+                **({"maxnreg": args.pop("maxnreg")} if "maxnreg" in args else {}))
+    return _compile(_attn_fwd, args, opts, arch)
+
+
+def compile_quantization_for(qk_int8: bool, fp8_v: bool, head_dim: int = 128, block: int = 64, heads: int = 32,
+                             arch: int = 90) -> list:
+    """Compile the three quantization kernels for sm_`arch` as quantize_qkv launches them."""
+    d = head_dim
+    x = torch.zeros(1, 2 * block, heads, d, dtype=torch.bfloat16)
+    f = torch.zeros(heads * d, dtype=torch.float32)
+    code = torch.zeros(2 * block, d, dtype=torch.int8 if qk_int8 else FP8)
+    strides = dict(zip(("b", "n", "h"), x.stride()[:3]))
+    opts = dict(num_warps=4, **QUANT_OPTS)
+    return [_compile(_quant_q, dict(Q=x, s_qb=strides["b"], s_qn=strides["n"], s_qh=strides["h"], KC=f, Q8=code, QS=f,
+                                    QC=f, H=heads, NQ=1000, NQP=1024, rs_mult=0.1, sm_log2=0.1, D=d, BLOCK=block,
+                                    INT8=qk_int8), opts, arch),
+            _compile(_quant_k, dict(K=x, s_kb=strides["b"], s_kn=strides["n"], s_kh=strides["h"], KC=f, K8=code, KS=f,
+                                    H=heads, NK=1000, NKP=1024, D=d, BLOCK=block, INT8=qk_int8), opts, arch),
+            _compile(_pack_v, dict(V=x, s_vb=strides["b"], s_vn=strides["n"], s_vh=strides["h"], VC=f, VI=f,
+                                   VP=torch.zeros(d, 2 * block, dtype=FP8) if fp8_v else x, H=heads, NK=1000, NKP=1024,
+                                   D=d, BLOCK=block, FP8_V=fp8_v), opts, arch)]
