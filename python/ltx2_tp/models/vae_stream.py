@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from einops import rearrange
@@ -41,6 +42,13 @@ from ltx_core.model.video_vae.sampling import DepthToSpaceUpsample  # noqa: E402
 # GEMMs (M = voxels) stop filling an H100; the latent-level stages then take the whole video.
 MIN_PIECE_VOXELS = 1 << 15
 CHUNK_FRAMES = 16  # output frames per piece at the last stage (1920x1088: ~4 GiB of bf16 activations)
+
+
+@dataclass(frozen=True)
+class Streamed:
+    """stages.decode_video's tiling argument for stream_decode: pieces of ~`chunk_frames` frames."""
+
+    chunk_frames: int = CHUNK_FRAMES
 
 
 def unsupported(decoder) -> str | None:
@@ -264,9 +272,10 @@ def piece_frames(stage: _Stage, t_out: int, chunk_frames: int, min_voxels: int =
 @torch.no_grad()
 def stream_decode(decoder, latent: torch.Tensor, chunk_frames: int = CHUNK_FRAMES,
                   generator: torch.Generator | None = None, timestep: torch.Tensor | None = None,
-                  min_voxels: int = MIN_PIECE_VOXELS) -> Iterator[torch.Tensor]:
+                  min_voxels: int | None = None) -> Iterator[torch.Tensor]:
     """(B, 3, f, H, W) pieces, in order; concatenated over time they are `decoder(latent, timestep,
-    generator)`. `chunk_frames`: about how many output frames each piece has."""
+    generator)`. `chunk_frames`: about how many output frames each piece has; `min_voxels`: the
+    smallest piece (default MIN_PIECE_VOXELS)."""
     why = unsupported(decoder)
     if why is not None:
         raise ValueError(f"this VAE decoder cannot be streamed: {why}")
@@ -277,7 +286,8 @@ def stream_decode(decoder, latent: torch.Tensor, chunk_frames: int = CHUNK_FRAME
     sample = decoder.per_channel_statistics.un_normalize(sample)
     stages = _stages(decoder, sample, timestep)
     t_out = stages[-1].t_scale
-    sizes = [piece_frames(s, t_out, chunk_frames, min_voxels) for s in stages]
+    sizes = [piece_frames(s, t_out, chunk_frames, MIN_PIECE_VOXELS if min_voxels is None else min_voxels)
+             for s in stages]
     yield from _push(stages, sizes, 0, sample, True)
 
 
