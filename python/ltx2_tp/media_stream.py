@@ -109,6 +109,11 @@ class StreamingMP4Writer:
         self.audio_samples = 0
         self.encode_s = 0.0  # time the thread spent converting + encoding + muxing
         self.wait_s = 0.0  # time the thread waited for frames
+        # perf_counter when the thread had encoded every frame handed over (after finish()'s stop),
+        # and when the file was closed: finish() = backlog (frames still queued) + x264's flush,
+        # the audio left and the close
+        self.t_drained = self.t_closed = 0.0
+        self.t_first = 0.0  # perf_counter when the first frames were there to encode (copied to the host)
         self._thread = threading.Thread(target=self._run, name="ltx2_tp-mp4-encoder", daemon=True)
         self._thread.start()
 
@@ -253,6 +258,7 @@ class StreamingMP4Writer:
                     frames, ready = item
                     if ready is not None:
                         ready()
+                    self.t_first = self.t_first or time.perf_counter()
                     for f in frames.numpy() if isinstance(frames, torch.Tensor) else frames:
                         pending.append(pool.submit(to_frame, f) if pool else to_frame(f))
                     while len(pending) > 2 * workers:
@@ -263,6 +269,7 @@ class StreamingMP4Writer:
                 t0 = time.perf_counter()
                 while pending:
                     encode_next()
+                self.t_drained = time.perf_counter()
             finally:
                 if pool is not None:
                     pool.shutdown(wait=True, cancel_futures=True)
@@ -274,7 +281,8 @@ class StreamingMP4Writer:
                 self.audio_samples = audio.samples
             container.close()
             container = None
-            self.encode_s += time.perf_counter() - t0
+            self.t_closed = time.perf_counter()
+            self.encode_s += self.t_closed - t0
         except BaseException as e:  # noqa: BLE001 - handed to the producer, which re-raises it
             self._error = e
         finally:

@@ -198,6 +198,7 @@ def decode_and_write(c, video_latent: torch.Tensor, audio_latent: torch.Tensor, 
         max_queue = max(8, -(-frames // FRAMES_PER_COPY) + 1)
     writer = StreamingMP4Writer(path, width, height, fps, audio, audio_rate=rate, options=options, max_queue=max_queue)
     marks = []  # CUDA events around each decoded chunk: the VAE's own time, without waiting on syncs
+    t_start = time.perf_counter()
     try:
         with writer:
             frames, _ = stages.decode_video(c, video_latent, tile, generator)
@@ -232,5 +233,8 @@ def decode_and_write(c, video_latent: torch.Tensor, audio_latent: torch.Tensor, 
         timer.part(prefix + "video_decode", t_video)
         timer.part(prefix + "audio_decode", audio.seconds)
         timer.part(prefix + "encode_thread_busy", writer.encode_s)
+        timer.part(prefix + "first_frames_at_encoder", writer.t_first - t_start)  # when encoding could start
         timer.part(prefix + "write_after_decode", t_done - t_handed)
+        timer.part(prefix + "tail_backlog_encode", max(0.0, writer.t_drained - t_handed))  # frames still queued
+        timer.part(prefix + "tail_flush_audio_close", writer.t_closed - max(writer.t_drained, t_handed))
     return out, int(wav.waveform.shape[-1])
