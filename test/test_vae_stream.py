@@ -102,6 +102,9 @@ def test_decoders_it_cannot_stream_fall_back_to_tiles():
     block = shortcut.up_blocks[0].res_blocks[0]
     block.norm3 = torch.nn.GroupNorm(1, block.in_channels)  # what res_x_y blocks have
     assert "GroupNorm shortcut" in vae_stream.unsupported(shortcut)
+    bare = build(TINY_VAE)
+    bare.up_blocks[0].res_blocks[0].conv1 = torch.nn.Conv3d(block.in_channels, block.in_channels, 3, padding=1)
+    assert "not a CausalConv3d" in vae_stream.unsupported(bare)  # a plain Conv3d would need its own frame state
     with pytest.raises(ValueError, match="cannot be streamed"):
         next(vae_stream.stream_decode(group, torch.randn(1, 16, 2, 2, 2)))
     c = type("C", (), {"video_decoder": group})()

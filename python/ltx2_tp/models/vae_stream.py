@@ -12,8 +12,9 @@ which decode overlapping windows again and blend them (an approximation of the w
 Between stages (conv_in, each up block, the output head) the frames are cut into pieces again,
 each about `chunk_frames` output frames' worth, so the first frames come out while later ones are
 still being decoded: a non-causal decoder's frame 0 depends on ~22 latent frames on each side, so
-the latent-level stages run over everything before the first output frame exists (about 1/15 of
-the work), then pieces flow. Memory: one piece per stage is alive, plus 2 frames per convolution.
+the latent-level stages run over everything before the first output frame exists (LTX-2: 8% of the
+FLOPs; the 2x, 4x and 8x levels have 15, 31 and 46%), then pieces flow. Memory: one piece per stage
+is alive, plus 2 frames per convolution.
 
 Only what ltx-core's forward does is supported; a decoder with GroupNorm over time, attention or
 noise injection is refused (`unsupported`), and the caller keeps ltx-core's own decode.
@@ -38,10 +39,11 @@ from ltx_core.model.video_vae.ops import unpatchify  # noqa: E402
 from ltx_core.model.video_vae.resnet import ResnetBlock3D, UNetMidBlock3D  # noqa: E402
 from ltx_core.model.video_vae.sampling import DepthToSpaceUpsample  # noqa: E402
 
-# Smallest piece, in voxels of the stage's input (frames x h x w): below ~32k the convolutions'
-# GEMMs (M = voxels) stop filling an H100; the latent-level stages then take the whole video.
+# Smallest piece, in voxels of the stage's input (frames x h x w), so the convolutions' GEMMs
+# (M = voxels) stay large: 768x512's latent-level stages then take the whole video at once. Chosen,
+# not measured: bench_decode.py times pieces of 8 / 16 / 32 frames against the whole video.
 MIN_PIECE_VOXELS = 1 << 15
-CHUNK_FRAMES = 16  # output frames per piece at the last stage (1920x1088: ~4 GiB of bf16 activations)
+CHUNK_FRAMES = 16  # output frames per piece at the last stage (1920x1088: ~4.5 GiB of bf16 activations)
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,9 @@ def unsupported(decoder) -> str | None:
         c = m.conv
         if c.stride != (1, 1, 1) or c.dilation[0] != 1 or m.time_kernel_size % 2 == 0:
             return f"temporal convolution with stride {c.stride}, dilation {c.dilation}, kernel {m.time_kernel_size}"
+    wrapped = {id(m.conv) for m in convs}
+    if any(isinstance(m, torch.nn.Conv3d) and m.kernel_size[0] > 1 and id(m) not in wrapped for m in decoder.modules()):
+        return "a temporal convolution that is not a CausalConv3d"
     for i, b in enumerate(decoder.up_blocks):
         if isinstance(b, UNetMidBlock3D):
             blocks = list(b.res_blocks)
