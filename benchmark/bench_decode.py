@@ -369,7 +369,7 @@ def bench_size(c, size, a, tmp: Path, log, first: bool) -> dict:
         runs.append(("ours exact (--decode-mode exact)", tile if long else None, EXACT_OPTIONS, None))
     if first:
         whole_runs(c, video, audio_lat, runs[:1], 1, tmp, lambda *_: None)  # warm-up: pinned buffers, x264
-    r["whole"].update(whole_runs(c, video, audio_lat, runs, 1 if long else a.repeat, tmp, log))
+    r["whole"].update(whole_runs(c, video, audio_lat, runs, a.repeat if first else 1, tmp, log))  # GPU budget
     if first or a.old_path_long:
         def old():
             fr, n = stages.decode_video(c, video, tile if long else None, None)
@@ -429,7 +429,7 @@ def main() -> int:
     p.add_argument("--skip-961", action="store_true", help="leave out sizes above 121 frames")
     p.add_argument("--tile", default="auto", help="ltx-core tiles: auto (memory plan), none, or frames per tile")
     p.add_argument("--reserve-gib", type=float, default=None, help="GPU memory held as the DiT's (default 36 on CUDA)")
-    p.add_argument("--repeat", type=int, default=2, help="whole-stage runs (best of) up to 121 frames")
+    p.add_argument("--repeat", type=int, default=2, help="whole-stage runs (best of) at the first size; 1 after it")
     p.add_argument("--old-path-long", action="store_true", help="also today's path after the first size (minutes)")
     p.add_argument("--vae-only", action="store_true", help="only the video VAE: streamed, ltx-core tiles, whole")
     p.add_argument("--encode-only", action="store_true", help="x264 options only, on noise, testsrc2, mandelbrot")
