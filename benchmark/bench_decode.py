@@ -1,26 +1,38 @@
-"""Decode + write, part by part: video VAE decode, audio VAE + vocoder, uint8 conversion + device ->
-host copy, H.264 encoding (per x264 preset / threading / conversion, with PSNR against the source
-frames), AAC encoding, muxing + file write; then the whole stage, today's path (ltx-core decode +
-ltx-pipelines' encode_video) against pipelines/decode.py's overlapped one.
+"""Decode + write: the whole last stage of a request, today's path against ours, and its parts.
 
 Components: ltx-core's video VAE decoder, audio VAE decoder and vocoder at the released LTX-2
 configs (bench_request.py's REAL_*), random weights, bf16 on CUDA; `--model tiny` = the tiny
-components (CPU). A tensor of --reserve-gib stands in for the resident DiT weights (35 GiB), so the
-memory-planned tiling sees the free memory a request sees. Random weights decode to noise-like
-frames, x264's worst case: encoding is also timed on ffmpeg's testsrc2 pattern (flat areas and
-motion, closer to real video) for the same options.
+components, `--model narrow` = the released VAE's structure with 32 base channels (CPU evidence).
+A tensor of --reserve-gib stands in for the resident DiT weights (36 GiB), so the memory plans see
+the free memory a request sees. Random weights decode to noise, x264's worst case (10x slower than
+video): the whole stage is also run with the VAE's output replaced, after it is computed, by
+ffmpeg's testsrc2 ("content testsrc2": the VAE's cost, a real video's encode).
 
-    python benchmark/bench_decode.py --out benchmark/results/bench_decode_h100.json            # ~3 min
-    python benchmark/bench_decode.py --skip-961 ...                                             # ~1 min
-    python benchmark/bench_decode.py --device cpu --model tiny --sizes 128x128x17 --out /tmp/d.json
-    python benchmark/bench_decode.py --encode-only --sizes 768x512x121 --device cpu     # x264 options alone
+One GPU call (~2-3 min on an H100) measures, per size (default 768x512x121, 1920x1088x121,
+1920x1088x961):
+- VAE alone: ltx-core's whole-video decode, our streamed decode (vae_stream.py) in pieces of
+  8 / 16 / 32 frames, ltx-core's temporal tiles (32 frames: what chunking by tiles costs), with
+  peak memory and the allocator's retries (cudaMalloc failed -> cache flushed -> retried);
+- at 961 frames, ltx-core's tiles as LTX2LongVideo planned them (first 3 tiles, each timed) and
+  a whole decode of one tile's shape: what made 961 frames cost 4.5x per frame;
+- x264 settings on the VAE's output, testsrc2 and mandelbrot (ms / frame, MB, PSNR);
+- the whole stage: today's (ltx-core decode + ltx-pipelines encode_video), ours exact
+  (--decode-mode exact) and ours fast (the default), with its parts.
+The table comes last; --out writes everything as JSON.
+
+    python benchmark/bench_decode.py --out benchmark/results/bench_decode_h100_<date>.json
+    python benchmark/bench_decode.py --device cpu --model narrow --sizes 128x128x121,128x128x961 --vae-only --tile 112
+    python benchmark/bench_decode.py --device cpu --model tiny --sizes 128x128x17 --repeat 1   # smoke test
+    python benchmark/bench_decode.py --encode-only --sizes 768x512x121 --device cpu             # x264 options alone
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import datetime
-import io
+import os
 import sys
 import tempfile
 import time
@@ -40,19 +52,19 @@ ensure_ltx_imports()
 from common import write_json  # noqa: E402
 
 from ltx2_tp.media import write_media  # noqa: E402
-from ltx2_tp.media_stream import EncoderOptions, StreamingMP4Writer  # noqa: E402
+from ltx2_tp.media_stream import EXACT_OPTIONS, FAST_OPTIONS, EncoderOptions, StreamingMP4Writer  # noqa: E402
+from ltx2_tp.models.vae_stream import Streamed  # noqa: E402
 from ltx2_tp.pipelines import decode, stages  # noqa: E402
 
-# x264 settings compared (name -> options); "today" is what ltx-pipelines writes
+# x264 settings compared (name -> options)
 ENCODERS = {
-    "today (medium, slice threads)": EncoderOptions(),
-    "medium, frame threads": EncoderOptions(frame_threads=True),
-    "veryfast, frame threads": EncoderOptions(preset="veryfast", frame_threads=True),
-    "superfast, frame threads": EncoderOptions(preset="superfast", frame_threads=True),
-    "ultrafast, frame threads": EncoderOptions(preset="ultrafast", frame_threads=True),
+    "today: medium, slice threads, swscale": EXACT_OPTIONS,
+    "FAST (default): ultrafast, frame threads, gpu I420": FAST_OPTIONS,
+    "superfast, frame threads, gpu I420": EncoderOptions(preset="superfast", frame_threads=True, convert="gpu"),
     "veryfast, frame threads, gpu I420": EncoderOptions(preset="veryfast", frame_threads=True, convert="gpu"),
+    "ultrafast, frame threads, swscale": EncoderOptions(preset="ultrafast", frame_threads=True),
 }
-FAST = "veryfast, frame threads, gpu I420"
+TODAY, FAST = "today: medium, slice threads, swscale", "FAST (default): ultrafast, frame threads, gpu I420"
 
 
 def build(model: str, device, dtype):
@@ -66,7 +78,11 @@ def build(model: str, device, dtype):
     else:
         from bench_request import REAL_AUDIO_VAE, REAL_VAE, REAL_VOCODER
 
-        cfg, channels, audio_channels = (REAL_VAE, REAL_AUDIO_VAE, REAL_VOCODER), 128, 8
+        vae = REAL_VAE
+        if model == "narrow":  # the released structure, 1/4 of the channels: CPU-sized
+            vae = copy.deepcopy(REAL_VAE)
+            vae["vae"]["decoder_base_channels"] = 32
+        cfg, channels, audio_channels = (vae, REAL_AUDIO_VAE, REAL_VOCODER), 128, 8
     torch.manual_seed(0)
     with torch.device(device):
         parts = dict(video_decoder=VideoDecoderConfigurator.from_config(cfg[0]),
@@ -95,6 +111,12 @@ def sync():
         torch.cuda.synchronize()
 
 
+def clock(cpu: bool):
+    """Wall time on CUDA (synchronized); process CPU time on the CPU, which a shared machine's
+    load disturbs less (torch at one thread)."""
+    return time.process_time if cpu else time.perf_counter
+
+
 def timed(fn):
     sync()
     t0 = time.perf_counter()
@@ -103,12 +125,42 @@ def timed(fn):
     return time.perf_counter() - t0, out
 
 
-def testsrc(n, height, width):
-    """ffmpeg's testsrc2 pattern, RGB, (n, h, w, 3) uint8."""
+class Memory:
+    """Peak allocated / reserved GiB and the caching allocator's retries over a block (CUDA only)."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.peak = self.reserved = 0.0
+        self.retries = 0
+
+    def __enter__(self):
+        if self.cuda:
+            sync()
+            torch.cuda.empty_cache()
+            self.base = torch.cuda.memory_allocated()
+            self.retries0 = torch.cuda.memory_stats().get("num_alloc_retries", 0)
+            torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            sync()
+            st = torch.cuda.memory_stats()
+            self.peak = (st.get("allocated_bytes.all.peak", 0) - self.base) / 2**30
+            self.reserved = st.get("reserved_bytes.all.peak", 0) / 2**30
+            self.retries = st.get("num_alloc_retries", 0) - self.retries0
+        return False
+
+    def note(self) -> str:
+        return f"peak {self.peak:.1f} GiB, reserved {self.reserved:.1f}, alloc retries {self.retries}" if self.cuda else ""
+
+
+def source(name, n, height, width):
+    """ffmpeg's testsrc2 / mandelbrot pattern, RGB, (n, h, w, 3) uint8."""
     import av
 
     g = av.filter.Graph()
-    src = g.add("testsrc2", f"size={width}x{height}:rate=24")
+    src = g.add(name, f"size={width}x{height}:rate=24")
     fmt = g.add("format", "pix_fmts=rgb24")
     sink = g.add("buffersink")
     src.link_to(fmt)
@@ -117,11 +169,11 @@ def testsrc(n, height, width):
     return np.stack([sink.pull().to_ndarray() for _ in range(n)])
 
 
-def read_frames(path, every=1):
+def read_frames(path):
     import av
 
     with av.open(str(path)) as f:
-        return np.stack([fr.to_ndarray(format="rgb24") for i, fr in enumerate(f.decode(video=0)) if i % every == 0])
+        return np.stack([fr.to_ndarray(format="rgb24") for fr in f.decode(video=0)])
 
 
 def yuv420_roundtrip(frames):
@@ -138,253 +190,255 @@ def psnr(a, b):
 
 
 def encode(frames_host, opts, path, device):
-    """Video only through StreamingMP4Writer; gpu I420 conversion from device frames."""
+    """Video only through StreamingMP4Writer, from device frames as decode.py hands them over."""
     h, w = frames_host.shape[1:3]
+    dev = torch.from_numpy(frames_host).to(device)
     with StreamingMP4Writer(path, w, h, 24, options=opts) as wr:
-        if opts.convert == "gpu":
-            dev = torch.from_numpy(frames_host).to(device)
-            sync()
-            t0 = time.perf_counter()
-            for host, ready in decode.host_chunks(dev, "gpu"):
-                wr.put(host, ready)
-        else:
-            t0 = time.perf_counter()
-            for i in range(0, len(frames_host), decode.FRAMES_PER_COPY):
-                wr.put(frames_host[i:i + decode.FRAMES_PER_COPY])
+        sync()
+        t0 = time.perf_counter()
+        for host, ready in decode.host_chunks(dev, opts.convert):
+            wr.put(host, ready)
         wr.finish()
     return time.perf_counter() - t0
 
 
-def encoders(r, contents, a, tmp: Path, device, log, quick=False) -> None:
-    for content, src in contents.items():
-        frames = len(src)
-        ref, src420 = None, yuv420_roundtrip(src)
-        for label, opts in ENCODERS.items():
-            if (quick and label not in ("today (medium, slice threads)", FAST)) or (
-                    opts.convert == "gpu" and device.type != "cuda"):
-                continue
-            path = tmp / "enc.mp4"
-            t = encode(src, opts, path, device)
-            back = read_frames(path)
-            ref = back if ref is None else ref
-            r["encoders"][f"{content} | {label}"] = v = {
-                "s": t, "ms_per_frame": 1e3 * t / frames, "mb": path.stat().st_size / 1e6,
-                "psnr_vs_source_db": psnr(back, src), "psnr_vs_420_db": psnr(back, src420),
-                "psnr_vs_today_db": psnr(back, ref)}
-            log(f"  encode {content:10s} {label:36s} {v['ms_per_frame']:7.2f} ms/frame {v['mb']:6.1f} MB  PSNR "
-                f"{v['psnr_vs_source_db']:5.2f} dB vs source, {v['psnr_vs_420_db']:5.2f} vs its 4:2:0, "
-                f"{v['psnr_vs_today_db']:6.2f} vs today")
+# ---- parts ---------------------------------------------------------------------------------------
+
+def vae_variants(c, video, frames, variants, repeat, log, cpu=False) -> dict:
+    """The video VAE alone (uint8 frames on the device, none kept): {name: {s, ms_per_frame, ...}}."""
+    out = {}
+    for name, tile in variants:
+        runs = []
+        for _ in range(repeat):
+            with Memory(c.device) as mem:
+                tick = clock(cpu)
+                sync()
+                t0, pieces = tick(), 0
+                for _chunk in stages.decode_video(c, video, tile)[0]:
+                    pieces += 1
+                sync()
+                runs.append(tick() - t0)
+        out[name] = v = {"s": min(runs), "ms_per_frame": 1e3 * min(runs) / frames, "pieces": pieces,
+                         "peak_gib": mem.peak, "reserved_gib": mem.reserved, "alloc_retries": mem.retries}
+        log(f"  VAE {name:34s} {v['s']:7.3f} s {v['ms_per_frame']:6.2f} ms/frame  {pieces:3d} pieces  {mem.note()}")
+    return out
 
 
-def bench_encode_only(size, a, tmp: Path, log) -> dict:
-    """x264 options on uniform noise (the worst case, like random-weight VAE output) and testsrc2."""
-    width, height, frames = size
-    r = {"size": f"{width}x{height}x{frames}", "parts": {}, "encoders": {}, "whole": {}, "tile_frames": None}
-    noise = np.random.default_rng(0).integers(0, 256, (frames, height, width, 3), dtype=np.uint8)
-    encoders(r, {"noise": noise, "testsrc2": testsrc(frames, height, width)}, a, tmp, torch.device(a.device), log,
-             a.quick)
-    from ltx_pipelines.utils.media_io import encode_video
-
-    for content, src in (("noise", noise),):
-        t0 = time.perf_counter()
-        encode_video(iter([torch.from_numpy(src)]), 24, None, str(tmp / "serial.mp4"), 1)
-        r["parts"][f"H.264 encode {content}, today (ltx-pipelines encode_video, serial)"] = time.perf_counter() - t0
+def tiles_diagnosis(c, video, tile, log, first=3) -> dict:
+    """ltx-core's temporal tiles as planned, the first `first` chunks timed one by one (a chunk comes
+    out after the next tile is decoded), then the whole decode of one tile's latent shape."""
+    lat_tile = tile // 8 + 1  # ltx-core's later tiles: tile/8 latents + 1 (the causal shift)
+    r = {"tile_frames": tile, "chunks_s": []}
+    with Memory(c.device) as mem:
+        frames = stages.decode_video(c, video, tile)[0]
+        for _ in range(first):
+            t, chunk = timed(lambda: next(frames, None))
+            if chunk is None:
+                break
+            r["chunks_s"].append(t)
+        del frames
+    r.update(peak_gib=mem.peak, reserved_gib=mem.reserved, alloc_retries=mem.retries)
+    log(f"  ltx-core tiles of {tile}: first chunks " + ", ".join(f"{t:.2f}" for t in r["chunks_s"]) +
+        f" s  {mem.note()}")
+    one = video[:, :, :lat_tile].contiguous()
+    with Memory(c.device) as mem:
+        timed(lambda: [None for _ in stages.decode_video(c, one, None)[0]])
+        t, _ = timed(lambda: [None for _ in stages.decode_video(c, one, None)[0]])
+    r["one_tile_whole_s"], r["one_tile_frames"] = t, (lat_tile - 1) * 8 + 1
+    r.update(one_tile_peak_gib=mem.peak, one_tile_alloc_retries=mem.retries)
+    log(f"  one tile's shape ({lat_tile} latents, {r['one_tile_frames']} frames) decoded whole: {t:.2f} s  {mem.note()}")
     return r
 
 
-def bench_size(c, size, a, tmp: Path, log, first: bool) -> dict:
-    """Every part at `size`; all encoder settings and --repeat whole runs at the first size only."""
-    from einops import rearrange
-    from ltx_pipelines.utils.media_io import _prepare_audio_stream, _write_audio, encode_video
+def encoders(r, contents, tmp: Path, device, log, labels) -> None:
+    for content, src in contents.items():
+        ref, src420 = None, yuv420_roundtrip(src)
+        for label in labels:
+            path = tmp / "enc.mp4"
+            t = encode(src, ENCODERS[label], path, device)
+            back = read_frames(path)
+            ref = back if ref is None else ref
+            r["encoders"][f"{content} | {label}"] = v = {
+                "s": t, "ms_per_frame": 1e3 * t / len(src), "mb": path.stat().st_size / 1e6,
+                "psnr_vs_source_420_db": psnr(back, src420), "psnr_vs_today_db": psnr(back, ref)}
+            log(f"  encode {content:10s} {label:50s} {v['ms_per_frame']:6.2f} ms/frame {v['mb']:6.2f} MB  PSNR "
+                f"{v['psnr_vs_source_420_db']:5.2f} dB vs the source's 4:2:0, {v['psnr_vs_today_db']:6.2f} vs today")
 
+
+@contextlib.contextmanager
+def content(src):
+    """The VAE's frames replaced, once computed, by `src` ((n, h, w, 3) uint8 on the device,
+    repeated): the VAE's cost with a real video's encode. None: the VAE's own frames."""
+    if src is None:
+        yield
+        return
+    real = stages.decode_video
+
+    def replaced(*a, **k):
+        frames, n = real(*a, **k)
+
+        def gen():
+            i = 0
+            for chunk in frames:
+                idx = torch.arange(i, i + chunk.shape[0], device=src.device) % src.shape[0]
+                i += chunk.shape[0]
+                yield src[idx]
+        return gen(), n
+
+    stages.decode_video = replaced
+    try:
+        yield
+    finally:
+        stages.decode_video = real
+
+
+def whole_runs(c, video, audio_lat, runs, repeat, tmp, log) -> dict:
+    """runs: (label, tile_frames, options, content frames or None). Best of `repeat`, with parts."""
+    out = {}
+    for label, tile, opts, src in runs:
+        best = None
+        for _ in range(repeat):
+            timer = stages.StageTimer()
+            with Memory(c.device) as mem, content(src), timer("decode_and_write"):
+                t = timed(lambda: decode.decode_and_write(c, video, audio_lat, 24.0, tmp / "new.mp4", "mp4", None,
+                                                          tile, opts, timer))[0]
+            if best is None or t < best[0]:
+                best = (t, {k.split(".", 1)[1]: v for k, v in timer.parts.items()}, mem.peak, mem.retries)
+        t, parts, peak, retries = best
+        out[label] = {"s": t, "parts": parts, "peak_gib": peak, "alloc_retries": retries}
+        log(f"  whole, {label}: {t:.3f} s  " + "  ".join(f"{k} {v:.3f}" for k, v in parts.items()) +
+            (f"  peak {peak:.1f} GiB, retries {retries}" if c.device.type == "cuda" else ""))
+    return out
+
+
+def bench_size(c, size, a, tmp: Path, log, first: bool) -> dict:
     width, height, frames = size
     name = f"{width}x{height}x{frames}"
+    cuda = c.device.type == "cuda"
     long = frames > 121
-    r = {"size": name, "parts": {}, "encoders": {}, "whole": {}}
+    r = {"size": name, "vae": {}, "encoders": {}, "whole": {}, "parts": {}}
     video, audio_lat = make_latents(c, frames, height, width)
     dec = c.video_decoder
     dtype = next(dec.parameters()).dtype
     free = decode.free_bytes(c.device)
     tile = decode.plan_temporal_tile(dec, video.shape, dtype, free) if a.tile == "auto" else (
         None if a.tile == "none" else int(a.tile))
-    r["tile_frames"], r["free_gib"] = tile, free / 2**30
-    r["estimate_gib"] = decode.decoder_bytes(dec, tile or frames, height, width, dtype) / 2**30
-    log(f"[{name}] free {free / 2**30:.1f} GiB, tile {tile}, decoder estimate {r['estimate_gib']:.1f} GiB")
+    chunk = decode.plan_stream_chunk(dec, video.shape, dtype, free)
+    r.update(tile_frames=tile, stream_chunk_frames=chunk, free_gib=free / 2**30)
+    log(f"[{name}] free {free / 2**30:.1f} GiB: ltx-core tiles {tile}, streamed pieces of {chunk}")
 
-    # 1. video VAE decode (ltx-core), float output, untiled up to 121 frames (the peak calibrates
-    # decode.DECODER_PEAK_COPIES), in the planned tiles above
-    def vae():
-        with torch.no_grad():
-            if not long:
-                return [dec(video)]
-            from ltx_core.model.video_vae import TemporalTilingConfig, TilingConfig
-
-            cfg = TilingConfig(temporal_config=TemporalTilingConfig(tile, decode.TILE_OVERLAP))
-            return sum(x.shape[2] for x in dec.tiled_decode(video, cfg))  # frames; none kept
-
-    if c.device.type == "cuda":
-        torch.cuda.empty_cache()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    try:
-        if not long:
-            timed(vae)  # warm-up
-        t, decoded = timed(vae)
-    except torch.OutOfMemoryError:
-        log("  untiled video VAE decode: out of memory")
-        r["parts"]["video VAE decode (untiled)"] = float("nan")
+    # 1. the video VAE alone
+    variants = [(f"streamed, pieces of {chunk}", Streamed(chunk))]
+    if a.vae_only:
+        variants += [(f"ltx-core tiles of {tile}", tile)] if tile else []
+        variants += [] if long and tile else [("ltx-core whole video", None)]
+    elif not long:
+        variants = [("ltx-core whole video", None)] + variants
+        if first:
+            variants += [("streamed, pieces of 8", Streamed(8)), ("streamed, pieces of 32", Streamed(32)),
+                         ("ltx-core tiles of 32 (overlap 8)", 32)]
+    repeat = 1 if long or a.vae_only and not cuda else 2
+    if not long or a.vae_only:
+        r["vae"] = vae_variants(c, video, frames, variants, repeat, log, cpu=not cuda)
+    if a.vae_only:
         return r
-    r["parts"]["video VAE decode" + (f" (tiles of {tile})" if long else " (untiled)")] = t
-    if c.device.type == "cuda":
-        r["peak_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
-        est = decode.decoder_bytes(dec, tile if long else frames, height, width, dtype) / 2**30
-        r["peak_over_estimate"] = r["peak_gib"] / est
-        log(f"  video VAE decode {t:.3f} s, peak {r['peak_gib']:.2f} GiB = {r['peak_over_estimate']:.2f} x the "
-            f"estimate ({decode.DECODER_PEAK_COPIES} copies)")
+    if long and tile and cuda:
+        r["tiles_diagnosis"] = tiles_diagnosis(c, video, tile, log)
 
-    if not long and c.device.type == "cuda":  # the same convs in channels-last layout: other cuDNN kernels
-        try:
-            dec.to(memory_format=torch.channels_last_3d)
-            v_cl = video.contiguous(memory_format=torch.channels_last_3d)
-            with torch.no_grad():
-                timed(lambda: dec(v_cl))
-                t_cl, out_cl = timed(lambda: dec(v_cl))
-            to8 = lambda x: (((x + 1.0) / 2.0).clamp(0.0, 1.0) * 255.0).to(torch.uint8)  # noqa: E731
-            r["parts"]["video VAE decode, channels_last_3d"] = t_cl
-            r["channels_last_psnr_db"] = psnr(to8(out_cl).cpu().numpy(), to8(decoded[0]).cpu().numpy())
-            log(f"  channels_last_3d decode {t_cl:.3f} s, frames PSNR {r['channels_last_psnr_db']:.1f} dB vs NCDHW")
-            del out_cl, v_cl
-        except Exception as e:  # noqa: BLE001 - a measurement only
-            log(f"  channels_last_3d decode failed: {type(e).__name__}: {e}"[:200])
-        finally:
-            dec.to(memory_format=torch.contiguous_format)
+    # 2. audio alone
+    if not long:
+        timed(lambda: stages.decode_audio(c, audio_lat))
+        r["parts"]["audio VAE + vocoder"] = t = timed(lambda: stages.decode_audio(c, audio_lat))[0]
+        log(f"  audio VAE + vocoder {t:.3f} s")
 
-    # 2. audio VAE + vocoder
-    t, audio = timed(lambda: stages.decode_audio(c, audio_lat))
-    t, audio = timed(lambda: stages.decode_audio(c, audio_lat))
-    r["parts"]["audio VAE + vocoder"] = t
-    audio = type(audio)(waveform=audio.waveform.cpu(), sampling_rate=audio.sampling_rate)
+    # 3. x264 settings on the VAE's frames, testsrc2 and mandelbrot (first size)
+    n_src = frames if not long else 48
+    testsrc = source("testsrc2", min(frames, n_src), height, width)
+    if first:
+        host = torch.cat(list(stages.decode_video(c, video, None)[0])).cpu().numpy()
+        labels = [k for k in ENCODERS if cuda or ENCODERS[k].convert == "cpu" or k == FAST]
+        encoders(r, {"VAE output": host, "testsrc2": testsrc, "mandelbrot": source("mandelbrot", frames, height, width)},
+                 tmp, c.device, log, labels)
+        del host
 
-    if long:  # the rest of the parts at 121 frames' scale; here only the whole stage
-        del decoded
-    else:
-        # 3. uint8 conversion (ltx-core's formula) and device -> host copy, today's and ours
-        x = decoded[0]
-        t, u8 = timed(lambda: rearrange((((x + 1.0) / 2.0).clamp(0.0, 1.0) * 255.0).to(torch.uint8)[0],
-                                        "c f h w -> f h w c"))
-        r["parts"]["uint8 conversion (device)"] = t
-        r["parts"]["copy to host, today (pageable, strided)"] = timed(lambda: u8.to("cpu").numpy())[0]
-
-        def ours():
-            out = [(h, rd) for h, rd in decode.host_chunks(u8, "cpu")]
-            for _, rd in out:
-                if rd is not None:
-                    rd()
-            return out
-        ours()  # warm-up: pinned blocks cached
-        r["parts"]["copy to host, ours (pinned, 8-frame pieces)"] = timed(ours)[0]
-        r["parts"]["I420 on device + copy"] = timed(lambda: [rd and rd() for _, rd in decode.host_chunks(u8, "gpu")])[0]
-        host = u8.cpu().numpy()
-        del decoded, x, u8
-
-        # 4. H.264 encoding of the decoded frames and of testsrc2, per option set
-        encoders(r, {"VAE output": host, "testsrc2": testsrc(frames, height, width)}, a, tmp, c.device, log,
-                 quick=a.quick or not first)
-        t0 = time.perf_counter()
-        encode_video(iter([torch.from_numpy(host)]), 24, None, str(tmp / "serial.mp4"), 1)
-        r["parts"]["H.264 encode, today (ltx-pipelines encode_video, serial)"] = time.perf_counter() - t0
-
-        # 5. AAC alone; 6. muxing + file write alone (remux of the encoded packets)
-        import av
-
-        t0 = time.perf_counter()
-        with av.open(str(tmp / "a.m4a"), "w", format="mp4") as cont:
-            _write_audio(cont, _prepare_audio_stream(cont, audio.sampling_rate), audio)
-        r["parts"]["AAC encode + mux"] = time.perf_counter() - t0
-        buf = io.BytesIO((tmp / "serial.mp4").read_bytes())
-        t0 = time.perf_counter()
-        with av.open(buf) as src, av.open(str(tmp / "remux.mp4"), "w", format="mp4") as dst:
-            s = dst.add_stream_from_template(src.streams.video[0])
-            for pkt in src.demux(video=0):
-                if pkt.dts is not None:
-                    pkt.stream = s
-                    dst.mux(pkt)
-        r["parts"]["mux + file write (video packets)"] = time.perf_counter() - t0
-
-    # 7. the whole stage: today's path and ours (best of --repeat up to 121 frames, once above)
-    repeat = a.repeat if first else 1
-
-    def best(fn):
-        return min(timed(fn)[0] for _ in range(repeat))
-
-    if not long or a.old_path_long:
+    # 4. the whole stage
+    src = torch.from_numpy(testsrc).to(c.device)
+    runs = [("ours fast (default)", decode.STREAM, FAST_OPTIONS, None),
+            ("ours fast (default), content testsrc2", decode.STREAM, FAST_OPTIONS, src)]
+    if not long:
+        runs.append(("ours exact (--decode-mode exact)", tile if long else None, EXACT_OPTIONS, None))
+    if first:
+        whole_runs(c, video, audio_lat, runs[:1], 1, tmp, lambda *_: None)  # warm-up: pinned buffers, x264
+    r["whole"].update(whole_runs(c, video, audio_lat, runs, a.repeat if first else 1, tmp, log))  # GPU budget
+    if first or a.old_path_long:
         def old():
-            fr, n = stages.decode_video(c, video, tile, None)
+            fr, n = stages.decode_video(c, video, tile if long else None, None)
             au = stages.decode_audio(c, audio_lat)
             write_media(fr, n, 24.0, au, tmp / "old.mp4", "mp4")
-        r["whole"]["today: ltx-core decode + ltx-pipelines encode_video"] = t = best(old)
-        log(f"  whole, today {t:.3f} s")
-    for label in ("today (medium, slice threads)", "veryfast, frame threads", FAST):
-        if (long and label == "today (medium, slice threads)" and not a.old_path_long) or (
-                ENCODERS[label].convert == "gpu" and c.device.type != "cuda"):
-            continue
-        runs = []
-        for _ in range(repeat):
-            timer = stages.StageTimer()
-            with timer("decode_and_write"):
-                t = timed(lambda: decode.decode_and_write(c, video, audio_lat, 24.0, tmp / "new.mp4", "mp4", None,
-                                                          tile, ENCODERS[label], timer))[0]
-            runs.append((t, {k.split(".", 1)[1]: v for k, v in timer.parts.items()}))
-        t, parts = min(runs, key=lambda x: x[0])
-        r["whole"][f"ours: {label}"] = t
-        r["whole"][f"ours: {label} | parts"] = parts
-        log(f"  whole, ours ({label}) {t:.3f} s  " + "  ".join(f"{k} {v:.3f}" for k, v in parts.items()))
+        r["whole"]["today: ltx-core decode + ltx-pipelines encode_video"] = {"s": timed(old)[0]}
+        log(f"  whole, today {r['whole']['today: ltx-core decode + ltx-pipelines encode_video']['s']:.3f} s")
     return r
 
 
-NVENC_PROBE = """
-import io, av, numpy as np
-if "h264_nvenc" not in av.codecs_available:
-    print("h264_nvenc not in this PyAV build"); raise SystemExit
-try:
-    with av.open(io.BytesIO(), "w", format="mp4") as cont:
-        s = cont.add_stream("h264_nvenc", rate=24)
-        s.width, s.height, s.pix_fmt = 256, 256, "yuv420p"
-        for pkt in s.encode(av.VideoFrame.from_ndarray(np.zeros((256, 256, 3), np.uint8), format="rgb24")):
-            cont.mux(pkt)
-    print("h264_nvenc opened and encoded a frame")
-except Exception as e:
-    print(f"h264_nvenc compiled in, but failed to open: {type(e).__name__}: {e}"[:300])
-"""
+def bench_encode_only(size, tmp: Path, log) -> dict:
+    width, height, frames = size
+    r = {"size": f"{width}x{height}x{frames}", "vae": {}, "encoders": {}, "whole": {}, "parts": {}}
+    noise = np.random.default_rng(0).integers(0, 256, (frames, height, width, 3), dtype=np.uint8)
+    encoders(r, {"noise": noise, "testsrc2": source("testsrc2", frames, height, width),
+                 "mandelbrot": source("mandelbrot", frames, height, width)}, tmp, torch.device("cpu"), log, list(ENCODERS))
+    return r
 
 
-def nvenc_probe() -> str:
-    """In a child process: a driver without an NVENC engine must not take the benchmark down."""
-    import subprocess
-
-    try:
-        r = subprocess.run([sys.executable, "-c", NVENC_PROBE], capture_output=True, text=True, timeout=60)
-        return (r.stdout.strip() or f"probe exited {r.returncode}: {r.stderr.strip()[-200:]}")
-    except subprocess.TimeoutExpired:
-        return "probe timed out"
+def table(results, device_name, total) -> None:
+    print(f"\n{device_name}; bench took {total:.0f} s")
+    print("| size | what | seconds | ms/frame | note |\n|---|---|---|---|---|")
+    for r in results:
+        size, frames = r["size"], int(r["size"].split("x")[2])
+        for k, v in r["vae"].items():
+            note = f"{v['pieces']} pieces; peak {v['peak_gib']:.1f} GiB, alloc retries {v['alloc_retries']}"
+            print(f"| {size} | VAE {k} | {v['s']:.3f} | {v['ms_per_frame']:.2f} | {note} |")
+        d = r.get("tiles_diagnosis")
+        if d:
+            print(f"| {size} | ltx-core tiles of {d['tile_frames']}, first chunks | "
+                  f"{' / '.join(f'{t:.2f}' for t in d['chunks_s'])} | | peak {d['peak_gib']:.1f} GiB, reserved "
+                  f"{d['reserved_gib']:.1f}, alloc retries {d['alloc_retries']} |")
+            print(f"| {size} | one tile's shape decoded whole ({d['one_tile_frames']} frames) | {d['one_tile_whole_s']:.3f} | "
+                  f"{1e3 * d['one_tile_whole_s'] / d['one_tile_frames']:.2f} | alloc retries {d['one_tile_alloc_retries']} |")
+        for k, v in r["parts"].items():
+            print(f"| {size} | {k} | {v:.3f} | | |")
+        for k, v in r["whole"].items():
+            p = v.get("parts", {})
+            note = ", ".join(f"{n} {p[n]:.3f}" for n in ("video_decode", "audio_decode", "encode_thread_busy",
+                                                          "first_frames_at_encoder", "write_after_decode",
+                                                          "tail_backlog_encode", "tail_flush_audio_close") if n in p)
+            print(f"| {size} | WHOLE {k} | {v['s']:.3f} | {1e3 * v['s'] / frames:.2f} | {note} |")
+    enc = [(r["size"], k, v) for r in results for k, v in r["encoders"].items()]
+    if enc:
+        print("\n| size | content / x264 settings | ms/frame | MB | PSNR dB vs the source's 4:2:0 | vs today's file |"
+              "\n|---|---|---|---|---|---|")
+        for size, k, v in enc:
+            print(f"| {size} | {k} | {v['ms_per_frame']:.2f} | {v['mb']:.2f} | {v['psnr_vs_source_420_db']:.2f} | "
+                  f"{v['psnr_vs_today_db']:.2f} |")
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--model", default=None, help="real (default on CUDA) or tiny (default on CPU)")
+    p.add_argument("--model", default=None, help="real (default on CUDA), narrow, or tiny (default on CPU)")
     p.add_argument("--sizes", default="768x512x121,1920x1088x121,1920x1088x961", help="WxHxF,...")
     p.add_argument("--skip-961", action="store_true", help="leave out sizes above 121 frames")
-    p.add_argument("--tile", default="auto", help="auto (memory plan), none, or frames per tile")
+    p.add_argument("--tile", default="auto", help="ltx-core tiles: auto (memory plan), none, or frames per tile")
     p.add_argument("--reserve-gib", type=float, default=None, help="GPU memory held as the DiT's (default 36 on CUDA)")
-    p.add_argument("--quick", action="store_true", help="only today's and the fast encoder settings")
-    p.add_argument("--repeat", type=int, default=2, help="whole-stage runs (best of) at the first size")
-    p.add_argument("--old-path-long", action="store_true", help="also today's path above 121 frames (minutes)")
-    p.add_argument("--encode-only", action="store_true", help="x264 options only, on noise and testsrc2 (no VAE)")
+    p.add_argument("--repeat", type=int, default=2, help="whole-stage runs (best of) at the first size; 1 after it")
+    p.add_argument("--old-path-long", action="store_true", help="also today's path after the first size (minutes)")
+    p.add_argument("--vae-only", action="store_true", help="only the video VAE: streamed, ltx-core tiles, whole")
+    p.add_argument("--encode-only", action="store_true", help="x264 options only, on noise, testsrc2, mandelbrot")
     p.add_argument("--out", default=None, help="JSON file")
     a = p.parse_args()
     model = a.model or ("real" if a.device == "cuda" else "tiny")
     dtype = torch.bfloat16 if a.device == "cuda" else torch.float32
+    if a.device == "cpu" and a.vae_only:
+        torch.set_num_threads(1)  # process time = compute, whatever else runs on the machine
     sizes = [tuple(int(v) for v in s.split("x")) for s in a.sizes.split(",")]
     if a.skip_961:
         sizes = [s for s in sizes if s[2] <= 121]
@@ -401,38 +455,17 @@ def main() -> int:
         gib = 36.0 if a.reserve_gib is None else a.reserve_gib
         reserve = torch.empty(int(gib * 2**30), dtype=torch.uint8, device=a.device)
     device_name = torch.cuda.get_device_name() if a.device == "cuda" else "cpu"
-    import os
-
-    log(f"{device_name}, {os.cpu_count()} CPU cores, model {model}, {dtype}, reserved {0 if reserve is None else reserve.numel() / 2**30:.0f} GiB; "
-        f"NVENC: {nvenc_probe()}")
+    log(f"{device_name}, {os.cpu_count()} CPU cores, model {model}, {dtype}, reserved "
+        f"{0 if reserve is None else reserve.numel() / 2**30:.0f} GiB")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for size in sizes:
             if a.encode_only:
-                results.append(bench_encode_only(size, a, Path(tmp), log))
+                results.append(bench_encode_only(size, Path(tmp), log))
             else:
                 results.append(bench_size(c, size, a, Path(tmp), log, first=size == sizes[0]))
     total = time.perf_counter() - t_start
-
-    rows = []
-    for r in results:
-        for k, v in r["parts"].items():
-            rows.append((r["size"], k, v))
-        for k, v in r["whole"].items():
-            if not isinstance(v, dict):
-                rows.append((r["size"], "WHOLE " + k, v))
-    print(f"\n{device_name}; tiles: " + ", ".join(f"{r['size']}={r['tile_frames']}" for r in results) +
-          f"; bench took {total:.0f} s")
-    print(f"| size | part | seconds |\n|---|---|---|")
-    for size, k, v in rows:
-        print(f"| {size} | {k} | {v:.3f} |")
-    enc = [(r["size"], k, v) for r in results for k, v in r["encoders"].items()]
-    if enc:
-        print("\n| size | content / x264 settings | ms/frame | MB | PSNR dB vs source | vs source's 4:2:0 | vs today |"
-              "\n|---|---|---|---|---|---|---|")
-        for size, k, v in enc:
-            print(f"| {size} | {k} | {v['ms_per_frame']:.2f} | {v['mb']:.1f} | {v['psnr_vs_source_db']:.2f} | "
-                  f"{v['psnr_vs_420_db']:.2f} | {v['psnr_vs_today_db']:.2f} |")
+    table(results, device_name, total)
     if a.out:
         write_json(a.out, {"date": datetime.date.today().isoformat(), "device": device_name, "cpu_cores": os.cpu_count(),
                            "command": " ".join(sys.argv), "model": model, "dtype": str(dtype), "results": results,

@@ -97,6 +97,33 @@ def test_audio_is_interleaved_with_video(tmp_path):
     assert v.shape[0] == n and a.shape[1] >= wav.shape[1]
 
 
+def test_video_is_encoded_while_the_audio_decodes(tmp_path):
+    """The encoder thread does not wait for the vocoder: every frame goes through x264 before the
+    audio exists, and the file is byte for byte the one written with the audio known from the start."""
+    import time
+    from concurrent.futures import Future
+
+    n, rate = 48, 16000
+    frames = np.random.default_rng(0).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    wav = torch.linspace(-0.5, 0.5, 2 * n * rate // 24).reshape(2, -1)
+    late = Future()
+    opts = EncoderOptions(preset="ultrafast")
+    with StreamingMP4Writer(tmp_path / "late.mp4", 32, 32, 24, late, audio_rate=rate, options=opts) as w:
+        for i in range(0, n, 8):
+            w.put(frames[i:i + 8])
+        deadline = time.monotonic() + 60
+        while w.frames < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert w.frames == n and not late.done()
+        late.set_result(Audio(wav, rate))
+        w.finish()
+    with StreamingMP4Writer(tmp_path / "early.mp4", 32, 32, 24, Audio(wav, rate), options=opts) as w:
+        for i in range(0, n, 8):
+            w.put(frames[i:i + 8])
+        w.finish()
+    assert (tmp_path / "late.mp4").read_bytes() == (tmp_path / "early.mp4").read_bytes()
+
+
 def test_encoder_failure_leaves_no_file_and_no_thread(tmp_path):
     def boom():
         raise RuntimeError("copy failed")
@@ -197,6 +224,18 @@ def test_encoder_options_reach_x264(tmp_path):
             w.finish()
         data = (tmp_path / name).read_bytes()
         assert mark in data and (b"crf=30.0" in data) == (opts.crf == 30)
+
+
+def test_cli_decode_mode():
+    from ltx2_tp.cli import _decode_settings, build_parser
+    from ltx2_tp.media_stream import EXACT_OPTIONS, FAST_OPTIONS
+
+    parse = lambda *a: build_parser().parse_args(["generate", "--prompt", "x", *a])  # noqa: E731
+    assert _decode_settings(parse()) == (True, FAST_OPTIONS)
+    assert _decode_settings(parse("--decode-mode", "exact")) == (False, EXACT_OPTIONS) == (False, EncoderOptions())
+    assert _decode_settings(parse("--no-video-encoder-frame-threads", "--video-encoder-crf", "18")) == (
+        True, EncoderOptions(preset="ultrafast", crf=18, frame_threads=False, convert="gpu"))
+    assert _decode_settings(parse("--decode-mode", "exact", "--video-convert", "gpu"))[1] == EncoderOptions(convert="gpu")
 
 
 def test_cli_encoder_flags():

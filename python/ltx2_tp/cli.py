@@ -109,7 +109,7 @@ def cmd_generate(args) -> int:
     except RequestError as e:
         raise _flag_error(e) from None
     _check_speed_args(args, files)
-    encoder = _encoder_options(args)
+    stream, encoder = _decode_settings(args)
 
     from tqdm import tqdm
 
@@ -118,7 +118,7 @@ def cmd_generate(args) -> int:
 
     comps = _components(args, files)
     pipe = cls(comps, **_pipeline_options(cls, args))
-    pipe.encoder_options = encoder
+    pipe.stream_decode, pipe.encoder_options = stream, encoder
     rank0 = this_rank() == 0
     bars: dict[str, tqdm] = {}
 
@@ -162,9 +162,9 @@ def cmd_serve(args) -> int:
     files = _checkpoint_files(args)
     _check_layout(args, files)
     _check_speed_args(args, files)
-    encoder = _encoder_options(args)
+    stream, encoder = _decode_settings(args)
     pipe = get_pipeline_class(args.pipeline_class_name)(_components(args, files))
-    pipe.encoder_options = encoder
+    pipe.stream_decode, pipe.encoder_options = stream, encoder
     if torch.distributed.is_initialized():  # one worker drives every rank: rank 0 serves HTTP, the others follow
         channel = ControlChannel()
         sync = RankSync(channel, pipe.c.ctx, pipe.c.device, args.collective_timeout_s)
@@ -429,24 +429,44 @@ def _add_attention_arg(p: argparse.ArgumentParser) -> None:
 def _add_encoder_args(p: argparse.ArgumentParser) -> None:
     from ltx2_tp.media_stream import PRESETS
 
+    p.add_argument("--decode-mode", default="fast", choices=["fast", "exact"],
+                   help="fast: the video VAE streamed in exact pieces overlapped with the encoder, x264 ultrafast "
+                   "(CRF 23: PSNR at or above medium's, ~2.3x the bytes), frame threads, RGB -> YUV on the GPU; "
+                   "exact: ltx-pipelines' decode and encoder settings (x264 medium), bit-identical frames; "
+                   "the --video-encoder-* flags below override either (README 'Decode and write')")
     p.add_argument("--video-encoder-preset", default=None, choices=PRESETS,
-                   help="libx264 preset for MP4 (default: x264's medium, as ltx-pipelines); faster presets: "
-                   "README 'Decode and write'")
+                   help="libx264 preset for MP4 (default: the --decode-mode's: ultrafast / medium)")
     p.add_argument("--video-encoder-crf", type=float, default=None, help="libx264 CRF 0-51 (default 23; lower = better)")
-    p.add_argument("--video-encoder-frame-threads", action="store_true",
-                   help="x264 frame threads instead of slice threads (more throughput on many cores)")
-    p.add_argument("--video-convert", default="cpu", choices=["cpu", "gpu"],
-                   help="RGB -> YUV 4:2:0 by swscale on the CPU (exact) or on the GPU (within 1 level of it)")
+    p.add_argument("--video-encoder-frame-threads", action=argparse.BooleanOptionalAction, default=None,
+                   help="x264 frame threads instead of slice threads (more throughput on many cores; "
+                   "default: the --decode-mode's: on / off)")
+    p.add_argument("--video-convert", default=None, choices=["cpu", "gpu"],
+                   help="RGB -> YUV 4:2:0 by swscale on the CPU (exact) or on the GPU (within 1 level of it; "
+                   "default: the --decode-mode's: gpu / cpu)")
 
 
-def _encoder_options(args):
-    from ltx2_tp.media_stream import EncoderOptions
+def _encoder_options(args, base=None):
+    """The --video-encoder-* / --video-convert flags over `base` (default: EncoderOptions(), x264's
+    own settings, what ltx-pipelines writes)."""
+    import dataclasses
 
+    from ltx2_tp.media_stream import EXACT_OPTIONS
+
+    given = {k: v for k, v in (("preset", args.video_encoder_preset), ("crf", args.video_encoder_crf),
+                               ("frame_threads", args.video_encoder_frame_threads), ("convert", args.video_convert))
+             if v is not None}
     try:
-        return EncoderOptions(preset=args.video_encoder_preset, crf=args.video_encoder_crf,
-                              frame_threads=args.video_encoder_frame_threads, convert=args.video_convert)
+        return dataclasses.replace(base or EXACT_OPTIONS, **given)
     except ValueError as e:
         raise UsageError(f"--video-encoder-*: {e}") from None
+
+
+def _decode_settings(args):
+    """(stream the VAE?, EncoderOptions) from --decode-mode and the encoder flags over it."""
+    from ltx2_tp.media_stream import EXACT_OPTIONS, FAST_OPTIONS
+
+    fast = args.decode_mode == "fast"
+    return fast, _encoder_options(args, FAST_OPTIONS if fast else EXACT_OPTIONS)
 
 
 def _check_image(path: str) -> None:

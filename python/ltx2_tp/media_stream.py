@@ -73,7 +73,13 @@ class EncoderOptions:
         return opts
 
 
-DEFAULT_OPTIONS = EncoderOptions()
+EXACT_OPTIONS = EncoderOptions()  # ltx-pipelines' encode_video: x264 medium, CRF 23, swscale
+# The default: x264's fastest preset at the same CRF, frame threads, RGB -> I420 on the GPU. On
+# testsrc2 / mandelbrot at 768x512x121 its PSNR against the source's 4:2:0 is 45.3 / 37.9 dB, medium's
+# 40.2 / 34.7 (no quality lost: CRF at ultrafast spends more bits), for 2.2 / 2.5x the bytes and
+# 1/6 / 1/20 of medium's encode time (README "Decode and write").
+FAST_OPTIONS = EncoderOptions(preset="ultrafast", frame_threads=True, convert="gpu")
+DEFAULT_OPTIONS = EXACT_OPTIONS  # EncoderOptions() itself: what ltx-pipelines writes
 _STOP = object()
 
 
@@ -81,7 +87,7 @@ class StreamingMP4Writer:
     """put() host uint8 frames (f, h, w, 3) RGB, or (f, h*3/2, w) I420 with convert="gpu"; finish()
     returns the path. `audio` is an ltx-core Audio, a Future of one (decoded meanwhile), or None;
     with a Future, `audio_rate` (the vocoder's output rate) lets the thread create the AAC stream
-    and start encoding video before the audio is there (it waits for it at the first frame's mux).
+    and start encoding video before the audio is there (encoded video waits for it before muxing).
 
     The queue holds at most `max_queue` put() calls; put() blocks while it is full and raises the
     encoder thread's exception as soon as there is one.
@@ -103,6 +109,11 @@ class StreamingMP4Writer:
         self.audio_samples = 0
         self.encode_s = 0.0  # time the thread spent converting + encoding + muxing
         self.wait_s = 0.0  # time the thread waited for frames
+        # perf_counter when the thread had encoded every frame handed over (after finish()'s stop),
+        # and when the file was closed: finish() = backlog (frames still queued) + x264's flush,
+        # the audio left and the close
+        self.t_drained = self.t_closed = 0.0
+        self.t_first = 0.0  # perf_counter when the first frames were there to encode (copied to the host)
         self._thread = threading.Thread(target=self._run, name="ltx2_tp-mp4-encoder", daemon=True)
         self._thread.start()
 
@@ -202,14 +213,30 @@ class StreamingMP4Writer:
                 # the reformat libx264's context would do, done here (no copy of the RGB array)
                 return av.VideoFrame.from_numpy_buffer(f, format="rgb24").reformat(format="yuv420p")
 
+            held: list = []  # (frames encoded, their packets) waiting for the audio to be decoded
+
+            def mux(n, packets):
+                """Audio up to frame n's time, then frame n's packets: the muxer interleaves by dts.
+                While the audio is still being decoded the packets wait here (compressed, small)
+                and x264 goes on, so the encoder does not idle behind the vocoder; the file's
+                bytes are the same as if it had waited."""
+                if audio is None:
+                    for pkt in packets:
+                        container.mux(pkt)
+                    return
+                held.append((n, packets))
+                if audio.ready():
+                    for upto, pkts in held:
+                        audio.write_until(upto / self.rate)
+                        for pkt in pkts:
+                            container.mux(pkt)
+                    held.clear()
+
             def encode_next():
                 x = pending.popleft()
                 packets = vs.encode(x.result() if isinstance(x, Future) else x)
                 self.frames += 1
-                if audio is not None:  # audio up to the video's time; the muxer interleaves by dts
-                    audio.write_until(self.frames / self.rate)
-                for pkt in packets:
-                    container.mux(pkt)
+                mux(self.frames, packets)
 
             try:
                 while True:
@@ -231,6 +258,7 @@ class StreamingMP4Writer:
                     frames, ready = item
                     if ready is not None:
                         ready()
+                    self.t_first = self.t_first or time.perf_counter()
                     for f in frames.numpy() if isinstance(frames, torch.Tensor) else frames:
                         pending.append(pool.submit(to_frame, f) if pool else to_frame(f))
                     while len(pending) > 2 * workers:
@@ -241,17 +269,20 @@ class StreamingMP4Writer:
                 t0 = time.perf_counter()
                 while pending:
                     encode_next()
+                self.t_drained = time.perf_counter()
             finally:
                 if pool is not None:
                     pool.shutdown(wait=True, cancel_futures=True)
-            for pkt in vs.encode():
-                container.mux(pkt)
+            if audio is not None:
+                audio.wait()
+            mux(self.frames, vs.encode())
             if audio is not None:
                 audio.write_until(None)  # the rest, and flush
                 self.audio_samples = audio.samples
             container.close()
             container = None
-            self.encode_s += time.perf_counter() - t0
+            self.t_closed = time.perf_counter()
+            self.encode_s += self.t_closed - t0
         except BaseException as e:  # noqa: BLE001 - handed to the producer, which re-raises it
             self._error = e
         finally:
@@ -299,13 +330,21 @@ class _AudioTrack:
         self._pcm = w.contiguous().numpy()
         self.samples = self._pcm.shape[0]
 
-    def write_until(self, seconds: float | None) -> None:
-        import av
+    def ready(self) -> bool:
+        """Whether the waveform is there (a Future that is done), so write_until will not block."""
+        return self._pcm is not None or not isinstance(self._source, Future) or self._source.done()
 
+    def wait(self) -> None:
+        """Blocks until the waveform is there (raises the decoder's exception)."""
         if self._pcm is None:
             self._load()
             if self._rate != self.rate:
                 raise ValueError(f"audio at {self._rate} Hz, but the AAC stream was opened at {self.rate} Hz")
+
+    def write_until(self, seconds: float | None) -> None:
+        import av
+
+        self.wait()
         if self._resampler is None:
             cc = self.stream.codec_context
             self._resampler = av.AudioResampler(format=cc.format or "fltp", layout=cc.layout or "stereo",

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
-from ltx2_tp.media_stream import DEFAULT_OPTIONS
+from ltx2_tp.media_stream import FAST_OPTIONS
 from ltx2_tp.pipelines import stages
 from ltx2_tp.pipelines.components import LTX2Components
-from ltx2_tp.pipelines.decode import decode_and_write
+from ltx2_tp.pipelines.decode import STREAM, decode_and_write
 from ltx2_tp.pipelines.guidance import check_stg_blocks, default_params, request_guidance
 from ltx2_tp.pipelines.request import TWO_STAGE_SPATIAL_MULTIPLE, GenerationRequest, RequestError
 
@@ -45,7 +45,11 @@ class Run:
 class LTX2PipelineBase:
     name = ""
     spatial_multiple = TWO_STAGE_SPATIAL_MULTIPLE  # two-stage: stage 1 runs at half size, itself a multiple of 32
-    encoder_options = DEFAULT_OPTIONS  # MP4 encoder settings (media_stream.EncoderOptions; CLI --video-encoder-*)
+    # the decode stage (CLI --decode-mode): fast = the VAE streamed (vae_stream.py) + x264 ultrafast,
+    # frame threads, I420 on the GPU; exact (stream_decode False, media_stream.EXACT_OPTIONS) =
+    # ltx-pipelines' decode and encoder settings, bit for bit
+    stream_decode = True
+    encoder_options = FAST_OPTIONS  # MP4 encoder settings (media_stream.EncoderOptions; CLI --video-encoder-*)
     guided = True  # encodes the negative prompt and reads the guidance fields
 
     def __init__(self, components: LTX2Components, params=None):
@@ -76,7 +80,8 @@ class LTX2PipelineBase:
         """Before anything runs: the request, then what this pipeline instance adds."""
         self.check_request(req, self.c.transformer.cfg.num_layers)
 
-    def temporal_tile_frames(self, req: GenerationRequest) -> int | None:
+    def temporal_tile_frames(self, req: GenerationRequest) -> int | str | None:
+        """ltx-core's tiling when the decode is not streamed: None (whole video), N or decode.AUTO."""
         return None
 
     def latents(self, run: Run) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,7 +138,8 @@ class LTX2PipelineBase:
         frames_n, width, height, fps = self.output_shape(req)
         with timer("decode_and_write"):
             path, audio_samples = decode_and_write(c, video_latent, audio_latent, fps, output_path, req.output_format,
-                                                   gen, self.temporal_tile_frames(req), self.encoder_options, timer,
+                                                   gen, STREAM if self.stream_decode else self.temporal_tile_frames(req),
+                                                   self.encoder_options, timer,
                                                    audio=self.source_audio(run))
         if progress:
             progress("done", 1, 1)

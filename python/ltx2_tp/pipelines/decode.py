@@ -1,14 +1,20 @@
 """Decode and write, overlapped: the last stage of a request.
 
     audio VAE + vocoder ──(own thread, own CUDA stream)───────────────┐
-    video VAE (ltx-core, tiles only where memory needs it) -> uint8   │
+    video VAE, in pieces of ~16 frames (STREAM) -> uint8 (-> I420)    │
       -> device->host copies into pinned memory, 8 frames at a time   v
       -> bounded queue -> encoder thread (x264 + AAC interleaved, media_stream.py) -> file
 
-The arithmetic is ltx-core's decode_video / decode_audio and ltx-pipelines' encoder settings, so
-with the default EncoderOptions and the same tiling the frames and audio equal stages.decode_video
-+ stages.decode_audio + media.write_media's (test/test_decode.py). Only the order of work and
-the threads differ. WebM / GIF keep the old path.
+Two ways to run the video VAE (`tile_frames`):
+- STREAM (the pipelines' default): models/vae_stream.py, the whole-video decode cut into pieces
+  that carry the convolutions' state, so frames reach the encoder while the VAE works and memory
+  stays at one piece's activations at any length (1920x1088: ~5 GiB); equal to ltx-core's
+  whole-video decode up to float rounding (fp32 on CPU: < 3e-6 relative, test/test_vae_stream.py).
+- None / N / AUTO: ltx-core's decode_video, whole or in its temporal tiles of N frames (AUTO: only
+  where the whole video's activations do not fit); with EXACT_OPTIONS this is today's path, and
+  the frames and audio equal stages.decode_video + decode_audio + media.write_media's, bit for bit
+  (test/test_decode.py). Only the order of work and the threads differ.
+WebM / GIF keep the old writer.
 """
 
 from __future__ import annotations
@@ -22,9 +28,11 @@ import torch
 
 from ltx2_tp.media import write_media
 from ltx2_tp.media_stream import DEFAULT_OPTIONS, EncoderOptions, StreamingMP4Writer
+from ltx2_tp.models.vae_stream import CHUNK_FRAMES, Streamed, unsupported
 from ltx2_tp.pipelines import stages
 
 AUTO = "auto"  # temporal_tile_frames value: tile only when the whole video does not fit
+STREAM = "stream"  # streamed decode (vae_stream.py), pieces sized by plan_stream_chunk
 FRAMES_PER_COPY = 8  # device->host copy granularity: 8 x 6 MiB at 1080p, well above copy launch costs
 # Peak activation memory of ltx-core's video decoder, in copies of its largest tensor (last
 # up-block: conv_out.in_channels x F x H/patch x W/patch): 6.8 measured on CPU (live tensors of
@@ -70,11 +78,25 @@ def plan_temporal_tile(decoder, latent_shape, dtype: torch.dtype, free: int) -> 
     return max(16, min(tile, (frames - 1) // 8 * 8))
 
 
-def resolve_tile(c, video_latent: torch.Tensor, tile_frames) -> int | None:
-    if tile_frames != AUTO:
-        return tile_frames
+def plan_stream_chunk(decoder, latent_shape, dtype: torch.dtype, free: int) -> int:
+    """Output frames per streamed piece: CHUNK_FRAMES, fewer where that does not fit in
+    MEMORY_SAFETY x `free` bytes (the same estimate as a tile's), at least 1."""
+    h, w = latent_shape[3] * 32, latent_shape[4] * 32
+    per_frame = decoder_bytes(decoder, 1, h, w, dtype)
+    return max(1, min(CHUNK_FRAMES, int(MEMORY_SAFETY * free // per_frame)))
+
+
+def resolve_tile(c, video_latent: torch.Tensor, tile_frames):
+    """None, N, AUTO or STREAM -> what stages.decode_video takes (None, N or a Streamed). STREAM
+    with a decoder vae_stream cannot run exactly (GroupNorm, attention, noise injection) is AUTO."""
     dec = c.video_decoder
     dtype = next(dec.parameters()).dtype
+    if tile_frames == STREAM:
+        if unsupported(dec) is None:
+            return Streamed(plan_stream_chunk(dec, video_latent.shape, dtype, free_bytes(video_latent.device)))
+        tile_frames = AUTO
+    if tile_frames != AUTO:
+        return tile_frames
     return plan_temporal_tile(dec, video_latent.shape, dtype, free_bytes(video_latent.device))
 
 
@@ -154,8 +176,8 @@ def decode_and_write(c, video_latent: torch.Tensor, audio_latent: torch.Tensor, 
                      options: EncoderOptions = DEFAULT_OPTIONS, timer: stages.StageTimer | None = None,
                      concurrent_audio: bool | None = None, max_queue: int | None = None,
                      stage: str = "decode_and_write", audio=None) -> tuple[Path, int]:
-    """Decode both latents and write `path`; returns (path, audio samples). `tile_frames`: None
-    (whole video at once), a tile length, or AUTO (plan_temporal_tile). Sub-times go to `timer`
+    """Decode both latents and write `path`; returns (path, audio samples). `tile_frames`: STREAM
+    (vae_stream), None (whole video at once), a tile length, or AUTO (plan_temporal_tile). Sub-times go to `timer`
     as parts of `stage` (they overlap one another: the table does not add them to the total).
     `audio`: an ltx-core Audio to write instead of decoding `audio_latent` (A2Vid writes its input)."""
     tile = resolve_tile(c, video_latent, tile_frames)
@@ -172,9 +194,11 @@ def decode_and_write(c, video_latent: torch.Tensor, audio_latent: torch.Tensor, 
     height, width = video_latent.shape[3] * 32, video_latent.shape[4] * 32
     rate = getattr(c.vocoder, "output_sampling_rate", None)
     if max_queue is None:  # room for a whole tile: the next tile decodes while the encoder works on this one
-        max_queue = max(8, -(-(tile or 0) // FRAMES_PER_COPY) + 1)
+        frames = tile.chunk_frames if isinstance(tile, Streamed) else (tile or 0)
+        max_queue = max(8, -(-frames // FRAMES_PER_COPY) + 1)
     writer = StreamingMP4Writer(path, width, height, fps, audio, audio_rate=rate, options=options, max_queue=max_queue)
     marks = []  # CUDA events around each decoded chunk: the VAE's own time, without waiting on syncs
+    t_start = time.perf_counter()
     try:
         with writer:
             frames, _ = stages.decode_video(c, video_latent, tile, generator)
@@ -209,5 +233,8 @@ def decode_and_write(c, video_latent: torch.Tensor, audio_latent: torch.Tensor, 
         timer.part(prefix + "video_decode", t_video)
         timer.part(prefix + "audio_decode", audio.seconds)
         timer.part(prefix + "encode_thread_busy", writer.encode_s)
+        timer.part(prefix + "first_frames_at_encoder", writer.t_first - t_start)  # when encoding could start
         timer.part(prefix + "write_after_decode", t_done - t_handed)
+        timer.part(prefix + "tail_backlog_encode", max(0.0, writer.t_drained - t_handed))  # frames still queued
+        timer.part(prefix + "tail_flush_audio_close", writer.t_closed - max(writer.t_drained, t_handed))
     return out, int(wav.waveform.shape[-1])

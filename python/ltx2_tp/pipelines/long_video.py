@@ -2,7 +2,8 @@
 
 Its DiT chunks by a memory budget: the pipeline gives the transformer a `PlanRule` once, and each
 forward (stage 1 at half size, stage 2 at full size) then chooses chunk sizes for the tokens this
-rank holds (memory/plan.py; the planner proper comes later). It decodes the VAE in temporal tiles
+rank holds (memory/plan.py; the planner proper comes later). Its VAE decode is streamed like every
+pipeline's (pieces sized by free memory); with --decode-mode exact it uses ltx-core's temporal tiles
 when the whole video's activations would not fit in free memory (pipelines/decode.py's
 plan_temporal_tile). TP/SP come from the components' parallel
 context (torchrun / sglang).

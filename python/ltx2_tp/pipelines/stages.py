@@ -17,6 +17,7 @@ import torch
 from ltx2_tp.compat import ensure_ltx_imports
 from ltx2_tp.latent_grid import tokens_per_rank
 from ltx2_tp.models.ltx2.lora import lora_applied
+from ltx2_tp.models.vae_stream import Streamed, stream_decode
 from ltx2_tp.pipelines.components import LTX2Components
 from ltx2_tp.pipelines.guidance import cfg_only, guided_denoise_fn
 from ltx2_tp.profiling import nvtx_range
@@ -217,25 +218,41 @@ def upsample(c: LTX2Components, video_latent: torch.Tensor) -> torch.Tensor:
     return upsample_video(latent=x, video_encoder=enc, upsampler=up).to(c.dtype)
 
 
-def decode_video(c: LTX2Components, video_latent: torch.Tensor, temporal_tile_frames: int | None,
+def decode_video(c: LTX2Components, video_latent: torch.Tensor, temporal_tile_frames,
                  generator: torch.Generator | None = None) -> tuple[Iterator[torch.Tensor], int]:
-    """Frames as uint8 (f, h, w, 3) chunks; in temporal tiles when asked, so decoding never holds
-    the whole video's activations."""
+    """Frames as uint8 (f, h, w, 3) chunks. `temporal_tile_frames`: None (ltx-core's decode of the
+    whole video), N (ltx-core's temporal tiles of N frames, overlapping by 8 and blended, so
+    decoding never holds the whole video's activations), or vae_stream.Streamed (pieces of the
+    whole-video decode, carrying the convolutions' state: exact, small, no recomputation)."""
     from ltx_core.model.video_vae import TemporalTilingConfig, TilingConfig, get_video_chunks_number
     from ltx_core.model.video_vae import decode_video as vae_decode
 
     frames = (video_latent.shape[2] - 1) * 8 + 1
+    dec = c.video_decoder
+    lat = video_latent.to(next(dec.parameters()).dtype)
+    if isinstance(temporal_tile_frames, Streamed):
+        chunk = temporal_tile_frames.chunk_frames
+
+        def pieces():
+            for x in stream_decode(dec, lat, chunk, generator):  # batched (B, C, F, H, W), as ltx-pipelines
+                yield to_uint8(x)
+
+        return pieces(), -(-frames // chunk)
     tiling = None
     if temporal_tile_frames:
         tiling = TilingConfig(temporal_config=TemporalTilingConfig(temporal_tile_frames, 8))
-    dec = c.video_decoder
-    lat = video_latent.to(next(dec.parameters()).dtype)
 
     def gen():
         with torch.no_grad():
             yield from vae_decode(lat, dec, tiling, generator)  # batched (B, C, F, H, W), as ltx-pipelines passes it
 
     return gen(), get_video_chunks_number(frames, tiling)
+
+
+def to_uint8(frames: torch.Tensor) -> torch.Tensor:
+    """(1, 3, f, h, w) in [-1, 1] -> (f, h, w, 3) uint8: ltx-core decode_video's conversion."""
+    frames = (((frames + 1.0) / 2.0).clamp(0.0, 1.0) * 255.0).to(torch.uint8)
+    return frames[0].permute(1, 2, 3, 0)
 
 
 @torch.no_grad()
