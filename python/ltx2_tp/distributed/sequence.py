@@ -57,13 +57,19 @@ class SequenceLayout:
 
 
 def self_attention(q, k, v, layout: SequenceLayout, ctx: ParallelContext, q_chunk: int | None,
-                   mask: torch.Tensor | None = None, head_groups: int = 1) -> torch.Tensor:
+                   mask: torch.Tensor | None = None, head_groups: int = 1, window=None) -> torch.Tensor:
+    """`window`: a layers/windowed_attention.TemporalWindow (the opt-in approximation), which
+    attends wherever a rank holds every token of its heads: one GPU, TP, Ulysses."""
+    attend = local_attention if window is None else window.attention
     if not layout.split:  # traced with the rest of a compiled block: no graph break on one GPU
-        return local_attention(q, k, v, q_chunk, mask)
+        return attend(q, k, v, q_chunk, mask)
     if mask is not None:
         raise NotImplementedError("a self-attention mask (Modality.attention_mask) is supported only with sp_size=1")
     if ctx.ring_size == 1:
-        return ulysses_attention(q, k, v, layout.ulysses_sizes, ctx, q_chunk, head_groups)
+        return ulysses_attention(q, k, v, layout.ulysses_sizes, ctx, q_chunk, head_groups, attend)
+    if window is not None:  # each ring step holds one K/V block: windows would need per-block ranges
+        raise NotImplementedError("--attention-window-frames is not supported with ring attention (--ring-size > 1); "
+                                  "use Ulysses (--ulysses-size)")
     return _ring_attention(q, k, v, layout, ctx, q_chunk)
 
 

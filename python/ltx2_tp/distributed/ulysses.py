@@ -15,18 +15,21 @@ from ltx2_tp.layers.attention_backend import local_attention
 
 
 def ulysses_attention(q, k, v, sizes: list[int], ctx: ParallelContext, q_chunk: int | None,
-                      head_groups: int = 1) -> torch.Tensor:
+                      head_groups: int = 1, attend=local_attention) -> torch.Tensor:
     """q/k/v (B, n_local, H, d) of the parts `sizes` of this Ulysses group -> (B, n_local, H, d).
     Packing for the all-to-all and unpacking after it are plain tensor ops, traced with the block:
-    compiled, they fuse with RoPE and the output gate instead of being eager copies."""
+    compiled, they fuse with RoPE and the output gate instead of being eager copies.
+    `attend(q, k, v, q_chunk)` runs on every token of this rank's heads (local_attention, or the
+    temporal window's)."""
     u, h = ctx.ulysses_size, q.shape[2]
     g = head_groups if head_groups > 1 and h % (head_groups * u) == 0 else 1
     qs, ks, vs = (ulysses_pack(t, sizes, u, g) for t in (q, k, v))
-    return ulysses_unpack(_ulysses_pipelined(qs, ks, vs, sizes, ctx, q_chunk), q.shape[1])
+    return ulysses_unpack(_ulysses_pipelined(qs, ks, vs, sizes, ctx, q_chunk, attend), q.shape[1])
 
 
 @torch.compiler.disable  # left eager inside compiled blocks: its all-to-alls stay async and overlap
-def _ulysses_pipelined(qs, ks, vs, sizes: list[int], ctx: ParallelContext, q_chunk: int | None) -> torch.Tensor:
+def _ulysses_pipelined(qs, ks, vs, sizes: list[int], ctx: ParallelContext, q_chunk: int | None,
+                       attend=local_attention) -> torch.Tensor:
     """Ulysses over packed (G, U, B, nmax, hg, d) q/k/v in G head groups: group g+1's all-to-all is
     in flight while group g attends, and group g's way back while group g+1 attends. Each group is
     an independent Ulysses attention over its heads, so the result equals one all-to-all of all
@@ -41,7 +44,7 @@ def _ulysses_pipelined(qs, ks, vs, sizes: list[int], ctx: ParallelContext, q_chu
         qi, ki, vi = (p.wait() for p in inflight)
         if i + 1 < qs.shape[0]:
             inflight = send(i + 1)
-        back.append(ulysses_heads_to_seq_packed_start(local_attention(qi, ki, vi, q_chunk), sizes, group, out[i]))
+        back.append(ulysses_heads_to_seq_packed_start(attend(qi, ki, vi, q_chunk), sizes, group, out[i]))
     for p in back:
         p.wait()
     return out

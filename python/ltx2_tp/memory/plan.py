@@ -30,10 +30,14 @@ class ExecutionPlan:
     # Ulysses: heads go through all-to-all -> attention -> all-to-all in this many groups, so one
     # group's all-to-all runs under another group's attention (1: no pipelining)
     ulysses_head_groups: int = 1
+    # APPROXIMATION, opt-in (layers/windowed_attention.py): video self-attention sees only the latent
+    # frames within this many of the query's, plus the conditioning tokens (None: exact attention)
+    attention_window_frames: int | None = None
 
     def describe(self) -> str:
+        window = f" attention_window_frames={self.attention_window_frames}" if self.attention_window_frames else ""
         return (f"ffn_chunk={self.ffn_chunk_tokens} attn_chunk={self.attn_chunk_tokens} cache_rope={self.cache_rope}"
-                f" comm_chunk={self.comm_chunk_tokens} ulysses_head_groups={self.ulysses_head_groups}")
+                f" comm_chunk={self.comm_chunk_tokens} ulysses_head_groups={self.ulysses_head_groups}{window}")
 
     def out_chunks(self, n: int, size: int | None) -> list[tuple[int, int]]:
         """Chunks of a loop that ends in a row-parallel linear: `size`, or smaller for overlap."""
@@ -45,7 +49,8 @@ OVERLAP_MIN_TOKENS = 4096  # below this, splitting work to hide communication co
 
 
 def plan_for(local_video_tokens: int, inner_dim: int = 4096, tp_size: int = 1, ffn_mult: int = 4,
-             budget_bytes: float = 2 * 2**30, dtype_bytes: int = 2, ulysses_size: int = 1) -> ExecutionPlan:
+             budget_bytes: float = 2 * 2**30, dtype_bytes: int = 2, ulysses_size: int = 1,
+             attention_window_frames: int | None = None) -> ExecutionPlan:
     """Chunk so that no FFN intermediate (tokens x 4D / tp) or per-chunk QKV exceeds budget_bytes;
     with Ulysses and enough tokens, pipeline the all-to-all in 2 head groups."""
     ffn_row = inner_dim * ffn_mult // tp_size * dtype_bytes
@@ -58,17 +63,20 @@ def plan_for(local_video_tokens: int, inner_dim: int = 4096, tp_size: int = 1, f
     # so the NCCL kernel waits for them instead of overlapping (measured: no gain, more comm time).
     big = local_video_tokens >= 2 * OVERLAP_MIN_TOKENS
     head_groups = 2 if ulysses_size > 1 and big else 1
-    return ExecutionPlan(ffn_chunk, attn_chunk, cache_rope=rope_bytes <= budget_bytes, ulysses_head_groups=head_groups)
+    return ExecutionPlan(ffn_chunk, attn_chunk, cache_rope=rope_bytes <= budget_bytes, ulysses_head_groups=head_groups,
+                         attention_window_frames=attention_window_frames)
 
 
 @dataclass(frozen=True)
 class PlanRule:
-    """How a model picks its plan when a forward is given none (LTX2LongVideo sets the budget)."""
+    """How a model picks its plan when a forward is given none (LTX2LongVideo sets the budget; a
+    request asking for the temporal-window approximation sets the window for its run)."""
 
     budget_bytes: float = 2 * 2**30
     dtype_bytes: int = 2
+    attention_window_frames: int | None = None  # an opt-in approximation: never set by default
 
     def plan(self, local_video_tokens: int, inner_dim: int, tp_size: int = 1, ffn_mult: int = 4,
              ulysses_size: int = 1) -> ExecutionPlan:
         return plan_for(local_video_tokens, inner_dim, tp_size, ffn_mult, self.budget_bytes, self.dtype_bytes,
-                        ulysses_size)
+                        ulysses_size, self.attention_window_frames)

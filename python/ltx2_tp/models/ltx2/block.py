@@ -14,6 +14,7 @@ the whole sequence is distributed/sequence.py's); audio (25 tokens/s) is whole o
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -31,6 +32,9 @@ from ltx2_tp.models.ltx2.chunked import add_residual, stitch
 from ltx2_tp.models.ltx2.config import LTX2Config
 from ltx2_tp.models.ltx2.inputs import SKIP_A2V, SKIP_AUDIO_SELF_ATTN, SKIP_V2A, SKIP_VIDEO_SELF_ATTN
 from ltx2_tp.profiling import nvtx_range
+
+if TYPE_CHECKING:
+    from ltx2_tp.layers.windowed_attention import TemporalWindow
 
 
 @dataclass
@@ -50,6 +54,7 @@ class StreamState:
     cross_ss: torch.Tensor | None = None  # (B, 1, 4D) a<->v scale/shift timestep
     cross_gate: torch.Tensor | None = None  # (B, 1, D) a<->v gate timestep
     self_mask: torch.Tensor | None = None  # additive (B, 1, T, T), sp_size=1 only
+    window: "TemporalWindow | None" = None  # opt-in temporal-window approximation of self-attention
 
     @property
     def total(self) -> int:
@@ -135,7 +140,7 @@ class AVTransformerBlock(nn.Module):
                 o = v
             else:
                 o = self_attention(q, k, v, st.layout, self.ctx, plan.attn_chunk_tokens, st.self_mask,
-                                   plan.ulysses_head_groups)
+                                   plan.ulysses_head_groups, st.window)
                 del q, k
                 if pert.any_in_batch(kind, self.idx):
                     m = pert.mask(kind, self.idx, x.device, x.dtype).view(-1, 1, 1, 1)
