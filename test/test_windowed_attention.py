@@ -2,8 +2,8 @@
 
 The window equals dense attention masked to the window (fp32, relative max error <= 1e-5), alone
 and inside the whole DiT (against the model's own masked path: Modality.attention_mask = the
-window's visibility), chunked, under Ulysses and TP (gloo); K >= frames - 1 is bit-identical to
-exact attention. Its deviation from exact attention over a whole run: benchmark/quality.py.
+window's visibility), chunked; K >= frames - 1 is bit-identical to exact attention. Under Ulysses
+and TP (gloo): test_approximations.py. Its deviation from exact attention over a whole run: benchmark/quality.py.
 """
 
 from __future__ import annotations
@@ -13,13 +13,11 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from dist_utils import run_distributed
 from reference import TOL, make_inputs, rel_err, tiny_config
 
-from ltx2_tp.distributed.context import build_groups
 from ltx2_tp.layers.windowed_attention import TemporalWindow, temporal_window
 from ltx2_tp.memory.plan import ExecutionPlan
-from ltx2_tp.models.ltx2.weights import build_model, official_state_dict
+from ltx2_tp.models.ltx2.weights import build_model
 
 
 def reference_visible(frames, hw, k, total, clean=()) -> torch.Tensor:
@@ -90,14 +88,14 @@ def test_window_read_from_positions():
     assert temporal_window(pos[:, :, :60], ts[:1, :1], 2).clean_frames == ()  # one timestep: no clean frames
 
 
-def _window_model_case():
+def window_model_case():
     cfg = tiny_config(apply_gated_attention=True)
     v, a = make_inputs(cfg, batch=2, frames=5, h=2, w=3, audio_tokens=9)  # frame 0 at timestep 0: clean
     return cfg, v, a
 
 
 def test_model_window_equals_model_masked_to_window():
-    cfg, v, a = _window_model_case()
+    cfg, v, a = window_model_case()
     model = build_model(cfg, dtype=torch.float32, seed=3)
     w = temporal_window(v.positions, v.timesteps, 1)
     assert (w.frames, w.tokens_per_frame, w.clean_frames) == (5, 6, (0,))
@@ -112,34 +110,8 @@ def test_model_window_equals_model_masked_to_window():
 
 
 def test_model_window_covering_all_frames_is_bit_identical():
-    cfg, v, a = _window_model_case()
+    cfg, v, a = window_model_case()
     model = build_model(cfg, dtype=torch.float32, seed=3)
     ev, ea = model(v, a)
     ov, oa = model(v, a, plan=ExecutionPlan(attention_window_frames=4))
     assert torch.equal(ov, ev) and torch.equal(oa, ea)
-
-
-def _parallel_windows(rank, world, cfg, sd, v, a, ref):
-    out = {}
-    for tp, u in ((1, 2), (2, 1)):
-        model = build_model(cfg, build_groups(tp, u, 1), dtype=torch.float32, state_dict=sd)
-        for i, plan in enumerate((ExecutionPlan(attention_window_frames=1),
-                                  ExecutionPlan(attn_chunk_tokens=4, ulysses_head_groups=2, attention_window_frames=1))):
-            ov, oa = model(v, a, plan=plan)
-            out[(tp, u, i)] = max(rel_err(ov, ref[0]), rel_err(oa, ref[1]))
-    ring = build_model(cfg, build_groups(1, 1, 2), dtype=torch.float32, state_dict=sd)
-    try:
-        ring(v, a, plan=ExecutionPlan(attention_window_frames=1))
-        out["ring"] = "ran"
-    except NotImplementedError as e:
-        out["ring"] = str(e)
-    return out
-
-
-def test_window_under_ulysses_and_tp_equals_single_process():
-    cfg, v, a = _window_model_case()
-    model = build_model(cfg, dtype=torch.float32, seed=3)
-    ref = model(v, a, plan=ExecutionPlan(attention_window_frames=1))
-    for out in run_distributed(_parallel_windows, 2, cfg, official_state_dict(model), v, a, ref):
-        assert "--ring-size" in out.pop("ring")
-        assert all(e <= TOL for e in out.values()), out
