@@ -60,7 +60,7 @@ class TemporalWindow:
         return _merge(ranges)
 
     def visible(self) -> torch.Tensor:
-        """(total, total) bool: which key each query sees (tests and the deviation script; O(T^2))."""
+        """(total, total) bool: which key each query sees (the dense mask the window equals: tests; O(T^2))."""
         out = torch.zeros(self.total, self.total, dtype=torch.bool)
         for s, e, frame in self._pieces(0, self.total, None):
             for a, b in self.key_ranges(frame):

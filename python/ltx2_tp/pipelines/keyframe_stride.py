@@ -82,11 +82,12 @@ def _fill(sub_latent: torch.Tensor, keys: list[int], frames: int, hw: int, full)
     key_lat = sub_latent[:, : n_keys * hw].unflatten(1, (n_keys, hw))  # (B, F', HW, C)
     grid = key_lat.new_empty(key_lat.shape[0], frames, hw, key_lat.shape[-1])
     grid[:, keys] = key_lat
-    for a, b in zip(keys, keys[1:]):
+    between = []
+    for i, (a, b) in enumerate(zip(keys, keys[1:])):
         for f in range(a + 1, b):
             t = (f - a) / (b - a)
-            grid[:, f] = key_lat[:, keys.index(a)] * (1 - t) + key_lat[:, keys.index(b)] * t
-    between = [f for f in range(frames) if f not in set(keys)]
+            grid[:, f] = (key_lat[:, i].float() * (1 - t) + key_lat[:, i + 1].float() * t).to(grid.dtype)
+            between.append(f)
     if between:  # ltx-pipelines' post_process_latent on the interpolated frames only
         idx = _token_index(between, hw, frames * hw, frames * hw, grid.device)
         m, clean = full.denoise_mask[:, idx], full.clean_latent[:, idx]
