@@ -105,6 +105,10 @@ def main():
     ap.add_argument("--compile", action="store_true", help="also time ours with each block compiled")
     ap.add_argument("--fp8", action="store_true", help="then time ours with fp8 linears (compiled if --compile), "
                     "with its error vs ltx-core's bf16 output")
+    ap.add_argument("--quantization", default=None, choices=["fp8-rowwise", "fp8-scaled-mm", "fp8-cast"],
+                    help="the storage the --fp8 runs use (default fp8-rowwise; implies --fp8): converted in place "
+                         "from the bf16 weights (models/ltx2/quantization.py; fp8-scaled-mm: dynamic activation "
+                         "scales); benchmark/bench_quant.py compares them all without ltx-core")
     ap.add_argument("--fp8-first", action="store_true", help="with --compile --fp8: quantize before compiling, "
                     "so only the fp8 graphs are compiled (skips the compiled bf16 timing; saves a compilation)")
     ap.add_argument("--attention", default="auto", help="attention backend of ours (ltx-core keeps its SDPA): "
@@ -124,6 +128,7 @@ def main():
     ap.add_argument("--memory-fraction", type=float, default=None, metavar="F",
                     help="cap this process's GPU memory (torch.cuda.set_per_process_memory_fraction)")
     args = ap.parse_args()
+    args.fp8 = args.fp8 or args.quantization is not None
 
     dev = torch.device(args.device)
     if args.memory_fraction is not None and dev.type == "cuda":
@@ -235,9 +240,10 @@ def main():
             swap_check(model, inputs, cases, "compiled", ours_out, results, args)
 
     if args.fp8:  # after bf16: same model, its block linears quantized in place
-        from ltx2_tp.layers.fp8 import quantize_fp8
+        from ltx2_tp.models.ltx2.quantization import quantize_model
 
-        n = quantize_fp8(model)
+        n = quantize_model(model, args.quantization or "fp8-rowwise")
+        results["quantization"] = args.quantization or "fp8-rowwise"
         if args.compile and args.fp8_first:
             from ltx2_tp.compile import compile_blocks
 

@@ -57,13 +57,13 @@ def test_chunked_residual_equals_unchunked_and_overlaps():
     full, gate = torch.randn(2, 11, 6, generator=g), torch.randn(2, 11, 6, generator=g)
     events = []
 
-    def branch(s, e):
+    def branch(s, e, xc):  # xc: the residual's chunk (unused here)
         events.append(("issue", s))
         return Pending(None, lambda: events.append(("wait", s)) or full[:, s:e]), gate[:, s:e]
 
     for gated in (True, False):
         y, events[:] = x.clone(), []
-        add_residual(y, [(0, 4), (4, 8), (8, 11)], branch if gated else lambda s, e: (branch(s, e)[0], None))
+        add_residual(y, [(0, 4), (4, 8), (8, 11)], branch if gated else lambda s, e, xc: (branch(s, e, xc)[0], None))
         assert torch.equal(y, x + full * gate if gated else x + full)
         # chunk i's output is waited for (its all-reduce) only after chunk i+1 was issued
         assert events == [("issue", 0), ("issue", 4), ("wait", 0), ("issue", 8), ("wait", 4), ("wait", 8)]

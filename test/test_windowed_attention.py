@@ -115,3 +115,8 @@ def test_model_window_covering_all_frames_is_bit_identical():
     ev, ea = model(v, a)
     ov, oa = model(v, a, plan=ExecutionPlan(attention_window_frames=4))
     assert torch.equal(ov, ev) and torch.equal(oa, ea)
+
+
+def test_window_refused_with_kv_offload():
+    with pytest.raises(ValueError, match="attention-window-frames is not supported with K/V offload"):
+        ExecutionPlan(attn_chunk_tokens=4, kv_offload=True, attention_window_frames=1)

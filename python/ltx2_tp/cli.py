@@ -38,7 +38,7 @@ def cmd_dit(args) -> int:
     from ltx2_tp.latent_grid import SPATIAL_SCALE
     from ltx2_tp.memory.plan import ExecutionPlan
     from ltx2_tp.models.ltx2.config import get_config
-    from ltx2_tp.models.ltx2.weights import build_model
+    from ltx2_tp.models.ltx2.quantization import build_transformer
     from ltx2_tp.pipelines.request import RequestError, check_video_size
     from ltx2_tp.step_inputs import synthetic_step_inputs
 
@@ -49,11 +49,12 @@ def cmd_dit(args) -> int:
         raise _flag_error(e) from None
     cfg = get_config(args.model)
     cfg.validate_parallel(args.tp_size, args.ulysses_size)
+    _check_quantization(args, None)
     ctx = init_parallel(args.tp_size, args.ulysses_size, args.ring_size)
     device = torch.device(args.device if args.device != "cuda" else f"cuda:{torch.cuda.current_device()}")
     dtype = _dtype(args.dtype)
     t0 = time.perf_counter()
-    model = build_model(cfg, ctx, device=device, dtype=dtype, seed=args.seed)
+    model = build_transformer(cfg, ctx, device=device, dtype=dtype, seed=args.seed, quantization=args.quantization)
     t_build = time.perf_counter() - t0
     video, audio = synthetic_step_inputs(cfg, args.num_frames, args.height, args.width, args.fps, device, dtype,
                                          seed=args.seed)
@@ -74,7 +75,8 @@ def cmd_dit(args) -> int:
         times.append(time.perf_counter() - t)
     rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     if rank0:
-        print(f"model={args.model} layout[{ctx.describe()}] plan[{plan.describe()}] device={device} dtype={args.dtype}")
+        print(f"model={args.model} layout[{ctx.describe()}] plan[{plan.describe()}] device={device} dtype={args.dtype}"
+              f"{f' quantization={args.quantization}' if args.quantization else ''}")
         print(f"video latent {tuple(video.latent.shape)} -> velocity {tuple(vx.shape)}")
         if ax is not None:
             print(f"audio latent {tuple(audio.latent.shape)} -> velocity {tuple(ax.shape)}")
@@ -311,33 +313,66 @@ def _components(args, files):
 
     if files is None:
         comps = build_tiny_components(0, device=device, dtype=_dtype(args.dtype), ctx=ctx)  # fixed weights; --seed is the noise
-    else:
-        comps = build_checkpoint_components(files, device=device, dtype=_dtype(args.dtype), ctx=ctx)
-    _speed_options(args, comps)
+    else:  # an fp8 checkpoint loads as stored; a conversion happens block by block while loading
+        comps = build_checkpoint_components(files, device=device, dtype=_dtype(args.dtype), ctx=ctx,
+                                            quantization=args.quantization)
+    _speed_options(args, comps, converted=files is not None)
     return comps
 
 
 def _check_speed_args(args, files) -> None:
-    """--fp8 needs a GPU with fp8 tensor cores and no LoRA to fuse: checked before anything is built."""
-    if not args.fp8:
+    """--quantization / --fp8 against the checkpoint, the device and the LoRA: checked before anything is built."""
+    _check_quantization(args, files)
+
+
+def _check_quantization(args, files) -> None:
+    """Resolve args.quantization (the flag, --fp8, or what an fp8 checkpoint holds); the fp8 matmuls
+    need a GPU with fp8 tensor cores, and take no LoRA (fp8-cast does)."""
+    from ltx2_tp.models.ltx2.quantization import BF16_FORMAT, FP8_MATMUL, inspect_checkpoint, resolve
+
+    requested = args.quantization
+    if getattr(args, "fp8", False):
+        if requested not in (None, "fp8-rowwise"):
+            raise UsageError(f"--fp8 is --quantization fp8-rowwise; it conflicts with --quantization {requested}")
+        requested = "fp8-rowwise"
+    fmt = inspect_checkpoint([files.checkpoint]) if files is not None else BF16_FORMAT
+    try:
+        args.quantization = resolve(requested, fmt)  # a refusal names --quantization and the allowed values
+    except ValueError as e:
+        raise UsageError(f"--fp8 ({e})" if getattr(args, "fp8", False) else str(e)) from None
+    if args.quantization not in FP8_MATMUL:
         return
+    if getattr(args, "fp8", False):
+        who = "--fp8:"
+    elif requested is not None:
+        who = f"--quantization {requested}:"
+    else:
+        who = f"--model-path {files.checkpoint}: an fp8 checkpoint ({fmt.describe()}) runs fp8 matmuls, which"
+    hint = "; --quantization fp8-cast runs it with bf16 compute (fp8 storage)" if fmt.kind else ""
     if not str(args.device).startswith("cuda") or not torch.cuda.is_available():
-        raise UsageError(f"--fp8: needs a CUDA device (torch._scaled_mm), got --device {args.device}")
+        raise UsageError(f"{who} needs a CUDA device (torch._scaled_mm), got --device {args.device}{hint}")
     major, minor = torch.cuda.get_device_capability()
     if (major, minor) < (8, 9):
-        raise UsageError(f"--fp8: needs compute capability >= 8.9 (Ada / Hopper), this GPU has {major}.{minor}")
+        raise UsageError(f"{who} needs compute capability >= 8.9 (Ada / Hopper), this GPU has {major}.{minor}{hint}")
     if files is not None and files.distilled_lora:
-        raise UsageError(f"--fp8: not supported with a stage-2 distilled LoRA ({files.distilled_lora}), which is "
-                         "fused into the bf16 weights for stage 2")
+        raise UsageError(f"{who} not supported with a stage-2 distilled LoRA ({files.distilled_lora}), which is "
+                         "fused into the weights for stage 2; --quantization fp8-cast fuses it into fp8 storage "
+                         "(as ltx-core)")
 
 
-def _speed_options(args, comps) -> None:
-    """--fp8 quantizes the block linears (layers/fp8.py); --enable-torch-compile compiles each block
-    (the first request at each resolution pays the compilation: minutes at full size)."""
-    if args.fp8:
-        from ltx2_tp.layers.fp8 import quantize_fp8
+def _speed_options(args, comps, converted: bool = False) -> None:
+    """--quantization of the embedded tiny model (a checkpoint's is applied while loading: `converted`);
+    --enable-torch-compile compiles each block (the first request at each resolution pays the
+    compilation: minutes at full size)."""
+    if args.quantization and not converted:
+        from ltx2_tp.models.ltx2.quantization import quantize_model
 
-        quantize_fp8(comps.transformer)
+        quantize_model(comps.transformer, args.quantization)
+    if args.quantization:
+        from ltx2_tp.models.ltx2.quantization import describe
+
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            print(f"DiT weights: {describe(comps.transformer)}", file=sys.stderr)
     if args.enable_torch_compile:
         from ltx2_tp.compile import compile_blocks
 
@@ -403,8 +438,21 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
 def _add_speed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enable-torch-compile", action="store_true",
                    help="torch.compile each DiT block (first request per resolution compiles: minutes at full size)")
-    p.add_argument("--fp8", action="store_true", help="fp8 block linears (torch._scaled_mm; GPU with CC >= 8.9)")
+    p.add_argument("--fp8", action="store_true", help="= --quantization fp8-rowwise")
+    _add_quantization_arg(p)
     _add_attention_arg(p)
+
+
+def _add_quantization_arg(p: argparse.ArgumentParser) -> None:
+    from ltx2_tp.models.ltx2.quantization import QUANTIZATIONS
+
+    p.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
+                   help="fp8 DiT block linears (ltx-pipelines' flag). An fp8 checkpoint (Lightricks' *-fp8, "
+                        "per-tensor scaled) is recognised and loaded as stored without it. fp8-cast: fp8 storage, "
+                        "bf16 compute (takes the distilled LoRA); fp8-scaled-mm: per-tensor scaled fp8 matmuls "
+                        "(bf16 checkpoints: quantized on load with dynamic activation scales, not the official "
+                        "static ones); fp8-rowwise: per-row weight / per-token activation scales. The fp8 matmuls "
+                        "need a CUDA GPU with CC >= 8.9")
 
 
 def _add_attention_arg(p: argparse.ArgumentParser) -> None:
@@ -555,6 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--ring-size", type=int, default=1)
     d.add_argument("--ffn-chunk-tokens", type=int, default=None)
     d.add_argument("--attn-chunk-tokens", type=int, default=None)
+    _add_quantization_arg(d)
     _add_attention_arg(d)
     _add_approximation_args(d, pipeline=False)
     _add_device_args(d, cpu_dtype="bf16")

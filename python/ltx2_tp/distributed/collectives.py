@@ -107,6 +107,27 @@ def ulysses_pack(x: torch.Tensor, sizes: list[int], u: int, groups: int = 1) -> 
     return x.view(b, nmax, groups, u, h // (groups * u), d).permute(2, 3, 0, 1, 4, 5).contiguous()
 
 
+def ulysses_pack_kv(k: torch.Tensor, v: torch.Tensor, sizes: list[int], u: int, groups: int = 1) -> torch.Tensor:
+    """k, v (B, n, H, d) -> (U, G, 2B, nmax, H / (G U), d), contiguous: for each of the U ranks, the
+    keys (batch rows :B) and values (B:) of the heads it attends in each of G head groups, as
+    ulysses_pack assigns them, padded to the largest part; rank-major, so one all-to-all moves all."""
+    kv = torch.cat([k, v], dim=0)
+    b2, n, h, d = kv.shape
+    nmax = max(sizes)
+    if n < nmax:
+        kv = torch.cat([kv, kv.new_zeros(b2, nmax - n, h, d)], dim=1)
+    return kv.view(b2, nmax, groups, u, h // (groups * u), d).permute(3, 2, 0, 1, 4, 5).contiguous()
+
+
+def ulysses_exchange_start(send: torch.Tensor, group) -> Pending:
+    """send (U, ...) -> in flight to recv (U, ...): recv[r] is what Ulysses rank r sent this rank
+    (its tokens of this rank's heads; two-pass attention places them in the whole-sequence K/V)."""
+    with nvtx_range("all_to_all_kv_to_heads"):
+        recv = torch.empty_like(send)
+        work = _issue(dist.all_to_all_single, recv, send, group=group)
+    return Pending(work, lambda: recv)
+
+
 def ulysses_unpack(recv: torch.Tensor, n_local: int) -> torch.Tensor:
     """(G, U, B, nmax, H / (G U), d) from ulysses_heads_to_seq_packed_start -> (B, n_local, H, d),
     the inverse of ulysses_pack (traced, like it: fuses with the output gate in a compiled block)."""

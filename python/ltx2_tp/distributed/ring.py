@@ -1,6 +1,10 @@
 """Ring attention: K/V blocks travel around the ring group while each rank attends its queries
 to the block it holds; partial results merge by log-sum-exp in fp32 (LseAccumulator).
 The next block's send/recv is posted before this block's compute, so they overlap.
+Memory per rank, in units of its q (B, n, H, d): q, the K/V block being attended and the one
+arriving (2 + 2, at the largest block's size), fp32 accumulators for every query (2 in bf16) and
+the output (1): ring attention runs in one pass (block.py), so q, k and v of all this rank's
+tokens exist too.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size
         for req in reqs:
             req.wait()
         cur, nxt = nxt, cur
-    if not chunks:
-        return q.new_empty(q.shape)
-    return torch.cat([acc.out for acc in accs], dim=1).to(q.dtype)
+    out = q.new_empty(q.shape)
+    for (s, e), acc in zip(chunks, accs):  # each fp32 accumulator freed once written (no fp32 concatenation)
+        out[:, s:e] = acc.out
+        acc.out = None
+    return out

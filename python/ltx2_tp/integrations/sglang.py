@@ -152,7 +152,7 @@ def request_from_sglang(batch) -> GenerationRequest:
         video_path=first(getattr(batch, "video_path", None)),  # sglang's field: the retake source
         **{f: getattr(batch, f) for f in SGLANG_EXTRA_FIELDS if getattr(batch, f, None) is not None},
     )
-    return req.validate(multiple=32)  # the pipeline checks its own size rule when it runs
+    return req.validate(spatial_multiple=32)  # the pipeline checks its own size rule when it runs
 
 
 # our request fields sglang passes through when its request carries them (ltx-pipelines' names)

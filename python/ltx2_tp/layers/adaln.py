@@ -68,15 +68,17 @@ class TokenModulation:
         distinct, index = torch.unique(ts, return_inverse=True)
         return tuple(cls(v, index, b) for v in fn(distinct))
 
-    def rows(self, start: int, end: int) -> torch.Tensor:
-        if self.index is None:
-            return self.values
-        return self.values[self.index[:, start:end]]
+    def rows(self, start: int, end: int, k: int = 1, sl: slice = slice(None)) -> torch.Tensor:
+        """Rows of tokens [start, end), their width seen as k parameters of which `sl` are gathered:
+        (B, e-s or 1, len(sl), width / k); k=1: (B, e-s or 1, width)."""
+        values = self.values if k == 1 else self.values.unflatten(-1, (k, -1))[..., sl, :]
+        return values if self.index is None else values[self.index[:, start:end]]
 
 
 def ada_values(table: torch.Tensor, mod: TokenModulation, start: int, end: int, sl: slice) -> tuple[torch.Tensor, ...]:
-    """ltx-core get_ada_values for a token range: table[sl] + timestep rows, split per parameter."""
-    rows = mod.rows(start, end)
-    k = table.shape[0]
-    vals = table[sl].to(device=rows.device, dtype=rows.dtype)[None, None] + rows.unflatten(-1, (k, -1))[:, :, sl]
+    """ltx-core get_ada_values for a token range: table[sl] + timestep rows, split per parameter.
+    Only the parameters in `sl` are gathered per token (2-3 of the 6 or 9: the chunk's largest
+    AdaLN temporary is len(sl) x D per token, not k x D)."""
+    rows = mod.rows(start, end, table.shape[0], sl)
+    vals = table[sl].to(device=rows.device, dtype=rows.dtype)[None, None] + rows
     return vals.unbind(dim=2)

@@ -49,10 +49,16 @@ class Attention(nn.Module):
         return self._heads(self.to_qkv.forward_shard(h, 2))
 
     def q(self, h: torch.Tensor) -> torch.Tensor:
-        return self._heads(self.q_norm(self.to_q(h)))
+        """Normed queries (B, n, H_local, d); self-attention computes the q rows of the fused GEMM
+        alone (two-pass attention: the queries of one chunk after every token's K/V)."""
+        q = self.to_qkv.forward_shard(h, 0) if self.is_self else self.to_q(h)
+        return self._heads(self.q_norm(q))
 
     def kv(self, c: torch.Tensor):
-        k, v = self.to_kv(c)
+        """Normed keys and values (B, n, H_local, d) of `c`: the context, or for self-attention the
+        stream itself (the k and v rows of the fused GEMM, in one GEMM). Under TP the k norm
+        all-reduces the squares of k alone (tokens x 1)."""
+        k, v = self.to_qkv.forward_shards(c, 1, 3) if self.is_self else self.to_kv(c)
         return self._heads(self.k_norm(k)), self._heads(v)
 
     def gates(self, h: torch.Tensor) -> torch.Tensor | None:

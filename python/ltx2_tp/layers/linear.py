@@ -67,11 +67,21 @@ class LinearBase(nn.Module):
         n = full // self.ctx.tp_size
         param.data.narrow(d, offset, n).copy_(loaded.narrow(d, self.ctx.tp_rank * n, n))
 
+    @staticmethod
+    def scalar_loader(param: torch.Tensor, loaded: torch.Tensor, shard_id: int | None = None) -> None:
+        """One checkpoint scalar (an fp8 per-tensor weight_scale / input_scale) into its shard's slot
+        of `param` (shards,). Whole on every TP rank: a per-tensor scale holds for any part of its
+        tensor. Only the layer knows its shards, so the rule is here (vLLM: adjust_scalar_to_fused_array)."""
+        expect_shape(loaded.shape, ())
+        param.data[shard_id or 0] = loaded
+
     def _entries(self, prefix: str, shard_id: int | None = None) -> dict[str, CheckpointEntry]:
         tensors = dict(self.quant_method.checkpoint_tensors(self))
         if self.bias is not None:
             tensors["bias"] = self.bias
-        return {f"{prefix}.{k}": CheckpointEntry(t, self.weight_loader, shard_id, self._full_shape(t, shard_id), self)
+        scalars = self.quant_method.per_shard_scalars
+        return {f"{prefix}.{k}": (CheckpointEntry(t, self.scalar_loader, shard_id, (), self) if k in scalars else
+                                  CheckpointEntry(t, self.weight_loader, shard_id, self._full_shape(t, shard_id), self))
                 for k, t in tensors.items()}
 
     def checkpoint_spec(self, name: str) -> dict[str, CheckpointEntry]:
@@ -99,7 +109,8 @@ class MergedColumnParallelLinear(LinearBase):
 
     Checkpoint tensors arrive separately (`shard_names`: to_q, to_k, to_v, beside this module);
     `weight_loader(param, t, shard_id)` writes this rank's part of each at its offset. forward
-    returns the per-projection outputs; `forward_shard` computes one projection alone.
+    returns the per-projection outputs; `forward_shard(s)` computes some of them alone (the rows of
+    the others are not multiplied).
     """
 
     def __init__(self, in_features: int, output_sizes: list[int], shard_names: tuple[str, ...], bias: bool = True,
@@ -124,8 +135,13 @@ class MergedColumnParallelLinear(LinearBase):
 
     def forward_shard(self, x: torch.Tensor, shard_id: int) -> torch.Tensor:
         """Projection `shard_id` alone (e.g. v without q and k): only its output rows are computed."""
-        rows = (sum(self.local_sizes[:shard_id]), self.local_sizes[shard_id])
-        return self.matmul(x, self.bias, out_rows=rows)
+        return self.forward_shards(x, shard_id, shard_id + 1)[0]
+
+    def forward_shards(self, x: torch.Tensor, first: int, stop: int) -> tuple[torch.Tensor, ...]:
+        """Projections first..stop-1 (adjacent rows: k and v) in one GEMM, split as `forward` splits."""
+        sizes = self.local_sizes[first:stop]
+        y = self.matmul(x, self.bias, out_rows=(sum(self.local_sizes[:first]), sum(sizes)))
+        return y.split(sizes, dim=-1) if len(sizes) > 1 else (y,)
 
 
 class RowParallelLinear(LinearBase):

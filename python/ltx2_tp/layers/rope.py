@@ -76,7 +76,9 @@ def rope_cos_sin(positions: torch.Tensor, spec: RopeSpec, dtype: torch.dtype) ->
         cos, sin = (t.narrow(-1, spec.tp_rank * per_rank, per_rank).unsqueeze(2) for t in (cos, sin))
     else:
         raise ValueError(f"rope_type must be 'interleaved' or 'split', got {spec.rope_type!r}")
-    return cos.to(dtype), sin.to(dtype)
+    # a copy of this rank's heads alone (narrow keeps the whole table alive; .to(dtype) copies
+    # only when the dtype changes)
+    return cos.to(dtype).contiguous(), sin.to(dtype).contiguous()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_type: str) -> torch.Tensor:
@@ -97,11 +99,25 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_type:
 
 
 class StreamRope:
-    """cos/sin for this rank's tokens of one stream: cached once per forward, or per chunk."""
+    """cos/sin for this rank's tokens of one stream: cached once per forward, or per chunk. A cached
+    table is built `chunk` tokens at a time (its fp32 angles and every head's cos/sin are about 3x
+    the table: whole, they would be the forward's largest temporary)."""
 
-    def __init__(self, positions: torch.Tensor, spec: RopeSpec, dtype: torch.dtype, cache: bool):
+    def __init__(self, positions: torch.Tensor, spec: RopeSpec, dtype: torch.dtype, cache: bool,
+                 chunk: int | None = None):
         self.positions, self.spec, self.dtype = positions, spec, dtype
-        self.table = rope_cos_sin(positions, spec, dtype) if cache else None
+        self.table = None
+        if cache:
+            n = positions.shape[2]
+            chunks = [(s, min(s + chunk, n)) for s in range(0, n, chunk)] if chunk and chunk < n else [(0, n)]
+            if len(chunks) == 1:
+                self.table = rope_cos_sin(positions, spec, dtype)
+            else:
+                cos, sin = rope_cos_sin(positions[:, :, :0], spec, dtype)  # the layout, for no tokens
+                self.table = tuple(t.new_empty(t.shape[0], n, *t.shape[2:]) for t in (cos, sin))
+                for s, e in chunks:
+                    for buf, part in zip(self.table, rope_cos_sin(positions[:, :, s:e], spec, dtype)):
+                        buf[:, s:e] = part
 
     def __call__(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.table is not None:

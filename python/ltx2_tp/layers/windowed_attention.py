@@ -13,9 +13,11 @@ behind) are a second call, merged by log-sum-exp in fp32 (attention_backend.LseA
 The kernel is still attention_backend's choice (cuDNN, or the fp8 backend for >= 2048 keys).
 
 Where it runs: one GPU, TP (heads split: windows are per token), the query-chunked path (each
-frame's queries in chunks of the plan's attention chunk), and Ulysses (after its all-to-all every
-rank holds every token of its heads). Not under ring attention, whose K/V blocks travel past
-every rank (sequence.py refuses), nor with a self-attention mask (IC-LoRA's attention strength).
+frame's queries in chunks of the plan's attention chunk), two-pass attention (`rows`: a query
+chunk's rows against the stored K/V of every token) and Ulysses (after its all-to-all every rank
+holds every token of its heads). Not under ring attention, whose K/V blocks travel past every rank
+(sequence.py refuses), with K/V offload (streamed blocks; plan.py refuses), nor with a
+self-attention mask (IC-LoRA's attention strength).
 """
 
 from __future__ import annotations

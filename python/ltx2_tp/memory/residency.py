@@ -19,10 +19,11 @@ class BlockResidency:
         """Block i's weights are on the device inside this context (the model runs block i in it)."""
         return _NULL
 
-    def add_delta(self, tensor: torch.Tensor, delta: Callable[..., torch.Tensor],
+    def add_delta(self, tensor: torch.Tensor, fuse: Callable[..., None],
                   inputs: tuple[torch.Tensor, ...]) -> bool:
-        """Add `delta(*inputs on the device)` to `tensor` each time its block is streamed in, until
-        clear_deltas(); False when `tensor` is resident (the caller then adds it in place)."""
+        """Call `fuse(copy, *inputs on the device)` (which updates `copy` in place: a LoRA delta
+        added) on each device copy of `tensor` its block is streamed into, until clear_deltas();
+        False when `tensor` is resident (the caller then fuses it in place)."""
         return False
 
     def clear_deltas(self) -> None:

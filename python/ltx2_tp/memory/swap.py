@@ -40,12 +40,12 @@ from torch import nn
 
 from ltx2_tp.distributed.context import SINGLE
 from ltx2_tp.layers.fp8 import quantize_fp8
+from ltx2_tp.memory.host import HostBuffer
 from ltx2_tp.memory.residency import ALL_RESIDENT, BlockResidency
 from ltx2_tp.layers.weight_loading import CheckpointEntry
 from ltx2_tp.models.ltx2.weights import _check, _load_one, _Source, build_model, checkpoint_spec
 
 ALIGN = 512  # bytes: every tensor of a flat block starts here (cuBLAS / _scaled_mm need 16)
-PAGE = 4096  # cudaHostRegister pins whole pages: host buffers are page-aligned and page-sized
 SOURCES = ("host", "file")
 
 
@@ -143,27 +143,6 @@ def _to_device(block: nn.Module, device: torch.device) -> None:
             _set(e, t, torch.empty(e.shape, dtype=e.dtype, device=device))
         elif t.device != device:
             t.data = t.data.to(device)
-
-
-class HostBuffer:
-    """Page-aligned host bytes, pinned with cudaHostRegister when `pin` (pin_memory()'s caching
-    allocator rounds every allocation up to a power of two: a 0.77 GB block would take 1.07 GB)."""
-
-    def __init__(self, nbytes: int, pin: bool):
-        size = -(-max(nbytes, 1) // PAGE) * PAGE
-        base = torch.empty(size + PAGE, dtype=torch.uint8)
-        start = (-base.data_ptr()) % PAGE
-        self.tensor = base[start:start + nbytes]
-        if pin:
-            ptr = base.data_ptr() + start
-            rc = int(torch.cuda.cudart().cudaHostRegister(ptr, size, 0))
-            if rc != 0:
-                raise RuntimeError(f"block swap: pinning {size / 2**30:.2f} GiB of host memory failed (cudaError {rc})")
-            weakref.finalize(self, _unregister, ptr, base)  # keeps `base` alive until unpinned
-
-
-def _unregister(ptr: int, base: torch.Tensor) -> None:
-    torch.cuda.cudart().cudaHostUnregister(ptr)
 
 
 # ---- the side stream and its events; synchronous stand-ins on the CPU --------------------------
@@ -292,13 +271,16 @@ class BlockSwap(BlockResidency):
     def _plan_file_reads(self, model: nn.Module, files: list[str]) -> None:
         """Which checkpoint key (and loader) fills which tensor of which streamed block."""
         self._src = _Source(files=files)
+        spec = checkpoint_spec(model)
+        fp8_in_file = {id(e.param) for key, e in spec.items() if key in self._src.keys()
+                       and self._src.dtype(key) == e.param.dtype}  # an fp8 checkpoint's own tensors
         for i in self.streamed:  # quantized in memory (quantize_fp8): the file holds other tensors
             for e in self._entries[i]:
-                if e.current().dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                t = e.current()
+                if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and id(t) not in fp8_in_file:
                     raise ValueError(f"source='file' streams checkpoint tensors only, and block {i}'s {e.name} "
                                      f"({type(e.module).__name__}) is not one (fp8 weights made by quantize_fp8?): "
                                      f"use source='host'")
-        spec = checkpoint_spec(model)
         _check(spec, self._src)
         where = {id(e.current()): (i, k) for i in self.streamed for k, e in enumerate(self._entries[i])}
         self._keys: dict[int, list[tuple]] = {i: [] for i in self.streamed}
@@ -340,8 +322,8 @@ class BlockSwap(BlockResidency):
             t.data = v
         self._log("run", i, slot)
         try:
-            for k, delta, inputs in self._deltas.get(i, ()):  # a fused LoRA, added to this copy only
-                views[k].add_(delta(*extras[:len(inputs)]))
+            for k, fuse, inputs in self._deltas.get(i, ()):  # a fused LoRA, into this copy only
+                fuse(views[k], *extras[:len(inputs)])
                 del extras[:len(inputs)]
             yield
         finally:

@@ -21,7 +21,8 @@ import torch
 from ltx2_tp.distributed.context import SINGLE, ParallelContext
 from ltx2_tp.models.ltx2.config import LTX2Config
 from ltx2_tp.models.ltx2.lora import LoraWeights
-from ltx2_tp.models.ltx2.weights import build_model, read_checkpoint_config
+from ltx2_tp.models.ltx2.quantization import build_transformer
+from ltx2_tp.models.ltx2.weights import read_checkpoint_config
 from ltx2_tp.pipelines.components import LTX2Components
 from ltx2_tp.pipelines.request import RequestError
 from ltx2_tp.pipelines.tiny import TINY_TEXT_ENCODER, TINY_TEXT_KEY, TinyTextEncoder, build_tiny_components
@@ -92,7 +93,8 @@ class CheckpointTextEncoder(torch.nn.Module):
 
 
 def build_checkpoint_components(files: CheckpointFiles, device: str | torch.device = "cpu",
-                                dtype: torch.dtype = torch.bfloat16, ctx: ParallelContext = SINGLE):
+                                dtype: torch.dtype = torch.bfloat16, ctx: ParallelContext = SINGLE,
+                                quantization: str | None = None):
     from ltx_pipelines.utils.model_ledger import ModelLedger
 
     device = torch.device(device)
@@ -124,7 +126,9 @@ def build_checkpoint_components(files: CheckpointFiles, device: str | torch.devi
     mel_bins = int(ddconfig.get("mel_bins", 64)) // 2 ** (len(ddconfig.get("ch_mult", (1, 2, 4))) - 1)
     lora = (LoraWeights.from_file(files.distilled_lora, files.distilled_lora_strength)
             if files.distilled_lora else None)
-    transformer = build_model(cfg, ctx, device=device, dtype=dtype, files=[files.checkpoint])
+    # an fp8 checkpoint loads as stored; `quantization` (--quantization) converts a bf16 one while loading
+    transformer = build_transformer(cfg, ctx, device=device, dtype=dtype, files=[files.checkpoint],
+                                    quantization=quantization)
     return LTX2Components(
         transformer=transformer, video_encoder=ledger.video_encoder(), video_decoder=ledger.video_decoder(),
         upsampler=ledger.spatial_upsampler(), audio_decoder=ledger.audio_decoder(), vocoder=ledger.vocoder(),
@@ -136,10 +140,15 @@ def build_checkpoint_components(files: CheckpointFiles, device: str | torch.devi
 def build_components(model: str = "tiny", device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                      ctx: ParallelContext = SINGLE, seed: int = 0, spatial_upsampler_path: str | None = None,
                      text_encoder_path: str | None = None, distilled_lora_path: str | None = None,
-                     distilled_lora_strength: float = 1.0) -> LTX2Components:
+                     distilled_lora_strength: float = 1.0, quantization: str | None = None) -> LTX2Components:
     """`tiny` (embedded, tiny.py) or a path to the official checkpoint files."""
     if model == "tiny":
-        return build_tiny_components(seed, device=device, dtype=dtype, ctx=ctx)
+        comps = build_tiny_components(seed, device=device, dtype=dtype, ctx=ctx)
+        if quantization:
+            from ltx2_tp.models.ltx2.quantization import quantize_model
+
+            quantize_model(comps.transformer, quantization)
+        return comps
     files = CheckpointFiles.discover(model, spatial_upsampler_path, text_encoder_path, distilled_lora_path,
                                      distilled_lora_strength)
-    return build_checkpoint_components(files, device=device, dtype=dtype, ctx=ctx)
+    return build_checkpoint_components(files, device=device, dtype=dtype, ctx=ctx, quantization=quantization)

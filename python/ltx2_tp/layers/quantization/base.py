@@ -13,6 +13,7 @@ layer and a compiled block never specialises on which method object it met.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +23,13 @@ OutRows = tuple[int, int]  # (start, length): a range of output rows of this ran
 
 
 class LinearMethodBase(ABC):
-    #: a LoRA delta may be added to `checkpoint_tensors(layer)["weight"]` in place (models/ltx2/lora.py)
+    #: a LoRA delta may be fused into `checkpoint_tensors(layer)["weight"]` (add_lora_, models/ltx2/lora.py)
     supports_lora: bool = True
+    #: what to do instead, when not (the refusal names it)
+    lora_hint: str = ""
+    #: checkpoint tensors holding one scalar per checkpoint weight (an fp8 per-tensor scale): the layer
+    #: keeps one per fused shard in a (shards,) tensor, loaded by LinearBase.scalar_loader
+    per_shard_scalars: frozenset[str] = frozenset()
 
     @abstractmethod
     def create_weights(self, layer: nn.Module, in_per_rank: int, out_per_rank: int,
@@ -43,6 +49,13 @@ class LinearMethodBase(ABC):
     def checkpoint_tensors(self, layer: nn.Module) -> dict[str, torch.Tensor]:
         """Checkpoint key suffix -> the tensor the layer's weight loader fills with it."""
         return {"weight": layer.weight}
+
+    def add_lora_(self, layer: nn.Module, weight: torch.Tensor, delta: torch.Tensor,
+                  local: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Fuse a LoRA delta into `weight` in place: `weight` is this rank's `checkpoint_tensors(layer)
+        ["weight"]` (or a streamed copy of it), `delta` the full-size delta of one checkpoint weight
+        in the LoRA's dtype, `local(t)` cuts a full-size tensor to this rank's part (zeros elsewhere)."""
+        weight.add_(local(delta.to(weight.dtype)))
 
 
 def narrow_rows(t: torch.Tensor | None, out_rows: OutRows | None, dim: int = 0) -> torch.Tensor | None:

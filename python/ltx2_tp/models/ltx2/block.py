@@ -20,13 +20,14 @@ import torch
 from torch import nn
 
 from ltx2_tp.distributed.context import ParallelContext
-from ltx2_tp.distributed.sequence import SequenceLayout, SplitKeyAttention, self_attention
+from ltx2_tp.distributed.sequence import SequenceLayout, SplitKeyAttention, self_attention, self_attention_keys
 from ltx2_tp.layers.adaln import TokenModulation, ada_values
 from ltx2_tp.layers.attention import Attention
 from ltx2_tp.layers.attention_backend import attention
 from ltx2_tp.layers.feedforward import FeedForward
 from ltx2_tp.layers.norm import rms_norm
 from ltx2_tp.layers.rope import StreamRope, apply_rope
+from ltx2_tp.memory.offload import HostTokens, rows
 from ltx2_tp.memory.plan import ExecutionPlan, token_chunks
 from ltx2_tp.models.ltx2.chunked import add_residual, stitch
 from ltx2_tp.models.ltx2.config import LTX2Config
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
 class StreamState:
     """One modality inside a forward: this rank's tokens and everything per-forward about them."""
 
-    x: torch.Tensor  # (B, n_local, D) residual stream, updated in place
+    x: "torch.Tensor | HostTokens"  # (B, n_local, D) residual stream, updated in place (or parked in host memory)
     mod: TokenModulation  # AdaLN rows (k x D per token)
     embedded: TokenModulation  # embedded timestep rows for the output modulation (D per token)
     rope: StreamRope
@@ -55,6 +56,7 @@ class StreamState:
     cross_gate: torch.Tensor | None = None  # (B, 1, D) a<->v gate timestep
     self_mask: torch.Tensor | None = None  # additive (B, 1, T, T), sp_size=1 only
     window: "TemporalWindow | None" = None  # opt-in temporal-window approximation of self-attention
+    offload: bool = False  # follows the plan's offload tiers (video; audio, 25 tokens/s, stays resident)
 
     @property
     def total(self) -> int:
@@ -121,36 +123,96 @@ class AVTransformerBlock(nn.Module):
     # ---------------------------------------------------------------------------------------
     def _self_attention(self, attn: Attention, st: StreamState, table, pert, kind: str, plan: ExecutionPlan) -> None:
         """x = x + attn(modulate(norm(x))) * gate, attention over the whole (maybe SP-split) sequence.
-        STG: samples that skip this attention pass its value projection through instead."""
+        STG: samples that skip this attention pass its value projection through instead.
+        Queries within one attention chunk (up to 1080p x 121 at the default budget): one pass,
+        q/k/v from one fused GEMM. More: two passes, so that the step holds the residual, K, V
+        and one chunk (ring attention, which passes whole K/V blocks around, stays in one pass)."""
+        with nvtx_range("self_attention"):
+            ring = st.layout.split and self.ctx.ring_size > 1
+            if plan.two_pass(max(st.layout.sizes), plan.kv_offload and st.offload) and not ring:
+                self._self_attention_two_pass(attn, st, table, pert, kind, plan)
+            else:
+                self._self_attention_one_pass(attn, st, table, pert, kind, plan)
+
+    def _self_attention_one_pass(self, attn: Attention, st: StreamState, table, pert, kind: str,
+                                 plan: ExecutionPlan) -> None:
         x, n = st.x, st.x.shape[1]
         skip_all = pert.all_in_batch(kind, self.idx)
+        chunks = token_chunks(n, plan.attn_chunk_tokens)
+        walk = rows(x, chunks)
+
+        def modulated(s, e):  # the AdaLN values die here, not alive under the projection
+            shift, scale = ada_values(table, st.mod, s, e, slice(0, 2))
+            return _modulate(walk.load(s, e), self.cfg.norm_eps, scale, shift)
 
         def project(s, e):
-            shift, scale = ada_values(table, st.mod, s, e, slice(0, 2))
-            h = _modulate(x[:, s:e], self.cfg.norm_eps, scale, shift)
+            h = modulated(s, e)
             if skip_all:
                 return None, None, attn.v_only(h), attn.gates(h)
             q, k, v = attn.qkv(h)
             cos, sin = st.rope(s, e)
             return self._rope(q, cos, sin), self._rope(k, cos, sin), v, attn.gates(h)
 
-        with nvtx_range("self_attention"):
-            q, k, v, gates = stitch(n, token_chunks(n, plan.attn_chunk_tokens), project)
-            if skip_all:
-                o = v
-            else:
-                o = self_attention(q, k, v, st.layout, self.ctx, plan.attn_chunk_tokens, st.self_mask,
-                                   plan.ulysses_head_groups, st.window)
-                del q, k
-                if pert.any_in_batch(kind, self.idx):
-                    m = pert.mask(kind, self.idx, x.device, x.dtype).view(-1, 1, 1, 1)
-                    o = o * m + v * (1 - m)
+        q, k, v, gates = stitch(n, chunks, project)
+        if skip_all:
+            o = v
+        else:
+            o = self_attention(q, k, v, st.layout, self.ctx, plan.attn_chunk_tokens, st.self_mask,
+                               plan.ulysses_head_groups, st.window)
+            del q, k
+            if pert.any_in_batch(kind, self.idx):
+                m = pert.mask(kind, self.idx, x.device, x.dtype).view(-1, 1, 1, 1)
+                o = o * m + v * (1 - m)
 
-            def out(s, e):
-                (gate,) = ada_values(table, st.mod, s, e, slice(2, 3))
-                return attn.out_start(o[:, s:e], None if gates is None else gates[:, s:e]), gate
+        def out(s, e, xc):
+            (gate,) = ada_values(table, st.mod, s, e, slice(2, 3))
+            return attn.out_start(o[:, s:e], None if gates is None else gates[:, s:e]), gate
 
-            add_residual(x, plan.out_chunks(n, plan.attn_chunk_tokens), out)
+        add_residual(x, plan.out_chunks(n, plan.attn_chunk_tokens), out)
+
+    def _self_attention_two_pass(self, attn: Attention, st: StreamState, table, pert, kind: str,
+                                 plan: ExecutionPlan) -> None:
+        """Pass 1: K and V of every token of this rank, chunk by chunk, into the keys' store (under
+        Ulysses through its all-to-all). Pass 2, per query chunk: q, attention against all keys,
+        output projection, gate, in-place residual update. Under TP the k and q norms each
+        all-reduce their own squares (tokens x 1, one per chunk and pass)."""
+        eps = self.cfg.norm_eps
+
+        def modulated(s, e, xc):
+            shift, scale = ada_values(table, st.mod, s, e, slice(0, 2))
+            return _modulate(xc, eps, scale, shift)
+
+        def gated(s, e, o, h):
+            (gate,) = ada_values(table, st.mod, s, e, slice(2, 3))
+            return attn.out_start(o, attn.gates(h)), gate
+
+        if pert.all_in_batch(kind, self.idx):  # every sample passes v through: no keys, no collectives
+            def value(s, e, xc):
+                h = modulated(s, e, xc)
+                return gated(s, e, attn.v_only(h), h)
+
+            add_residual(st.x, plan.out_chunks(st.x.shape[1], plan.attn_chunk_tokens), value)
+            return
+        keys = self_attention_keys(st.layout, self.ctx, plan, st.self_mask, plan.kv_offload and st.offload, st.window)
+        walk = rows(st.x, keys.pass1)
+        for s, e in keys.pass1:
+            k, v = attn.kv(modulated(s, e, walk.load(s, e)))
+            keys.add(self._rope(k, *st.rope(s, e)), v)
+            del k, v  # not alive under the next chunk's projection
+        keys.finish()
+        del walk  # its chunk slots (a parked residual)
+        m = None
+        if pert.any_in_batch(kind, self.idx):  # these samples pass v through (recomputed per chunk)
+            m = pert.mask(kind, self.idx, st.x.device, st.x.dtype).view(-1, 1, 1, 1)
+
+        def query(s, e, xc):
+            h = modulated(s, e, xc)
+            o = keys.attend(self._rope(attn.q(h), *st.rope(s, e)))
+            if m is not None:
+                o = o * m + attn.v_only(h) * (1 - m)
+            return gated(s, e, o, h)
+
+        add_residual(st.x, keys.pass2, query)
 
     def _text_attention(self, attn: Attention, st: StreamState, table, prompt_table, plan: ExecutionPlan) -> None:
         """x = x + attn(norm(x), text); with cross-attention AdaLN the query is modulated, the text
@@ -158,12 +220,12 @@ class AVTransformerBlock(nn.Module):
         x, eps, adaln = st.x, self.cfg.norm_eps, self.cfg.cross_attention_adaln
         k, v = attn.kv(_modulate_prompt(st, prompt_table) if adaln else st.context)
 
-        def branch(s, e):
+        def branch(s, e, xc):
             if adaln:
                 shift, scale, gate = ada_values(table, st.mod, s, e, slice(6, 9))
-                h = _modulate(x[:, s:e], eps, scale, shift)
+                h = _modulate(xc, eps, scale, shift)
             else:
-                h, gate = rms_norm(x[:, s:e], eps), None
+                h, gate = rms_norm(xc, eps), None
             return attn.out_start(attention(attn.q(h), k, v, st.context_mask), attn.gates(h)), gate
 
         with nvtx_range("text_attention"):
@@ -185,11 +247,11 @@ class AVTransformerBlock(nn.Module):
             v2a = self._video_to_audio(video, audio, audio_norm, audio_rope, pert) if do_v2a else None
             chunks = plan.out_chunks(video.x.shape[1], plan.attn_chunk_tokens)
 
-            def video_side(s, e):  # this video chunk as both directions read it
-                return rms_norm(video.x[:, s:e], self.cfg.norm_eps), video.cross_rope(s, e)
+            def video_side(s, e, xc):  # this video chunk as both directions read it
+                return rms_norm(xc, self.cfg.norm_eps), video.cross_rope(s, e)
 
-            def branch(s, e):
-                vn, rope = video_side(s, e)
+            def branch(s, e, xc):
+                vn, rope = video_side(s, e, xc)
                 if v2a is not None:
                     v2a.add_keys(vn, rope)
                 return a2v.output(vn, rope)
@@ -197,8 +259,9 @@ class AVTransformerBlock(nn.Module):
             if a2v is not None:
                 add_residual(video.x, chunks, branch)
             else:
+                walk = rows(video.x, chunks)
                 for s, e in chunks:
-                    v2a.add_keys(*video_side(s, e))
+                    v2a.add_keys(*video_side(s, e, walk.load(s, e)))
             if v2a is not None:
                 audio.x += v2a.output()
 
@@ -221,9 +284,9 @@ class AVTransformerBlock(nn.Module):
 
     def _feedforward(self, ff: FeedForward, st: StreamState, table, plan: ExecutionPlan) -> None:
         """x = x + ff(modulate(norm(x))) * gate."""
-        def branch(s, e):
+        def branch(s, e, xc):
             shift, scale, gate = ada_values(table, st.mod, s, e, slice(3, 6))
-            return ff.start(_modulate(st.x[:, s:e], self.cfg.norm_eps, scale, shift)), gate
+            return ff.start(_modulate(xc, self.cfg.norm_eps, scale, shift)), gate
 
         add_residual(st.x, plan.out_chunks(st.x.shape[1], plan.ffn_chunk_tokens), branch)
 

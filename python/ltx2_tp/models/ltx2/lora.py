@@ -10,6 +10,8 @@ the weight's dtype, then added to the weight. Under TP each rank adds only its s
 goes through the parameter's own weight loader (the same one the checkpoint used). A block
 streamed by block swap (memory/swap.py) keeps its home copy untouched: the delta is added to the
 device copy each time the block is streamed in (same arithmetic, so the same bits as resident).
+The layer's weight method does the addition: fp8 storage (fp8-cast) rounds the sum back to e4m3
+as ltx-core does; fp8 matmul formats refuse.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from functools import partial
 
 import torch
 
+from ltx2_tp.layers.quantization.base import UNQUANTIZED
 from ltx2_tp.memory.residency import ALL_RESIDENT
 from ltx2_tp.models.ltx2.weights import COMFY_PREFIX, checkpoint_spec
 
@@ -71,18 +74,18 @@ def lora_applied(model: torch.nn.Module, lora: LoraWeights | None):
         method = getattr(spec[key].owner, "quant_method", None)
         if method is not None and not method.supports_lora:
             raise ValueError(f"the distilled LoRA cannot be fused into {key}, stored by {type(method).__name__}: "
-                             "fuse it before quantize_fp8")
+                             f"{method.lora_hint or 'fuse it before quantize_fp8'}")
     residency = getattr(model, "residency", ALL_RESIDENT)
     saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     try:
         for key, (a, b) in lora.pairs.items():
-            param, loader, shard = spec[key].param, spec[key].loader, spec[key].shard
-            delta = partial(_local_delta, param, loader, shard, lora.strength)
-            if residency.add_delta(param, delta, (a, b)):  # a streamed block: added to each copy it gets
+            param = spec[key].param
+            fuse = partial(_fuse, spec[key], lora.strength)
+            if residency.add_delta(param, fuse, (a, b)):  # a streamed block: fused into each copy it gets
                 continue
             if id(param) not in saved:
                 saved[id(param)] = (param, param.detach().to("cpu", copy=True))
-            param.add_(delta(a.to(param.device), b.to(param.device)))
+            fuse(param, a.to(param.device), b.to(param.device))
         yield
     finally:
         residency.clear_deltas()
@@ -90,11 +93,13 @@ def lora_applied(model: torch.nn.Module, lora: LoraWeights | None):
             param.copy_(original.to(param.device))
 
 
-def _local_delta(param: torch.Tensor, loader, shard: int | None, strength: float, a: torch.Tensor,
-                 b: torch.Tensor) -> torch.Tensor:
-    """(B * strength) @ A in the weight's dtype, on a's device: this rank's shard of it at its place
-    (the loader writes it), zeros elsewhere."""
-    delta = torch.matmul(b * strength, a).to(param.dtype)
-    local = torch.zeros(param.shape, dtype=param.dtype, device=a.device)
-    loader(local, delta, shard) if shard is not None else loader(local, delta)
-    return local
+def _fuse(entry, strength: float, target: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """target += this rank's part of (B * strength) @ A, computed in the LoRA's dtype on a's device;
+    the layer's weight method does the addition (fp8 storage rounds back to e4m3)."""
+    def local(full: torch.Tensor) -> torch.Tensor:  # the loader writes this rank's part at its place
+        part = torch.zeros(target.shape, dtype=full.dtype, device=full.device)
+        entry.loader(part, full, entry.shard) if entry.shard is not None else entry.loader(part, full)
+        return part
+
+    method = getattr(entry.owner, "quant_method", None) or UNQUANTIZED
+    method.add_lora_(entry.owner, target, torch.matmul(b * strength, a), local)

@@ -22,6 +22,8 @@ from ltx2_tp.latent_grid import tokens_per_rank
 from ltx2_tp.layers.adaln import AdaLayerNormSingle, TokenModulation
 from ltx2_tp.layers.rope import RopeSpec, StreamRope
 from ltx2_tp.layers.windowed_attention import temporal_window
+from ltx2_tp.memory.estimate import StepShape
+from ltx2_tp.memory.offload import HostTokens, rows
 from ltx2_tp.memory.plan import ExecutionPlan, PlanRule, token_chunks
 from ltx2_tp.memory.residency import ALL_RESIDENT
 from ltx2_tp.models.ltx2.block import AVTransformerBlock, StreamState
@@ -89,7 +91,10 @@ class LTX2Model(nn.Module):
         batch = (video if video is not None else audio).latent.shape[0]
         pert = as_perturbations(perturbations, batch)
         if plan is None:
-            plan = self.execution_plan(video.latent.shape[1] if video is not None else 0)
+            plan = self.execution_plan(*_step_tokens(video, audio))
+        if plan.kv_offload and self.ctx.ring_size > 1:
+            raise ValueError("kv_offload is not supported with ring attention (ring_size > 1): it passes whole "
+                             "K/V blocks between GPUs in one pass")
         with nvtx_range("dit_forward"):
             v = a = None
             if video is not None:  # split over the SP ranks
@@ -103,12 +108,15 @@ class LTX2Model(nn.Module):
             ax = self._output("audio", a, plan) if a is not None else None
         return vx, ax
 
-    def execution_plan(self, video_tokens: int) -> ExecutionPlan:
+    def execution_plan(self, video_tokens: int, audio_tokens: int = 0, text_tokens: int = 0, batch: int = 1,
+                       per_token_timesteps: bool = True, dtype_bytes: int = 2) -> ExecutionPlan:
         """The plan a forward over `video_tokens` video tokens runs with when it is given none: the
         rule applied to the most tokens an SP rank holds, the same number on every rank (the plan
         also decides collectives, e.g. Ulysses head groups, whose count every rank must share)."""
-        local = tokens_per_rank(video_tokens, self.ctx.sp_size)
-        return self.plan_rule.plan(local, self.cfg.inner_dim, self.ctx.tp_size, self.cfg.ff_mult, self.ctx.ulysses_size)
+        ctx = self.ctx
+        shape = StepShape(tokens_per_rank(video_tokens, ctx.sp_size), audio_tokens, text_tokens, batch, ctx.tp_size,
+                          ctx.ulysses_size, ctx.ring_size, per_token_timesteps, dtype_bytes)
+        return self.plan_rule.for_step(self.cfg, shape)
 
     # ---------------------------------------------------------------------------------------
     def _names(self, kind: str) -> str:
@@ -126,7 +134,7 @@ class LTX2Model(nn.Module):
         s0, e0 = layout.local_range
         mult = cfg.timestep_scale_multiplier
 
-        x = getattr(self, f"{p}patchify_proj")(m.latent[:, s0:e0])
+        x = self._patchify(getattr(self, f"{p}patchify_proj"), m.latent[:, s0:e0], video and plan.residual_offload, plan)
         ts = m.timesteps.reshape(b, -1)
         if ts.shape[1] == total:
             ts = ts[:, s0:e0]
@@ -148,9 +156,10 @@ class LTX2Model(nn.Module):
         spec = RopeSpec(inner, heads, tuple(max_pos), cfg.rope_type, cfg.positional_embedding_theta,
                         cfg.use_middle_indices_grid, cfg.double_precision_rope, self.ctx.tp_size, self.ctx.tp_rank)
         st = StreamState(
-            x=x, mod=mod, embedded=embedded, rope=StreamRope(positions, spec, dtype, plan.cache_rope),
+            x=x, mod=mod, embedded=embedded, rope=StreamRope(positions, spec, dtype, plan.cache_rope, plan.attn_chunk_tokens),
             context=context, context_mask=_context_bias(m.context_mask, dtype), layout=layout,
             enabled=m.enabled, prompt_mod=prompt_mod, self_mask=_self_attention_bias(m.attention_mask, dtype),
+            offload=video,
         )
         if video and plan.attention_window_frames is not None:  # the opt-in approximation
             st.window = temporal_window(m.positions, m.timesteps, plan.attention_window_frames)
@@ -158,7 +167,7 @@ class LTX2Model(nn.Module):
             cross_spec = RopeSpec(cfg.audio_cross_attention_dim, heads, (cfg.cross_pe_max_pos,), cfg.rope_type,
                                   cfg.positional_embedding_theta, True, cfg.double_precision_rope,
                                   self.ctx.tp_size, self.ctx.tp_rank)
-            st.cross_rope = StreamRope(positions[:, 0:1], cross_spec, dtype, plan.cache_rope)
+            st.cross_rope = StreamRope(positions[:, 0:1], cross_spec, dtype, plan.cache_rope, plan.attn_chunk_tokens)
             t = cross.sigma.view(b, 1) * mult
             ss_adaln = getattr(self, f"av_ca_{kind}_scale_shift_adaln_single")
             gate_adaln = self.av_ca_a2v_gate_adaln_single if video else self.av_ca_v2a_gate_adaln_single
@@ -166,20 +175,42 @@ class LTX2Model(nn.Module):
             st.cross_gate = gate_adaln(t.flatten() * (cfg.av_ca_timestep_scale_multiplier / mult), dtype)[0].view(b, -1, inner)
         return st
 
+    def _patchify(self, proj: nn.Linear, latent: torch.Tensor, offload: bool, plan: ExecutionPlan):
+        """The residual stream's start: latent tokens projected to the inner dim; with the plan's
+        residual_offload, chunk by chunk into pinned host memory."""
+        if not offload:
+            return proj(latent)
+        b, n, _ = latent.shape
+        x = HostTokens((b, n, proj.out_features), latent.dtype, latent.device)
+        for s, e in token_chunks(n, plan.ffn_chunk_tokens):
+            x.write(s, e, proj(latent[:, s:e]))
+        return x
+
     def _output(self, kind: str, st: StreamState, plan: ExecutionPlan) -> torch.Tensor:
         p = self._names(kind)
         table = getattr(self, f"{p}scale_shift_table")
         proj = getattr(self, f"{p}proj_out")
         x = st.x
-        out = x.new_empty(*x.shape[:2], proj.out_features)
-        for s, e in token_chunks(x.shape[1], plan.ffn_chunk_tokens):
+        out = torch.empty(*x.shape[:2], proj.out_features, dtype=x.dtype, device=x.device)
+        chunks = token_chunks(x.shape[1], plan.ffn_chunk_tokens)
+        walk = rows(x, chunks)
+        for s, e in chunks:
             emb = st.embedded.rows(s, e)
             shift, scale = (table[None, None].to(device=x.device, dtype=x.dtype) + emb[:, :, None]).unbind(dim=2)
-            h = F.layer_norm(x[:, s:e], (x.shape[-1],), eps=self.cfg.norm_eps)
+            h = F.layer_norm(walk.load(s, e), (x.shape[-1],), eps=self.cfg.norm_eps)
             out[:, s:e] = proj(h * (1 + scale) + shift)
         if st.layout.split:
             out = gather_sequence(out, list(st.layout.sizes), self.ctx.sp_group)
         return out
+
+
+def _step_tokens(video: Modality | None, audio: Modality | None) -> tuple:
+    """execution_plan's arguments for these inputs: video, audio and text tokens, batch, whether
+    timesteps are per token, dtype bytes."""
+    ref = video if video is not None else audio
+    b = ref.latent.shape[0]
+    return (video.latent.shape[1] if video is not None else 0, audio.latent.shape[1] if audio is not None else 0,
+            ref.context.shape[1], b, ref.timesteps.numel() > b, ref.latent.dtype.itemsize)
 
 
 def _context_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

@@ -29,6 +29,11 @@ COMFY_PREFIX = "model.diffusion_model."
 FOREIGN_PREFIXES = ("video_embeddings_connector.", "audio_embeddings_connector.", "text_embedding_projection.")
 
 
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+                      "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+                      "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
 class CheckpointMismatchError(ValueError):
     pass
 
@@ -80,6 +85,12 @@ class _Source:
         if self._sd is not None:
             return tuple(self._sd[raw].shape)
         return tuple(self._where[raw].get_slice(raw).get_shape())
+
+    def dtype(self, key: str) -> torch.dtype:
+        raw = self._map[key]
+        if self._sd is not None:
+            return self._sd[raw].dtype
+        return SAFETENSORS_DTYPES.get(self._where[raw].get_slice(raw).get_dtype(), torch.uint8)
 
     def get(self, key: str) -> torch.Tensor:
         raw = self._map[key]
@@ -199,5 +210,8 @@ def official_state_dict(model: LTX2Model) -> dict[str, torch.Tensor]:
     out = {}
     for key, e in checkpoint_spec(model).items():
         t = e.param.detach()
+        if e.shape == () and t.ndim == 1:  # a per-shard scalar (fp8 scale): one slot per fused shard
+            out[key] = t[e.shard or 0].clone()
+            continue
         out[key] = (t.narrow(0, e.shard * e.shape[0], e.shape[0]) if e.shard is not None else t).clone()
     return out
