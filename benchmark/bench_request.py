@@ -71,7 +71,7 @@ class RandomContext(torch.nn.Module):
         return self.v, self.a
 
 
-def build_full_size(model: str, device, dtype, ctx, seed: int = 0):
+def build_full_size(model: str, device, dtype, ctx, seed: int = 0, layers: int | None = None):
     from ltx_core.model.audio_vae import AudioDecoderConfigurator, VocoderConfigurator
     from ltx_core.model.upsampler import LatentUpsamplerConfigurator
     from ltx_core.model.video_vae import VideoDecoderConfigurator, VideoEncoderConfigurator
@@ -81,7 +81,7 @@ def build_full_size(model: str, device, dtype, ctx, seed: int = 0):
     from ltx2_tp.pipelines.components import LTX2Components
     from ltx2_tp.pipelines.tiny import neutral_latent_statistics
 
-    cfg = get_config(model)
+    cfg = get_config(model) if layers is None else get_config(model, num_layers=layers)
     torch.manual_seed(seed)
     with torch.device(device):
         parts = dict(video_encoder=VideoEncoderConfigurator.from_config(REAL_VAE),

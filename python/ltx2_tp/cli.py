@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import sys
 import time
 
@@ -43,6 +44,7 @@ def cmd_dit(args) -> int:
 
     try:  # the DiT alone: multiples of 32 (the pipelines, with a half-size stage 1, need 64)
         check_video_size(args.num_frames, args.height, args.width, SPATIAL_SCALE)
+        _check_window_flag(args)
     except RequestError as e:
         raise _flag_error(e) from None
     cfg = get_config(args.model)
@@ -60,6 +62,8 @@ def cmd_dit(args) -> int:
         plan = ExecutionPlan(args.ffn_chunk_tokens, args.attn_chunk_tokens, cache_rope=not args.attn_chunk_tokens)
     else:  # what the model derives by itself for the tokens an SP rank holds
         plan = model.execution_plan(video.latent.shape[1])
+    if args.attention_window_frames is not None:  # the opt-in approximation
+        plan = dataclasses.replace(plan, attention_window_frames=args.attention_window_frames)
     times = []
     for _ in range(args.repeat):
         if device.type == "cuda":
@@ -106,6 +110,9 @@ def cmd_generate(args) -> int:
         raise UsageError(f"--lora: no such file {args.lora[0]!r}")
     try:  # every value checked before anything is built
         cls.check_request(req, cfg.num_layers)
+        from ltx2_tp.pipelines.approximations import check_layout
+
+        check_layout(req, args.ring_size)
     except RequestError as e:
         raise _flag_error(e) from None
     _check_speed_args(args, files)
@@ -139,6 +146,10 @@ def cmd_generate(args) -> int:
     if result is None:  # not rank 0
         return 0
     print(timer.table())
+    from ltx2_tp.pipelines.approximations import describe
+
+    for line in describe(result.approximations):
+        print(line)
     print(f"wrote {result.path} ({result.frames} frames {result.width}x{result.height} @ {result.fps:g} fps, "
           f"{result.audio_samples} audio samples)")
     return 0
@@ -226,13 +237,39 @@ REQUEST_FLAGS = ("video_stg_guidance_scale", "video_rescale_scale", "video_stg_b
                  "video_skip_step", "audio_cfg_guidance_scale", "audio_stg_guidance_scale", "audio_rescale_scale",
                  "audio_stg_blocks", "v2a_guidance_scale", "audio_skip_step", "images", "video_path", "start_time",
                  "end_time", "video_conditioning", "conditioning_attention_strength", "audio_path", "audio_start_time",
-                 "audio_max_duration")
+                 "audio_max_duration", "attention_window_frames", "keyframe_stride", "step_cache_threshold")
 FIELD_FLAGS = {"images": "--image"}  # request fields whose flag is not --field-name
 
 
 def _flag_error(e) -> UsageError:
     flag = FIELD_FLAGS.get(e.field, "--" + e.field.replace("_", "-"))
     return UsageError(f"{flag}: {str(e).split(': ', 1)[1]}")
+
+
+def _check_window_flag(args) -> None:
+    """`dit --attention-window-frames`: its range, and no ring attention (RequestError naming the field)."""
+    from ltx2_tp.pipelines.request import RequestError, check_attention_window
+
+    check_attention_window(args.attention_window_frames)
+    if args.attention_window_frames is not None and args.ring_size > 1:
+        raise RequestError("attention_window_frames", f"not supported with ring attention (--ring-size "
+                           f"{args.ring_size}); use --ulysses-size")
+
+
+def _add_approximation_args(p: argparse.ArgumentParser, pipeline: bool = True) -> None:
+    """Opt-in approximations: off unless given; their measured deviation is in the README, and
+    benchmark/quality.py measures it on real weights."""
+    g = p.add_argument_group("approximations (opt-in; change the output: README 'Approximations')")
+    g.add_argument("--attention-window-frames", type=int, default=None, metavar="K",
+                   help="APPROXIMATION: video self-attention sees only latent frames within K of the query's "
+                   "(plus conditioning frames); not with --ring-size > 1")
+    if pipeline:
+        g.add_argument("--keyframe-stride", type=int, default=1, metavar="S",
+                       help="APPROXIMATION: stage 1 denoises every S-th latent frame (and the last); the frames "
+                       "between are interpolated before stage 2 refines all (two-stage pipelines)")
+        g.add_argument("--step-cache-threshold", type=float, default=0.0, metavar="T",
+                       help="APPROXIMATION: reuse the previous step's DiT output while block 0's modulated input "
+                       "changed by less than T in sum (TeaCache-style; 0: off)")
 
 
 def _pipeline_options(cls, args) -> dict:
@@ -542,6 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_input_args(g)
     _add_layout_args(g)
     _add_speed_args(g)
+    _add_approximation_args(g)
     _add_encoder_args(g)
     g.add_argument("--output-path", default="outputs/ltx2_tp.mp4")
     g.add_argument("--output-format", default=None, choices=["mp4", "webm", "gif"], help="default: from --output-path")
@@ -587,6 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--attn-chunk-tokens", type=int, default=None)
     _add_quantization_arg(d)
     _add_attention_arg(d)
+    _add_approximation_args(d, pipeline=False)
     _add_device_args(d, cpu_dtype="bf16")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--repeat", type=int, default=2)

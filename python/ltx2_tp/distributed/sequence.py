@@ -78,13 +78,19 @@ class SequenceLayout:
 
 
 def self_attention(q, k, v, layout: SequenceLayout, ctx: ParallelContext, q_chunk: int | None,
-                   mask: torch.Tensor | None = None, head_groups: int = 1) -> torch.Tensor:
+                   mask: torch.Tensor | None = None, head_groups: int = 1, window=None) -> torch.Tensor:
+    """`window`: a layers/windowed_attention.TemporalWindow (the opt-in approximation), which
+    attends wherever a rank holds every token of its heads: one GPU, TP, Ulysses."""
+    attend = local_attention if window is None else window.attention
     if not layout.split:  # traced with the rest of a compiled block: no graph break on one GPU
-        return local_attention(q, k, v, q_chunk, mask)
+        return attend(q, k, v, q_chunk, mask)
     if mask is not None:
         raise NotImplementedError("a self-attention mask (Modality.attention_mask) is supported only with sp_size=1")
     if ctx.ring_size == 1:
-        return ulysses_attention(q, k, v, layout.ulysses_sizes, ctx, q_chunk, head_groups)
+        return ulysses_attention(q, k, v, layout.ulysses_sizes, ctx, q_chunk, head_groups, attend)
+    if window is not None:  # each ring step holds one K/V block: windows would need per-block ranges
+        raise NotImplementedError("--attention-window-frames is not supported with ring attention (--ring-size > 1); "
+                                  "use Ulysses (--ulysses-size)")
     return _ring_attention(q, k, v, layout, ctx, q_chunk)
 
 
@@ -128,25 +134,30 @@ class SplitKeyAttention:
 
 # ---- two-pass self-attention -------------------------------------------------------------------
 def self_attention_keys(layout: SequenceLayout, ctx: ParallelContext, plan: ExecutionPlan,
-                        mask: torch.Tensor | None = None, kv_offload: bool = False) -> "_LocalKeys | _UlyssesKeys":
+                        mask: torch.Tensor | None = None, kv_offload: bool = False,
+                        window=None) -> "_LocalKeys | _UlyssesKeys":
     """The keys of a two-pass self-attention over `layout`'s tokens: this rank's K/V when the
     sequence is whole here, Ulysses when it is split (ring attention runs in one pass: block.py).
-    kv_offload: the K/V store is parked in host memory (plan.kv_block_tokens per streamed block)."""
+    kv_offload: the K/V store is parked in host memory (plan.kv_block_tokens per streamed block).
+    window: the temporal-window approximation (layers/windowed_attention.py), on the device store."""
+    if window is not None and kv_offload:
+        raise NotImplementedError("--attention-window-frames is not supported with K/V offload")
     if not layout.split:
-        return _LocalKeys(layout, plan, mask, kv_offload)
+        return _LocalKeys(layout, plan, mask, kv_offload, window)
     if mask is not None:
         raise NotImplementedError("a self-attention mask (Modality.attention_mask) is supported only with sp_size=1")
     if ctx.ring_size > 1:
         raise NotImplementedError("two-pass self-attention under ring attention (it runs in one pass)")
-    return _UlyssesKeys(layout, ctx, plan, kv_offload)
+    return _UlyssesKeys(layout, ctx, plan, kv_offload, window)
 
 
 class _LocalKeys:
     """All keys on this rank: K/V in a store of this rank's tokens (memory/offload.py's tier)."""
 
-    def __init__(self, layout: SequenceLayout, plan: ExecutionPlan, mask: torch.Tensor | None, kv_offload: bool):
+    def __init__(self, layout: SequenceLayout, plan: ExecutionPlan, mask: torch.Tensor | None, kv_offload: bool,
+                 window=None):
         n = layout.local_tokens
-        self.plan, self.mask, self.n, self.offload = plan, mask, n, kv_offload
+        self.plan, self.mask, self.n, self.offload, self.window = plan, mask, n, kv_offload, window
         self.pass1 = token_chunks(n, plan.attn_chunk_tokens)
         self.pass2 = plan.out_chunks(n, plan.attn_chunk_tokens)
         self.store, self.i1, self.i2 = None, 0, 0
@@ -165,6 +176,8 @@ class _LocalKeys:
     def attend(self, q: torch.Tensor) -> torch.Tensor:
         s, e = self.pass2[self.i2]
         self.i2 += 1
+        if self.window is not None:  # the query chunk's rows of the sequence against the stored keys
+            return self.window.attention(q, self.store.k, self.store.v, None, self.mask, [(s, e - s)])
         return self.store.attend(q, mask=None if self.mask is None else self.mask[..., s:e, :])
 
 
@@ -175,8 +188,9 @@ class _UlyssesKeys:
     Pass 2: each query chunk goes through Ulysses in the plan's head groups (ulysses_pipelined)
     against the stored keys, and its output comes back."""
 
-    def __init__(self, layout: SequenceLayout, ctx: ParallelContext, plan: ExecutionPlan, kv_offload: bool):
-        self.ctx, self.plan, self.offload = ctx, plan, kv_offload
+    def __init__(self, layout: SequenceLayout, ctx: ParallelContext, plan: ExecutionPlan, kv_offload: bool,
+                 window=None):
+        self.ctx, self.plan, self.offload, self.window = ctx, plan, kv_offload, window
         self.sizes = layout.ulysses_sizes
         self.offsets = [sum(self.sizes[:r]) for r in range(len(self.sizes))]
         most = max(self.sizes)
@@ -230,6 +244,10 @@ class _UlyssesKeys:
         qs = ulysses_pack(q, parts, u, g)
 
         def attend_group(i, qi):
-            return self.store.attend(qi, None if g == 1 else slice(i * hg, (i + 1) * hg))
+            heads = None if g == 1 else slice(i * hg, (i + 1) * hg)
+            if self.window is not None:  # qi: each rank's tokens of the chunk, in rank order
+                k, v = (t if heads is None else t[:, :, heads] for t in (self.store.k, self.store.v))
+                return self.window.attention(qi, k, v, None, None, [(o + s, p) for o, p in zip(self.offsets, parts) if p])
+            return self.store.attend(qi, heads)
 
         return ulysses_unpack(ulysses_pipelined((qs,), parts, self.ctx, attend_group), q.shape[1])

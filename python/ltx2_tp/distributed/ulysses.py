@@ -17,13 +17,15 @@ from ltx2_tp.layers.attention_backend import local_attention
 
 
 def ulysses_attention(q, k, v, sizes: list[int], ctx: ParallelContext, q_chunk: int | None,
-                      head_groups: int = 1) -> torch.Tensor:
+                      head_groups: int = 1, attend=local_attention) -> torch.Tensor:
     """q/k/v (B, n_local, H, d) of the parts `sizes` of this Ulysses group -> (B, n_local, H, d).
     Packing for the all-to-all and unpacking after it are plain tensor ops, traced with the block:
-    compiled, they fuse with RoPE and the output gate instead of being eager copies."""
+    compiled, they fuse with RoPE and the output gate instead of being eager copies.
+    `attend(q, k, v, q_chunk)` runs on every token of this rank's heads (local_attention, or the
+    temporal window's)."""
     g = head_group_count(q.shape[2], ctx.ulysses_size, head_groups)
     qs, ks, vs = (ulysses_pack(t, sizes, ctx.ulysses_size, g) for t in (q, k, v))
-    out = ulysses_pipelined((qs, ks, vs), sizes, ctx, lambda i, qi, ki, vi: local_attention(qi, ki, vi, q_chunk))
+    out = ulysses_pipelined((qs, ks, vs), sizes, ctx, lambda i, qi, ki, vi: attend(qi, ki, vi, q_chunk))
     return ulysses_unpack(out, q.shape[1])
 
 

@@ -11,7 +11,7 @@ and, unless a forward is handed a plan, derives one per forward from the tokens 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ltx2_tp.memory.estimate import StepShape, activation_bytes
 
@@ -43,17 +43,25 @@ class ExecutionPlan:
     kv_offload: bool = False
     residual_offload: bool = False
     kv_block_tokens: int | None = None  # None: one block of all keys
+    # APPROXIMATION, opt-in (layers/windowed_attention.py): video self-attention sees only the latent
+    # frames within this many of the query's, plus the conditioning tokens (None: exact attention)
+    attention_window_frames: int | None = None
 
     def __post_init__(self):
         if self.kv_offload and self.ulysses_head_groups > 1:
             # streamed K/V blocks serve all of a chunk's heads at once: groups would stream them G times
             raise ValueError("kv_offload needs ulysses_head_groups=1")
+        if self.kv_offload and self.attention_window_frames is not None:
+            # streamed K/V blocks go past every query chunk: the window would need per-block ranges
+            raise ValueError("--attention-window-frames is not supported with K/V offload (the activation "
+                             "tier chosen for this size and memory); drop the window or use more GPUs")
 
     def describe(self) -> str:
+        window = f" attention_window_frames={self.attention_window_frames}" if self.attention_window_frames else ""
         return (f"ffn_chunk={self.ffn_chunk_tokens} attn_chunk={self.attn_chunk_tokens} cache_rope={self.cache_rope}"
                 f" comm_chunk={self.comm_chunk_tokens} ulysses_head_groups={self.ulysses_head_groups}"
                 f" kv_offload={self.kv_offload} residual_offload={self.residual_offload}"
-                f" kv_block={self.kv_block_tokens}")
+                f" kv_block={self.kv_block_tokens}{window}")
 
     def two_pass(self, tokens: int, kv_offload: bool = False) -> bool:
         """Self-attention over `tokens` (the most any rank of the sequence group holds) in two passes:
@@ -70,7 +78,8 @@ OVERLAP_MIN_TOKENS = 4096  # below this, splitting work to hide communication co
 
 
 def plan_for(local_video_tokens: int, inner_dim: int = 4096, tp_size: int = 1, ffn_mult: int = 4,
-             budget_bytes: float = 2 * 2**30, dtype_bytes: int = 2, ulysses_size: int = 1) -> ExecutionPlan:
+             budget_bytes: float = 2 * 2**30, dtype_bytes: int = 2, ulysses_size: int = 1,
+             attention_window_frames: int | None = None) -> ExecutionPlan:
     """Chunk so that no FFN intermediate (tokens x 4D / tp) or per-chunk QKV exceeds budget_bytes;
     with Ulysses and enough tokens, pipeline the all-to-all in 2 head groups."""
     ffn_row = inner_dim * ffn_mult // tp_size * dtype_bytes
@@ -83,7 +92,8 @@ def plan_for(local_video_tokens: int, inner_dim: int = 4096, tp_size: int = 1, f
     # so the NCCL kernel waits for them instead of overlapping (measured: no gain, more comm time).
     big = local_video_tokens >= 2 * OVERLAP_MIN_TOKENS
     head_groups = 2 if ulysses_size > 1 and big else 1
-    return ExecutionPlan(ffn_chunk, attn_chunk, cache_rope=rope_bytes <= budget_bytes, ulysses_head_groups=head_groups)
+    return ExecutionPlan(ffn_chunk, attn_chunk, cache_rope=rope_bytes <= budget_bytes, ulysses_head_groups=head_groups,
+                         attention_window_frames=attention_window_frames)
 
 
 # Attention chunks the budget rule tries, largest first: fewer, larger chunks run the GEMMs and
@@ -140,19 +150,22 @@ def _candidates(shape: StepShape):
 @dataclass(frozen=True)
 class PlanRule:
     """How a model picks its plan when a forward is given none (LTX2LongVideo sets `budget_bytes`;
-    the planner sets `activation_budget_bytes`, what remains of the GPU after weights)."""
+    the planner sets `activation_budget_bytes`, what remains of the GPU after weights; a
+    request asking for the temporal-window approximation sets the window for its run)."""
 
     budget_bytes: float = 2 * 2**30  # the largest whole-sequence intermediate (plan_for)
     dtype_bytes: int = 2
     activation_budget_bytes: float | None = None  # the whole forward's activations (plan_within)
+    attention_window_frames: int | None = None  # an opt-in approximation: never set by default
 
     def plan(self, local_video_tokens: int, inner_dim: int, tp_size: int = 1, ffn_mult: int = 4,
              ulysses_size: int = 1) -> ExecutionPlan:
         return plan_for(local_video_tokens, inner_dim, tp_size, ffn_mult, self.budget_bytes, self.dtype_bytes,
-                        ulysses_size)
+                        ulysses_size, self.attention_window_frames)
 
     def for_step(self, cfg, shape: StepShape) -> ExecutionPlan:
         """The plan for one forward of `shape` (this rank's tokens) on a model of `cfg`."""
         if self.activation_budget_bytes is None:
             return self.plan(shape.video_tokens, cfg.inner_dim, shape.tp, cfg.ff_mult, shape.ulysses)
-        return plan_within(cfg, shape, self.activation_budget_bytes)[0]
+        plan = plan_within(cfg, shape, self.activation_budget_bytes)[0]
+        return replace(plan, attention_window_frames=self.attention_window_frames)

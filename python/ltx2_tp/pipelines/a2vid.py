@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ltx2_tp.compat import has_torchaudio
-from ltx2_tp.pipelines import stages
+from ltx2_tp.pipelines import keyframe_stride, stages
 from ltx2_tp.pipelines.base import Run, pixel_shape
 from ltx2_tp.pipelines.guidance import default_params, guided_denoise_fn
 from ltx2_tp.pipelines.request import GenerationRequest, RequestError
@@ -67,9 +67,10 @@ class LTX2A2VidPipeline(LTX2TwoStagePipeline):
                 req, half.height, half.width), initial_audio=audio, audio_noise_scale=0.0))
         with t("stage1_denoise"):
             no_audio_guidance = type(video_guidance)()
-            s = stages.denoise(c, s, stages.stage1_sigmas(req.num_inference_steps, c.device),
-                               guided_denoise_fn(c, run.pos, run.neg, video_guidance, no_audio_guidance,
-                                                 audio_negative=False), "stage1", run.progress)
+            loop = keyframe_stride.strided(stages.denoise, req.keyframe_stride, run.approximations)
+            s = loop(c, s, stages.stage1_sigmas(req.num_inference_steps, c.device),
+                     guided_denoise_fn(c, run.pos, run.neg, video_guidance, no_audio_guidance, audio_negative=False),
+                     "stage1", run.progress)
             video_latent, _ = stages.unpatchify(s)
         with t("upsample"):
             up = stages.upsample(c, video_latent)

@@ -5,13 +5,13 @@ write the file, report. A pipeline is a class with a `name` (the registry's and 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ltx2_tp.media_stream import FAST_OPTIONS
-from ltx2_tp.pipelines import stages
+from ltx2_tp.pipelines import approximations, stages
 from ltx2_tp.pipelines.components import LTX2Components
 from ltx2_tp.pipelines.decode import STREAM, decode_and_write
 from ltx2_tp.pipelines.guidance import check_stg_blocks, default_params, request_guidance
@@ -27,6 +27,7 @@ class GenerationResult:
     fps: float
     audio_samples: int
     stage_times: dict[str, float]
+    approximations: dict = field(default_factory=dict)  # what the request's opt-in approximations did
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Run:
     timer: stages.StageTimer
     progress: stages.Progress | None
     source_audio: object = None  # A2Vid: the input audio, written as it is
+    approximations: dict = field(default_factory=dict)  # their report (pipelines/approximations.py)
 
 
 class LTX2PipelineBase:
@@ -51,6 +53,8 @@ class LTX2PipelineBase:
     stream_decode = True
     encoder_options = FAST_OPTIONS  # MP4 encoder settings (media_stream.EncoderOptions; CLI --video-encoder-*)
     guided = True  # encodes the negative prompt and reads the guidance fields
+    supports_keyframe_stride = False  # stage 1 over keyframes only (pipelines/keyframe_stride.py)
+    supports_step_cache = True  # its loops are Euler loops (pipelines/step_cache.py)
 
     def __init__(self, components: LTX2Components, params=None):
         self.c = components
@@ -75,10 +79,12 @@ class LTX2PipelineBase:
                 raise RequestError("images", f"no such file: {img[0]}")
         if cls.guided:
             check_stg_blocks(req, num_layers)
+        approximations.check(cls, req)
 
     def check(self, req: GenerationRequest) -> None:
         """Before anything runs: the request, then what this pipeline instance adds."""
         self.check_request(req, self.c.transformer.cfg.num_layers)
+        approximations.check_layout(req, self.c.ctx.ring_size)
 
     def temporal_tile_frames(self, req: GenerationRequest) -> int | str | None:
         """ltx-core's tiling when the decode is not streamed: None (whole video), N or decode.AUTO."""
@@ -123,8 +129,9 @@ class LTX2PipelineBase:
         return [_in_dit_dtype(cond, self.c.dtype) for cond in conds]
 
     # the request ---------------------------------------------------------------------------
-    def __call__(self, req: GenerationRequest, output_path: str | Path, progress: stages.Progress | None = None,
-                 timer: stages.StageTimer | None = None) -> GenerationResult:
+    def run_latents(self, req: GenerationRequest, progress: stages.Progress | None = None,
+                    timer: stages.StageTimer | None = None) -> tuple[Run, torch.Tensor, torch.Tensor]:
+        """Check, encode the prompts and denoise: the run and its final latents (no decoding)."""
         self.check(req)
         c, timer = self.c, timer or stages.StageTimer(sync=self.c.device.type == "cuda")
         gen = torch.Generator(device=c.device).manual_seed(int(req.seed))
@@ -134,7 +141,14 @@ class LTX2PipelineBase:
             else:  # ltx-pipelines encodes the prompt alone here
                 pos, neg = stages.encode_prompt(c, req.prompt), None
         run = Run(req, gen, pos, neg, timer, progress)
-        video_latent, audio_latent = self.latents(run)
+        with approximations.applied(c, req, run.approximations):
+            video_latent, audio_latent = self.latents(run)
+        return run, video_latent, audio_latent
+
+    def __call__(self, req: GenerationRequest, output_path: str | Path, progress: stages.Progress | None = None,
+                 timer: stages.StageTimer | None = None) -> GenerationResult:
+        run, video_latent, audio_latent = self.run_latents(req, progress, timer)
+        c, timer, gen = self.c, run.timer, run.generator
         frames_n, width, height, fps = self.output_shape(req)
         with timer("decode_and_write"):
             path, audio_samples = decode_and_write(c, video_latent, audio_latent, fps, output_path, req.output_format,
@@ -144,7 +158,8 @@ class LTX2PipelineBase:
         if progress:
             progress("done", 1, 1)
         return GenerationResult(path=path, frames=frames_n, width=width, height=height, fps=fps,
-                                audio_samples=audio_samples, stage_times=dict(timer.times))
+                                audio_samples=audio_samples, stage_times=dict(timer.times),
+                                approximations=run.approximations)
 
 
 def pixel_shape(req: GenerationRequest, divide: int = 1):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ltx2_tp.pipelines import stages
+from ltx2_tp.pipelines import keyframe_stride, stages
 from ltx2_tp.pipelines.base import Run, pixel_shape
 from ltx2_tp.pipelines.two_stage import LTX2TwoStagePipeline
 
@@ -24,7 +24,7 @@ class LTX2DistilledPipeline(LTX2TwoStagePipeline):
         with t("latent_preparation"):
             s = stages.prepare_latents(c, half, run.generator, self.image_conditionings(req, half.height, half.width))
         with t("stage1_denoise"):
-            s = stages.denoise(c, s, stages.distilled_sigmas(c.device), stages.stage2_denoise_fn(c, run.pos), "stage1",
-                               run.progress)
+            loop = keyframe_stride.strided(stages.denoise, req.keyframe_stride, run.approximations)
+            s = loop(c, s, stages.distilled_sigmas(c.device), stages.stage2_denoise_fn(c, run.pos), "stage1", run.progress)
             video_latent, audio_latent = stages.unpatchify(s)
         return self.refine(run, video_latent, audio_latent)  # the distilled weights as they are

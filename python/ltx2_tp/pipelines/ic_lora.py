@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ltx2_tp.models.ltx2.lora import LoraWeights, lora_applied
-from ltx2_tp.pipelines import stages
+from ltx2_tp.pipelines import keyframe_stride, stages
 from ltx2_tp.pipelines.base import Run, pixel_shape
 from ltx2_tp.pipelines.request import GenerationRequest, RequestError
 from ltx2_tp.pipelines.two_stage import LTX2TwoStagePipeline
@@ -74,7 +74,7 @@ class LTX2ICLoraPipeline(LTX2TwoStagePipeline):
             conds += self.reference_conditionings(req, half.height, half.width)
             s = stages.prepare_latents(c, half, run.generator, conds)
         with t("stage1_denoise"), lora_applied(c.transformer, self.lora):
-            s = stages.denoise(c, s, stages.distilled_sigmas(c.device), stages.stage2_denoise_fn(c, run.pos), "stage1",
-                               run.progress)
+            loop = keyframe_stride.strided(stages.denoise, req.keyframe_stride, run.approximations)
+            s = loop(c, s, stages.distilled_sigmas(c.device), stages.stage2_denoise_fn(c, run.pos), "stage1", run.progress)
             video_latent, audio_latent = stages.unpatchify(s)
         return self.refine(run, video_latent, audio_latent)

@@ -59,6 +59,10 @@ class GenerationRequest:
     audio_path: str | None = None  # A2Vid: the audio to put video to
     audio_start_time: float = 0.0
     audio_max_duration: float | None = None
+    # Opt-in APPROXIMATIONS (pipelines/approximations.py; never on unless asked):
+    attention_window_frames: int | None = None  # video self-attention sees latent frames within K (None: all)
+    keyframe_stride: int = 1  # stage 1 denoises every S-th latent frame and the last, the rest interpolated
+    step_cache_threshold: float = 0.0  # reuse a step's DiT output while its input moved less than T (0: off)
 
     def validate(self, max_frames: int = 2001, max_side: int = 4096,
                  spatial_multiple: int = TWO_STAGE_SPATIAL_MULTIPLE) -> "GenerationRequest":
@@ -75,6 +79,7 @@ class GenerationRequest:
             raise RequestError("seed", f"must be between 0 and 2**63-1, got {self.seed}")
         _check_guidance(self)
         _check_inputs(self)
+        _check_approximations(self)
         if self.output_format not in OUTPUT_FORMATS:
             raise RequestError("output_format", f"must be one of {OUTPUT_FORMATS}, got {self.output_format!r}")
         return self
@@ -115,6 +120,34 @@ def _check_guidance(r: GenerationRequest) -> None:
         v = getattr(r, name)
         if v is not None and not all(isinstance(b, int) and b >= 0 for b in v):
             raise RequestError(name, f"must be a list of block indices >= 0, got {v}")
+
+
+MAX_WINDOW_FRAMES = 250  # latent frames: 2001 frames are 251, so a larger window is exact attention
+MAX_KEYFRAME_STRIDE = 16  # latent frames between keyframes: 128 video frames
+MAX_STEP_CACHE_THRESHOLD = 1.0  # an accumulated relative change of 1 already skips nearly every allowed step
+
+
+def check_attention_window(k) -> None:
+    """The temporal window's radius (also `ltx2-tp dit --attention-window-frames`)."""
+    if k is not None and not (_is_int(k) and 1 <= k <= MAX_WINDOW_FRAMES):
+        raise RequestError("attention_window_frames", f"must be an integer between 1 and {MAX_WINDOW_FRAMES} "
+                           f"(latent frames each way; unset: exact attention), got {k!r}")
+
+
+def _check_approximations(r: GenerationRequest) -> None:
+    check_attention_window(r.attention_window_frames)
+    s = r.keyframe_stride
+    if not (_is_int(s) and 1 <= s <= MAX_KEYFRAME_STRIDE):
+        raise RequestError("keyframe_stride", f"must be an integer between 1 and {MAX_KEYFRAME_STRIDE} "
+                           f"(1: every frame), got {s!r}")
+    t = r.step_cache_threshold
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not (0.0 <= t <= MAX_STEP_CACHE_THRESHOLD):
+        raise RequestError("step_cache_threshold", f"must be a number between 0 and {MAX_STEP_CACHE_THRESHOLD:g} "
+                           f"(0: off), got {t!r}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _check_inputs(r: GenerationRequest) -> None:

@@ -18,6 +18,7 @@ from ltx2_tp.compat import ensure_ltx_imports
 from ltx2_tp.latent_grid import tokens_per_rank
 from ltx2_tp.models.ltx2.lora import lora_applied
 from ltx2_tp.models.vae_stream import Streamed, stream_decode
+from ltx2_tp.pipelines import step_cache
 from ltx2_tp.pipelines.components import LTX2Components
 from ltx2_tp.pipelines.guidance import cfg_only, guided_denoise_fn
 from ltx2_tp.profiling import nvtx_range
@@ -110,7 +111,9 @@ def prepare_latents(c: LTX2Components, shape: VideoPixelShape, generator: torch.
 
 def denoise(c: LTX2Components, s: Streams, sigmas: torch.Tensor, denoise_fn, stage: str,
             progress: Progress | None = None) -> Streams:
-    """Euler loop over `sigmas` (ltx-pipelines' euler_denoising_loop, with progress and NVTX per step)."""
+    """Euler loop over `sigmas` (ltx-pipelines' euler_denoising_loop, with progress and NVTX per step).
+    A request with `step_cache_threshold` > 0 reuses some steps' outputs (step_cache.py, opt-in)."""
+    denoise_fn = step_cache.for_stage(c, denoise_fn, stage)
     stepper = EulerDiffusionStep()
     video, audio = s.video, s.audio
     total = len(sigmas) - 1

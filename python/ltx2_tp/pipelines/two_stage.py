@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ltx2_tp.pipelines import stages
+from ltx2_tp.pipelines import keyframe_stride, stages
 from ltx2_tp.pipelines.base import GenerationResult, LTX2PipelineBase, Run, pixel_shape
 from ltx2_tp.pipelines.guidance import guided_denoise_fn
 from ltx2_tp.pipelines.request import GenerationRequest
@@ -21,6 +21,7 @@ from ltx2_tp.pipelines.request import GenerationRequest
 class LTX2TwoStagePipeline(LTX2PipelineBase):
     name = "LTX2TwoStagePipeline"
     keyframes = False  # the keyframe pipeline appends every image as keyframe tokens
+    supports_keyframe_stride = True  # stage 2 refines every frame after the interpolation
 
     def latents(self, run: Run) -> tuple[torch.Tensor, torch.Tensor]:
         c, req, t = self.c, run.req, run.timer
@@ -30,9 +31,9 @@ class LTX2TwoStagePipeline(LTX2PipelineBase):
             conds = self.image_conditionings(req, half.height, half.width, self.keyframes)
             s = stages.prepare_latents(c, half, run.generator, conds)
         with t("stage1_denoise"):
-            s = stages.denoise(c, s, stages.stage1_sigmas(req.num_inference_steps, c.device),
-                               guided_denoise_fn(c, run.pos, run.neg, video_guidance, audio_guidance), "stage1",
-                               run.progress)
+            loop = keyframe_stride.strided(stages.denoise, req.keyframe_stride, run.approximations)
+            s = loop(c, s, stages.stage1_sigmas(req.num_inference_steps, c.device),
+                     guided_denoise_fn(c, run.pos, run.neg, video_guidance, audio_guidance), "stage1", run.progress)
             video_latent, audio_latent = stages.unpatchify(s)
         return self.refine(run, video_latent, audio_latent, stages.stage2_weights(c))
 

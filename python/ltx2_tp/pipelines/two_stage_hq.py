@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ltx2_tp.pipelines import stages
+from ltx2_tp.pipelines import keyframe_stride, stages
 from ltx2_tp.pipelines.base import Run, pixel_shape
 from ltx2_tp.pipelines.guidance import default_params, guided_denoise_fn
 from ltx2_tp.pipelines.two_stage import LTX2TwoStagePipeline
@@ -21,6 +21,7 @@ DISTILLED_LORA_STRENGTH_STAGE_1, DISTILLED_LORA_STRENGTH_STAGE_2 = 0.25, 0.5
 
 class LTX2TwoStageHQPipeline(LTX2TwoStagePipeline):
     name = "LTX2TwoStageHQPipeline"
+    supports_step_cache = False  # res_2s: two DiT evaluations per step
 
     def __init__(self, components, params=None, distilled_lora_strength_stage_1: float = DISTILLED_LORA_STRENGTH_STAGE_1,
                  distilled_lora_strength_stage_2: float = DISTILLED_LORA_STRENGTH_STAGE_2):
@@ -46,8 +47,9 @@ class LTX2TwoStageHQPipeline(LTX2TwoStagePipeline):
         with t("latent_preparation"):
             s = stages.prepare_latents(c, half, run.generator, self.image_conditionings(req, half.height, half.width))
         with t("stage1_denoise"), stages.stage2_weights(c, self.strengths[0]):
-            s = stages.denoise_res2s(c, s, sigmas, guided_denoise_fn(c, run.pos, run.neg, video_guidance, audio_guidance),
-                                     "stage1", run.progress)
+            loop = keyframe_stride.strided(stages.denoise_res2s, req.keyframe_stride, run.approximations)
+            s = loop(c, s, sigmas, guided_denoise_fn(c, run.pos, run.neg, video_guidance, audio_guidance), "stage1",
+                     run.progress)
             video_latent, audio_latent = stages.unpatchify(s)
         return self.refine(run, video_latent, audio_latent, stages.stage2_weights(c, self.strengths[1]),
                            loop=stages.denoise_res2s)

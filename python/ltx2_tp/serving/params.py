@@ -2,7 +2,8 @@
 
 OpenAI's fields: prompt, model, seconds, size (input_reference: serving/uploads.py). Through the
 client's `extra_body`: num_frames, fps, seed, num_inference_steps (or steps), guidance_scale (or
-guidance), negative_prompt, width, height. `size` "WxH" is rounded to multiples of 64 (the
+guidance), negative_prompt, width, height, and the opt-in approximations attention_window_frames,
+keyframe_stride, step_cache_threshold. `size` "WxH" is rounded to multiples of 64 (the
 two-stage pipeline's grid: 1280x720 -> 1280x704; 13x70 -> 64x64); width / height override it; the
 job reports as `size` what is generated. `seconds` becomes the nearest 8k+1 frame count.
 Numbers arrive as form strings or JSON numbers: booleans, non-finite values (inf, nan, 1e400) and
@@ -104,7 +105,11 @@ def video_request(fields: dict, limits: Limits) -> tuple[GenerationRequest, str,
     guidance = number(fields, "guidance_scale", number(fields, "guidance", 3.0))
     req = GenerationRequest(prompt=prompt, negative_prompt=negative, width=width, height=height, num_frames=frames,
                             fps=fps, seed=number(fields, "seed", 0, integer=True), num_inference_steps=steps,
-                            guidance_scale=guidance)
+                            guidance_scale=guidance,
+                            # opt-in approximations (README "Approximations"), off unless given
+                            attention_window_frames=number(fields, "attention_window_frames", None, integer=True),
+                            keyframe_stride=number(fields, "keyframe_stride", 1, integer=True),
+                            step_cache_threshold=number(fields, "step_cache_threshold", 0.0))
     try:
         req.validate(max_frames=limits.max_frames)
     except RequestError as e:

@@ -14,6 +14,7 @@ the whole sequence is distributed/sequence.py's); audio (25 tokens/s) is whole o
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -33,6 +34,9 @@ from ltx2_tp.models.ltx2.config import LTX2Config
 from ltx2_tp.models.ltx2.inputs import SKIP_A2V, SKIP_AUDIO_SELF_ATTN, SKIP_V2A, SKIP_VIDEO_SELF_ATTN
 from ltx2_tp.profiling import nvtx_range
 
+if TYPE_CHECKING:
+    from ltx2_tp.layers.windowed_attention import TemporalWindow
+
 
 @dataclass
 class StreamState:
@@ -51,6 +55,7 @@ class StreamState:
     cross_ss: torch.Tensor | None = None  # (B, 1, 4D) a<->v scale/shift timestep
     cross_gate: torch.Tensor | None = None  # (B, 1, D) a<->v gate timestep
     self_mask: torch.Tensor | None = None  # additive (B, 1, T, T), sp_size=1 only
+    window: "TemporalWindow | None" = None  # opt-in temporal-window approximation of self-attention
     offload: bool = False  # follows the plan's offload tiers (video; audio, 25 tokens/s, stays resident)
 
     @property
@@ -153,7 +158,7 @@ class AVTransformerBlock(nn.Module):
             o = v
         else:
             o = self_attention(q, k, v, st.layout, self.ctx, plan.attn_chunk_tokens, st.self_mask,
-                               plan.ulysses_head_groups)
+                               plan.ulysses_head_groups, st.window)
             del q, k
             if pert.any_in_batch(kind, self.idx):
                 m = pert.mask(kind, self.idx, x.device, x.dtype).view(-1, 1, 1, 1)
@@ -188,7 +193,7 @@ class AVTransformerBlock(nn.Module):
 
             add_residual(st.x, plan.out_chunks(st.x.shape[1], plan.attn_chunk_tokens), value)
             return
-        keys = self_attention_keys(st.layout, self.ctx, plan, st.self_mask, plan.kv_offload and st.offload)
+        keys = self_attention_keys(st.layout, self.ctx, plan, st.self_mask, plan.kv_offload and st.offload, st.window)
         walk = rows(st.x, keys.pass1)
         for s, e in keys.pass1:
             k, v = attn.kv(modulated(s, e, walk.load(s, e)))

@@ -21,6 +21,7 @@ from ltx2_tp.distributed.sequence import SequenceLayout
 from ltx2_tp.latent_grid import tokens_per_rank
 from ltx2_tp.layers.adaln import AdaLayerNormSingle, TokenModulation
 from ltx2_tp.layers.rope import RopeSpec, StreamRope
+from ltx2_tp.layers.windowed_attention import temporal_window
 from ltx2_tp.memory.estimate import StepShape
 from ltx2_tp.memory.offload import HostTokens, rows
 from ltx2_tp.memory.plan import ExecutionPlan, PlanRule, token_chunks
@@ -160,6 +161,8 @@ class LTX2Model(nn.Module):
             enabled=m.enabled, prompt_mod=prompt_mod, self_mask=_self_attention_bias(m.attention_mask, dtype),
             offload=video,
         )
+        if video and plan.attention_window_frames is not None:  # the opt-in approximation
+            st.window = temporal_window(m.positions, m.timesteps, plan.attention_window_frames)
         if cross is not None and cfg.has_video and cfg.has_audio:
             cross_spec = RopeSpec(cfg.audio_cross_attention_dim, heads, (cfg.cross_pe_max_pos,), cfg.rope_type,
                                   cfg.positional_embedding_theta, True, cfg.double_precision_rope,
