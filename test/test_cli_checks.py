@@ -72,3 +72,9 @@ def test_guidance_parallel_flags(capsys):
         capsys, *gen, *cfg_only, "--num-gpus", "4", "--guidance-parallel-size", "4")
     assert "LTX2DistilledPipeline runs no guidance" in _fails(
         capsys, *gen, "--pipeline-class-name", "LTX2DistilledPipeline", "--num-gpus", "2", "--enable-cfg-parallel")
+
+
+def test_serve_warmup_shapes_are_checked(capsys):
+    assert "--warmup: '128x128' is not WIDTHxHEIGHTxFRAMES" in _fails(capsys, "serve", "--warmup", "128x128")
+    assert "--warmup: 100x128x9: width: must be a multiple of 64" in _fails(capsys, "serve", "--warmup",
+                                                                         "128x128x9,100x128x9")

@@ -158,6 +158,21 @@ def cmd_serve(args) -> int:
                         ("--collective-timeout-s", args.collective_timeout_s, 1), ("--port", args.port, 0)):
         if v < lo:
             raise UsageError(f"{flag} must be at least {lo}, got {v}")
+    warmup = []
+    if args.warmup:
+        from ltx2_tp.serving.params import Limits
+        from ltx2_tp.serving.warmup import warmup_requests
+
+        limits = Limits(model_name=args.served_model_name, default_steps=args.num_inference_steps,
+                        max_video_tokens=args.max_video_tokens, max_prompt_chars=args.max_prompt_chars)
+        try:
+            warmup = warmup_requests(args.warmup, limits)
+        except ValueError as e:
+            raise UsageError(f"--warmup: {e}") from None
+    if args.compile_cache_dir is None:  # beside the jobs, so a restarted server finds its compiled graphs
+        from pathlib import Path
+
+        args.compile_cache_dir = str(Path(args.output_dir) / "compile_cache")
     files = _checkpoint_files(args)
     _check_layout(args, files)
     cls = get_pipeline_class(args.pipeline_class_name)
@@ -179,7 +194,7 @@ def cmd_serve(args) -> int:
             return 0
         pipe = LeaderPipeline(pipe, channel, sync)
     log_to_stderr()
-    manager = JobManager(pipe, args.output_dir, args.max_queue, args.ttl_s)
+    manager = JobManager(pipe, args.output_dir, args.max_queue, args.ttl_s, warmup=warmup)
     app = create_app(manager, model_name=args.served_model_name, api_key=args.api_key,
                      max_video_tokens=args.max_video_tokens, default_steps=args.num_inference_steps,
                      max_upload_bytes=args.max_upload_bytes, max_prompt_chars=args.max_prompt_chars,
@@ -193,6 +208,8 @@ def cmd_serve(args) -> int:
         server.should_exit = True
 
     manager.on_fatal = fatal
+    if manager.warmup_error is not None:  # it failed before on_fatal was set
+        fatal(RuntimeError(f"--warmup failed: {manager.warmup_error}"))
     try:
         server.run()
     finally:
@@ -336,8 +353,10 @@ def _speed_options(args, comps) -> None:
 
         quantize_fp8(comps.transformer)
     if args.enable_torch_compile:
-        from ltx2_tp.compile import compile_blocks
+        from ltx2_tp.compile import compile_blocks, use_compile_cache
 
+        if args.compile_cache_dir:
+            use_compile_cache(args.compile_cache_dir)
         compile_blocks(comps.transformer)
 
 
@@ -417,6 +436,10 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
 def _add_speed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enable-torch-compile", action="store_true",
                    help="torch.compile each DiT block (first request per resolution compiles: minutes at full size)")
+    p.add_argument("--compile-cache-dir", default=None,
+                   help="with --enable-torch-compile: inductor's on-disk cache, so a restart loads the compiled "
+                   "graphs instead of compiling (serve: default OUTPUT_DIR/compile_cache; generate: torch's "
+                   "/tmp/torchinductor_USER)")
     p.add_argument("--fp8", action="store_true", help="fp8 block linears (torch._scaled_mm; GPU with CC >= 8.9)")
     _add_attention_arg(p)
 
@@ -550,6 +573,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--collective-timeout-s", type=float, default=600,
                     help="several ranks: a DiT collective whose peer failed gives up after this long")
     sv.add_argument("--num-inference-steps", type=int, default=8, help="default when a request gives none")
+    sv.add_argument("--warmup", default=None, metavar="WxHxF[,WxHxF...]",
+                    help="run a 2-step dummy request per shape before taking requests (with "
+                    "--enable-torch-compile: compiles them, or loads them from --compile-cache-dir); /health "
+                    "answers 503 warming_up until done")
     _add_layout_args(sv)
     _add_speed_args(sv)
     _add_encoder_args(sv)
