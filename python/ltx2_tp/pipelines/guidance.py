@@ -188,10 +188,8 @@ def run_passes(model, passes: list[GuidancePass], video_state, audio_state, sigm
 
 def passes_per_step(video: MultiModalGuiderParams, audio: MultiModalGuiderParams) -> int:
     """The passes a guided step runs with these params (step 0, always guided): 1 to 4."""
-    vg, ag = MultiModalGuider(video), MultiModalGuider(audio)
-    return (1 + any(g.do_unconditional_generation() for g in (vg, ag))
-            + any(g.do_perturbed_generation() for g in (vg, ag))
-            + any(g.do_isolated_modality_generation() for g in (vg, ag)))
+    x = torch.zeros(1)  # stands for the contexts: only the count matters
+    return len(step_passes(MultiModalGuider(video, x), MultiModalGuider(audio, x), (x, x), 0))
 
 
 def split_passes(passes: list[GuidancePass], groups: int) -> list[list[GuidancePass]]:
@@ -260,7 +258,7 @@ def guided_denoise_fn(c: LTX2Components, ctx_pos, ctx_neg, video: MultiModalGuid
                                   c.ctx)
 
         def terms(k):  # the passes not run enter ltx-core's formula as 0.0, as in ltx-pipelines
-            return [out[n][k] if n in out else 0.0 for n in ("uncond", "perturbed", "isolated")]
+            return [out[n][k] if n in out else 0.0 for n in PASS_NAMES[1:]]
 
         dv = last[0] if skip_v else vg.calculate(out["cond"][0], *terms(0))
         da = last[1] if skip_a else ag.calculate(out["cond"][1], *terms(1))
