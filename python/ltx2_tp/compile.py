@@ -8,7 +8,7 @@ AOTAutograd cache, the Triton kernels and their autotuning results: all under
 TORCHINDUCTOR_CACHE_DIR; torch 2.11 and 2.13 have the FX and AOTAutograd caches on by default,
 set here anyway). A process that compiles a block graph already in the cache loads it instead:
 on CPU here the tiny DiT's block took 82 s to compile and 10 s from the cache
-(test/test_compile_cache.py); only Dynamo's tracing is redone. The weights are graph inputs, so
+(test/test_warm_start.py, LTX2_TP_SLOW=1); only Dynamo's tracing is redone. The weights are graph inputs, so
 one cache serves any checkpoint of the same architecture. Without a directory torch uses
 /tmp/torchinductor_<user>, which a new machine or container does not have.
 """
