@@ -9,14 +9,25 @@ weights have none). Stage 1 runs the official multimodal guidance with the model
 (ltx-pipelines' PipelineParams: LTX-2 40 steps, video cfg 3 + STG block 29 + modality 3, audio
 cfg 7 ...: 4 DiT passes per step, one batched forward when this rank's video tokens <= 16,384);
 `--guidance cfg` runs plain CFG on both streams instead (2 passes: the figures before issue 16).
-Several pipelines run in one process over the same weights (`--pipeline-class-name A,B`):
+Several pipelines run in one process over the same weights (`--pipeline-class-name A,B`).
+`--official` then runs ltx-pipelines' own TI2VidTwoStagesPipeline on the same weights (shared, not
+copied: benchmark/official_pipeline.py) with the same requests (seeds, guidance, steps) and prints
+its stages beside ours and sglang's published figures (../shared/anchors.md); one rank only.
+`--compile-cache-dir D` puts inductor's caches in D: a second run with the same D measures the
+warm start (its warm-up request loads the compiled graphs instead of compiling them).
 
     python benchmark/bench_request.py --model ltx-2-19b --pipeline-class-name LTX2TwoStagePipeline,LTX2DistilledPipeline \
         --width 768 --height 512 --num-frames 121 --repeat 3 --json benchmark/results/x.json
     python benchmark/bench_request.py --model ltx-2.3 --steps 30 [--compile] [--guidance cfg]
     torchrun --nproc-per-node 4 benchmark/bench_request.py --tp-size 4 ...      (TP / SP layouts)
     python benchmark/bench_request.py --device cpu --model tiny --width 128 --height 128 --num-frames 9 --steps 2 \
-        --pipeline-class-name LTX2TwoStagePipeline,LTX2DistilledPipeline --repeat 1
+        --pipeline-class-name LTX2TwoStagePipeline,LTX2DistilledPipeline --repeat 1 --official
+    torchrun --nproc-per-node 2 benchmark/bench_request.py --enable-cfg-parallel ...   (2 guidance groups)
+
+GPU time of `--official` at 768x512x121, LTX-2's 40 steps, eager, warm-up 1 + repeat 1 (estimated from
+the 2026-11-23 eager runs: a pass at 1,536 tokens ~0.31 s eager, launch-bound): ours ~0.45 s/step
+(4 passes batched) -> ~25 s a request; ltx-pipelines 4 forwards a step -> ~1.3 s/step -> ~60 s; the
+distilled pipeline ~10 s; build ~30 s: ~4 minutes in all.
 """
 
 from __future__ import annotations
@@ -117,20 +128,29 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--compile", action="store_true", help="torch.compile each DiT block")
+    p.add_argument("--compile-cache-dir", default=None, help="inductor's cache (default: torch's /tmp one)")
     p.add_argument("--tp-size", type=int, default=1)
     p.add_argument("--ulysses-size", type=int, default=1)
     p.add_argument("--ring-size", type=int, default=1)
+    p.add_argument("--official", action="store_true",
+                   help="also run ltx-pipelines' TI2VidTwoStagesPipeline on the same weights and requests")
+    p.add_argument("--official-tiling", choices=["default", "none"], default="default",
+                   help="its VAE decode tiling: its entry point's TilingConfig.default(), or none (as ours)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None)
-    from ltx2_tp.cli import _add_encoder_args, _encoder_options
+    from ltx2_tp.cli import _add_encoder_args, _add_guidance_parallel_args, _encoder_options, _resolve_cfg_parallel
 
     _add_encoder_args(p)  # --video-encoder-preset / -crf / -frame-threads, --video-convert
+    _add_guidance_parallel_args(p)  # --guidance-parallel-size G, --enable-cfg-parallel
     a = p.parse_args()
+    _resolve_cfg_parallel(a)
 
     from ltx2_tp.distributed.context import init_parallel
     from ltx2_tp.pipelines.registry import get_pipeline_class
 
-    ctx = init_parallel(a.tp_size, a.ulysses_size, a.ring_size)
+    ctx = init_parallel(a.tp_size, a.ulysses_size, a.ring_size, guidance_size=a.guidance_parallel_size)
+    if a.official and torch.distributed.is_initialized():
+        p.error("--official runs on one rank (ltx-pipelines has no parallel layout)")
     device = f"cuda:{torch.cuda.current_device()}" if a.device == "cuda" else a.device
     dtype = torch.bfloat16 if a.device == "cuda" else torch.float32
     t0 = time.perf_counter()
@@ -141,8 +161,10 @@ def main() -> int:
     else:
         comps = build_full_size(a.model, device, dtype, ctx)
     if a.compile:
-        from ltx2_tp.compile import compile_blocks
+        from ltx2_tp.compile import compile_blocks, use_compile_cache
 
+        if a.compile_cache_dir:
+            use_compile_cache(a.compile_cache_dir)
         compile_blocks(comps.transformer)
     build_s = time.perf_counter() - t0
     if a.guidance_batch_max_tokens is not None:
@@ -155,16 +177,26 @@ def main() -> int:
         pipe = get_pipeline_class(name)(comps)
         pipe.encoder_options = _encoder_options(a)
         results[name] = bench_pipeline(a, pipe, comps, ctx, rank0)
+    official = bench_official(a, comps) if a.official else None
     if rank0:
-        gpus = torch.cuda.device_count() if a.device == "cuda" else 0
+        gpus = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         device_name = torch.cuda.get_device_name() if a.device == "cuda" else "cpu"
         print(f"\n{a.model} {a.width}x{a.height}x{a.num_frames}, guidance {a.guidance}, layout[{ctx.describe()}], "
-              f"compile={a.compile}, {device_name} x{max(gpus, 1)}, build {build_s:.1f} s")
+              f"compile={a.compile}, {device_name} x{gpus}, build {build_s:.1f} s")
         for name, r in results.items():
             print(f"\n{name}: {r['steps']}")
+            print(f"first request (warm-up, incl. any compilation): {', '.join(f'{x:.3f}' for x in r['warmup_request_s'])} s")
             print("| Metric | mean | runs |\n|---|---|---|")
             for k, v in r["table"].items():
                 print(f"| {k} | {v['mean']:.4f} s | {', '.join(f'{x:.4f}' for x in v['runs'])} |")
+        if official is not None:
+            print(side_by_side(results, official, gpus))
+        cache = None
+        if a.compile:
+            from ltx2_tp.compile import compile_cache_stats
+
+            cache = compile_cache_stats()  # restart with a warm cache: no fx_graph_cache_misses
+            print(f"compile cache {a.compile_cache_dir or '(torch default)'}: {cache}")
         if a.device == "cuda":
             print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
         if a.json:
@@ -172,27 +204,122 @@ def main() -> int:
             Path(a.json).write_text(json.dumps({
                 "date": datetime.date.today().isoformat(), "device": device_name, "command": " ".join(sys.argv),
                 "model": a.model, "guidance": a.guidance, "layout": ctx.describe(), "compile": a.compile,
-                "pipelines": results,
+                "guidance_parallel_size": a.guidance_parallel_size, "compile_cache": cache, "pipelines": results,
+                "ltx_pipelines": official,
                 "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if a.device == "cuda" else None,
             }, indent=1))
     return 0
 
 
-def bench_pipeline(a, pipe, comps, ctx, rank0) -> dict:
-    """Warm-up + repeats of one pipeline: request time, stage times, per-step times."""
-    from ltx2_tp.pipelines.request import GenerationRequest
-    from ltx2_tp.pipelines.stages import StageTimer
+OUT_DIR = Path("/tmp/ltx2_tp_bench_request")
+# sglang 0.5.23's published baseline (test/server/perf_baselines/h100.json; ../shared/anchors.md):
+# ltx_2_two_stage_t2v, LTX-2, 768x512x121, 40 steps, 2x H100 with cfg-parallel
+SGLANG = {"gpus": 2, "Warmup-excluded request": 6.78, "Denoise per step": 0.129, "Refinement stage": 0.636,
+          "Decode stage (+MP4 write)": 0.220}
 
-    sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
-    out_dir = Path("/tmp/ltx2_tp_bench_request")
-    out_dir.mkdir(exist_ok=True)
-    steps = a.steps or pipe.params.num_inference_steps
+
+def make_request(a, steps: int, seed: int):
+    """The benchmark's request: the same for every pipeline (ours and ltx-pipelines')."""
+    from ltx2_tp.pipelines.request import GenerationRequest
+
     guidance = {}
     if a.guidance == "cfg":  # the multimodal guider reduced to CFGGuider's arithmetic on both streams
         guidance = dict(video_stg_guidance_scale=0.0, video_rescale_scale=0.0, a2v_guidance_scale=1.0,
                         audio_cfg_guidance_scale=a.guidance_scale, audio_stg_guidance_scale=0.0,
                         audio_rescale_scale=0.0, v2a_guidance_scale=1.0)
-    runs, seen = [], {}
+    return GenerationRequest(prompt="SpongeBob talking with patrick", width=a.width, height=a.height,
+                             num_frames=a.num_frames, num_inference_steps=steps, guidance_scale=a.guidance_scale,
+                             seed=seed, **guidance)
+
+
+def _mean(xs):
+    return statistics.mean(xs) if xs else float("nan")
+
+
+def _table(runs) -> dict:
+    """The table's rows (mean and runs) from runs {request_s, stages, steps: {stage1, stage2}} (ours and
+    ltx-pipelines' alike)."""
+    rows = {
+        "Warmup-excluded request": [r["request_s"] for r in runs],
+        "Denoise stage": [r["stages"]["stage1_denoise"] for r in runs],
+        "Denoise per step": [_mean(r["steps"]["stage1"]) for r in runs],
+        "Upsample": [r["stages"].get("upsample", 0.0) for r in runs],
+        "Refinement stage": [r["stages"].get("stage2_refine", 0.0) for r in runs],
+        "Refinement per step": [_mean(r["steps"]["stage2"]) for r in runs],
+        "Decode stage (+MP4 write)": [r["stages"]["decode_and_write"] for r in runs],
+    }
+    return {k: {"mean": _mean(xs), "runs": xs} for k, xs in rows.items()}
+
+
+def bench_official(a, comps) -> dict:
+    """ltx-pipelines' TI2VidTwoStagesPipeline, warm-up + repeats, on the same weights and requests as
+    LTX2TwoStagePipeline (the same seeds: run i has seed i on both sides)."""
+    from official_pipeline import OfficialTwoStage
+
+    from ltx2_tp.pipelines.registry import get_pipeline_class
+
+    ours = get_pipeline_class("LTX2TwoStagePipeline")(comps)
+    theirs = OfficialTwoStage(comps, a.official_tiling)
+    steps = a.steps or ours.params.num_inference_steps
+    runs, warm = [], []
+    for i in range(a.warmup + a.repeat):
+        req = make_request(a, steps, i)
+        video, audio = ours.guidance(req)
+        total, stages, step_t, latent = theirs.run(req, video, audio, OUT_DIR / f"official_r{i}.mp4")
+        print(f"ltx-pipelines TI2VidTwoStagesPipeline run {i}{' (warm-up)' if i < a.warmup else ''}: {total:.3f} s  "
+              + "  ".join(f"{k} {v:.3f}" for k, v in stages.items()), flush=True)
+        if i < a.warmup:
+            warm.append(total)
+            continue
+        runs.append({"request_s": total, "stages": stages,
+                     "steps": {"stage1": step_t.get("stage1_denoise", []), "stage2": step_t.get("stage2_refine", [])},
+                     "seed": i, "final_video_latent": latent.float().cpu()})
+    # the same request through ours, to check both computed the same video (fp32: <= 1e-5; bf16: rounding)
+    from ltx2_tp.pipelines import stages as our_stages
+    from ltx2_tp.pipelines.base import Run
+
+    req = make_request(a, steps, runs[-1]["seed"])
+    pos, neg = our_stages.encode_text(comps, req.prompt, req.negative_prompt)
+    gen = torch.Generator(device=comps.device).manual_seed(req.seed)
+    ours_latent = ours.latents(Run(req, gen, pos, neg, our_stages.StageTimer(), None))[0].float().cpu()
+    ref = runs[-1].pop("final_video_latent")
+    for r in runs:
+        r.pop("final_video_latent", None)
+    diff = float((ours_latent - ref).abs().max() / ref.abs().max())
+    return {"pipeline": "ltx_pipelines.ti2vid_two_stages.TI2VidTwoStagesPipeline", "tiling": a.official_tiling,
+            "warmup_request_s": warm, "runs": runs, "final_video_latent_rel_diff": diff,
+            "table": _table(runs)}
+
+
+def side_by_side(results: dict, official: dict, gpus: int) -> str:
+    """Ours | ltx-pipelines | speed-up | sglang's published 2-GPU figures | our GPU-seconds / sglang's."""
+    ours = results.get("LTX2TwoStagePipeline")
+    lines = [f"\nLTX2TwoStagePipeline vs ltx-pipelines' TI2VidTwoStagesPipeline (same weights, requests, device; "
+             f"its tiling: {official['tiling']}); final video latents differ by {official['final_video_latent_rel_diff']:.2e} "
+             f"(relative max)",
+             f"| Metric | ours ({gpus} GPU) | ltx-pipelines (1 GPU) | speed-up | sglang published ({SGLANG['gpus']}x H100, "
+             f"768x512x121, 40 steps) | ours GPU-s / sglang GPU-s |", "|---|---|---|---|---|---|"]
+    for k, v in official["table"].items():
+        mine = ours["table"][k]["mean"] if ours else float("nan")
+        sg = SGLANG.get(k)
+        sg_s = f"{sg:.3f} s" if sg else "-"
+        ratio = f"{mine * gpus / (sg * SGLANG['gpus']):.2f}" if sg else "-"
+        lines.append(f"| {k} | {mine:.3f} s | {v['mean']:.3f} s | {v['mean'] / mine:.2f}x | {sg_s} | {ratio} |")
+    for name, r in results.items():
+        if name != "LTX2TwoStagePipeline":
+            lines.append(f"{name}: request {r['table']['Warmup-excluded request']['mean']:.3f} s")
+    return "\n".join(lines)
+
+
+def bench_pipeline(a, pipe, comps, ctx, rank0) -> dict:
+    """Warm-up + repeats of one pipeline: request time, stage times, per-step times."""
+    from ltx2_tp.pipelines.stages import StageTimer
+
+    sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
+    OUT_DIR.mkdir(exist_ok=True)
+    steps = a.steps or pipe.params.num_inference_steps
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    runs, seen, warm = [], {}, []
     for i in range(a.warmup + a.repeat):
         step_t: dict[str, list[float]] = {"stage1": [], "stage2": []}
         last = [time.perf_counter()]
@@ -206,16 +333,16 @@ def bench_pipeline(a, pipe, comps, ctx, rank0) -> dict:
                 last[0] = now
                 seen[stage] = total
 
-        req = GenerationRequest(prompt="SpongeBob talking with patrick", width=a.width, height=a.height,
-                                num_frames=a.num_frames, num_inference_steps=steps, guidance_scale=a.guidance_scale,
-                                seed=i, **guidance)
+        req = make_request(a, steps, i)
         timer = StageTimer(sync=a.device == "cuda")
         sync()
         t = time.perf_counter()
-        pipe(req, out_dir / f"r{i}_rank{ctx.tp_rank}.mp4", progress=progress, timer=timer)
+        pipe(req, OUT_DIR / f"r{i}_rank{rank}.mp4", progress=progress, timer=timer)
         sync()
         total = time.perf_counter() - t
-        if i >= a.warmup:
+        if i < a.warmup:
+            warm.append(total)
+        else:
             runs.append({"request_s": total, "stages": dict(timer.times), "stage_parts": dict(timer.parts),
                          "stage1_steps": step_t["stage1"],
                          "stage2_steps": step_t["stage2"]})
@@ -224,22 +351,11 @@ def bench_pipeline(a, pipe, comps, ctx, rank0) -> dict:
                   "  ".join(f"{k} {v:.3f}" for k, v in timer.times.items()) +
                   "  (" + "  ".join(f"{k} {v:.3f}" for k, v in timer.parts.items()) + ")", flush=True)
 
-    def mean(xs):
-        return statistics.mean(xs) if xs else float("nan")
-
-    rows = {
-        "Warmup-excluded request": [r["request_s"] for r in runs],
-        "Denoise stage": [r["stages"]["stage1_denoise"] for r in runs],
-        "Denoise per step": [mean(r["stage1_steps"]) for r in runs],
-        "Upsample": [r["stages"].get("upsample", 0.0) for r in runs],
-        "Refinement stage": [r["stages"].get("stage2_refine", 0.0) for r in runs],
-        "Refinement per step": [mean(r["stage2_steps"]) for r in runs],
-        "Decode stage (+MP4 write)": [r["stages"]["decode_and_write"] for r in runs],
-    }
     v, au = pipe.guidance(req) if pipe.guided else (None, None)
     what = (f"stage 1 {seen.get('stage1')} denoiser calls, stage 2 {seen.get('stage2')} (res_2s: 2 a step)"
             + (f"; video {v}; audio {au}" if v is not None else "; no guidance"))
-    return {"steps": what, "runs": runs, "table": {k: {"mean": mean(xs), "runs": xs} for k, xs in rows.items()}}
+    table = _table([{**r, "steps": {"stage1": r["stage1_steps"], "stage2": r["stage2_steps"]}} for r in runs])
+    return {"steps": what, "runs": runs, "warmup_request_s": warm, "table": table}
 
 
 if __name__ == "__main__":

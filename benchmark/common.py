@@ -88,6 +88,14 @@ def init_like_ours(named_params, seed: int, device) -> None:
 
 def build_ltx_core_gpu(cfg: LTX2Config, device, dtype, seed: int = 0, attention: str = "default"):
     """ltx-core's LTXModel with the full config, meta-built then materialised on the GPU."""
+    ref = ltx_core_on_meta(cfg, attention).to(dtype).to_empty(device=device).eval()
+    init_like_ours(ref.named_parameters(), seed, device)
+    return ref
+
+
+def ltx_core_on_meta(cfg: LTX2Config, attention: str = "default"):
+    """ltx-core's LTXModel (audio-video) at `cfg`, on the meta device: no memory until materialised
+    or given tensors (load_state_dict(..., assign=True))."""
     from ltx_core.model.transformer.attention import AttentionFunction
     from ltx_core.model.transformer.model import LTXModel, LTXModelType
     from ltx_core.model.transformer.rope import LTXRopeType
@@ -113,8 +121,6 @@ def build_ltx_core_gpu(cfg: LTX2Config, device, dtype, seed: int = 0, attention:
                                       if cfg.caption_projection else None),
             cross_attention_adaln=cfg.cross_attention_adaln,
         )
-    ref = ref.to(dtype).to_empty(device=device).eval()
-    init_like_ours(ref.named_parameters(), seed, device)
     return ref
 
 

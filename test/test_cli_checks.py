@@ -53,3 +53,28 @@ def test_help_shows_defaults(capsys, command, shown):
     text = " ".join(capsys.readouterr().out.split())
     for s in shown:
         assert s in text, s
+
+
+def test_guidance_parallel_flags(capsys):
+    gen = ["generate", "--prompt", "x"]
+    assert "--guidance-parallel-size must be between 1 and 4" in _fails(capsys, *gen, "--guidance-parallel-size", "5")
+    assert "--guidance-parallel-size (2) must divide --num-gpus (3)" in _fails(
+        capsys, *gen, "--num-gpus", "3", "--guidance-parallel-size", "2")
+    assert "must equal --guidance-parallel-size x --tp-size x --sp-size (2 x 1 x 1)" in _fails(
+        capsys, *gen, "--num-gpus", "4", "--guidance-parallel-size", "2")
+    assert "--enable-cfg-parallel means --guidance-parallel-size 2" in _fails(
+        capsys, "serve", "--enable-cfg-parallel", "--guidance-parallel-size", "4", "--num-gpus", "4")
+    # more groups than the request's passes: plain CFG on both streams, no STG / modality guidance = 2 passes
+    cfg_only = ["--video-stg-guidance-scale", "0", "--audio-stg-guidance-scale", "0", "--a2v-guidance-scale", "1",
+                "--v2a-guidance-scale", "1", "--pipeline-class-name", "LTX2TwoStagePipeline", "--width", "128",
+                "--height", "128", "--num-frames", "9"]
+    assert "this request runs 2 guidance pass(es) a step" in _fails(
+        capsys, *gen, *cfg_only, "--num-gpus", "4", "--guidance-parallel-size", "4")
+    assert "LTX2DistilledPipeline runs no guidance" in _fails(
+        capsys, *gen, "--pipeline-class-name", "LTX2DistilledPipeline", "--num-gpus", "2", "--enable-cfg-parallel")
+
+
+def test_serve_warmup_shapes_are_checked(capsys):
+    assert "--warmup: '128x128' is not WIDTHxHEIGHTxFRAMES" in _fails(capsys, "serve", "--warmup", "128x128")
+    assert "--warmup: 100x128x9: width: must be a multiple of 64" in _fails(capsys, "serve", "--warmup",
+                                                                         "128x128x9,100x128x9")

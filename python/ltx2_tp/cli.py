@@ -115,6 +115,7 @@ def cmd_generate(args) -> int:
         check_layout(req, args.ring_size)
     except RequestError as e:
         raise _flag_error(e) from None
+    _check_guidance_groups(args, cls, req, cfg, files)
     _check_speed_args(args, files)
     stream, encoder = _decode_settings(args)
 
@@ -170,11 +171,29 @@ def cmd_serve(args) -> int:
                         ("--collective-timeout-s", args.collective_timeout_s, 1), ("--port", args.port, 0)):
         if v < lo:
             raise UsageError(f"{flag} must be at least {lo}, got {v}")
+    warmup = []
+    if args.warmup:
+        from ltx2_tp.serving.params import Limits
+        from ltx2_tp.serving.warmup import warmup_requests
+
+        limits = Limits(model_name=args.served_model_name, default_steps=args.num_inference_steps,
+                        max_video_tokens=args.max_video_tokens, max_prompt_chars=args.max_prompt_chars)
+        try:
+            warmup = warmup_requests(args.warmup, limits)
+        except ValueError as e:
+            raise UsageError(f"--warmup: {e}") from None
+    if args.compile_cache_dir is None:  # beside the jobs, so a restarted server finds its compiled graphs
+        from pathlib import Path
+
+        args.compile_cache_dir = str(Path(args.output_dir) / "compile_cache")
     files = _checkpoint_files(args)
     _check_layout(args, files)
+    cls = get_pipeline_class(args.pipeline_class_name)
+    if args.guidance_parallel_size > 1 and not cls.guided:
+        raise UsageError(f"--guidance-parallel-size {args.guidance_parallel_size}: {cls.name} runs no guidance; use 1")
     _check_speed_args(args, files)
     stream, encoder = _decode_settings(args)
-    pipe = get_pipeline_class(args.pipeline_class_name)(_components(args, files))
+    pipe = cls(_components(args, files))
     pipe.stream_decode, pipe.encoder_options = stream, encoder
     if torch.distributed.is_initialized():  # one worker drives every rank: rank 0 serves HTTP, the others follow
         channel = ControlChannel()
@@ -188,7 +207,7 @@ def cmd_serve(args) -> int:
             return 0
         pipe = LeaderPipeline(pipe, channel, sync)
     log_to_stderr()
-    manager = JobManager(pipe, args.output_dir, args.max_queue, args.ttl_s)
+    manager = JobManager(pipe, args.output_dir, args.max_queue, args.ttl_s, warmup=warmup)
     app = create_app(manager, model_name=args.served_model_name, api_key=args.api_key,
                      max_video_tokens=args.max_video_tokens, default_steps=args.num_inference_steps,
                      max_upload_bytes=args.max_upload_bytes, max_prompt_chars=args.max_prompt_chars,
@@ -202,6 +221,8 @@ def cmd_serve(args) -> int:
         server.should_exit = True
 
     manager.on_fatal = fatal
+    if manager.warmup_error is not None:  # it failed before on_fatal was set
+        fatal(RuntimeError(f"--warmup failed: {manager.warmup_error}"))
     try:
         server.run()
     finally:
@@ -215,12 +236,24 @@ def cmd_serve(args) -> int:
 
 
 def _check_layout(args, files):
-    """--num-gpus = TP x SP, and TP / Ulysses must divide the heads: checked before anything is built.
-    Returns the DiT's config."""
+    """--num-gpus = G x TP x SP, and TP / Ulysses must divide the heads: checked before anything is
+    built. Returns the DiT's config."""
     from ltx2_tp.models.ltx2.config import LTX2Config, get_config
 
-    if args.tp_size * args.sp_size != args.num_gpus:
+    g = args.guidance_parallel_size
+    from ltx2_tp.pipelines.guidance import PASS_NAMES
+
+    if not 1 <= g <= len(PASS_NAMES):
+        raise UsageError(f"--guidance-parallel-size must be between 1 and {len(PASS_NAMES)} (a step has at most "
+                         f"{len(PASS_NAMES)} guidance passes: {', '.join(PASS_NAMES)}), got {g}")
+    if g == 1 and args.tp_size * args.sp_size != args.num_gpus:
         raise UsageError(f"--num-gpus ({args.num_gpus}) must equal --tp-size x --sp-size ({args.tp_size} x {args.sp_size})")
+    if g > 1:
+        if args.num_gpus % g:
+            raise UsageError(f"--guidance-parallel-size ({g}) must divide --num-gpus ({args.num_gpus})")
+        if g * args.tp_size * args.sp_size != args.num_gpus:
+            raise UsageError(f"--num-gpus ({args.num_gpus}) must equal --guidance-parallel-size x --tp-size x --sp-size "
+                             f"({g} x {args.tp_size} x {args.sp_size})")
     if files is None:
         cfg = get_config("tiny")
     else:
@@ -230,6 +263,24 @@ def _check_layout(args, files):
         cfg = LTX2Config.from_checkpoint_config(meta)
     cfg.validate_parallel(args.tp_size, args.ulysses_size)
     return cfg
+
+
+def _check_guidance_groups(args, cls, req, cfg, files) -> None:
+    """--guidance-parallel-size G: at most one group per guidance pass of the request's guided steps
+    (a pipeline without guidance has one pass: G must be 1)."""
+    g = args.guidance_parallel_size
+    if g == 1:
+        return
+    if not cls.guided:
+        raise UsageError(f"--guidance-parallel-size {g}: {cls.name} runs no guidance (one DiT pass a step); use 1")
+    from ltx2_tp.pipelines.guidance import passes_per_step, request_guidance
+
+    params = cls.default_params(cfg, files.checkpoint if files else None, files is None)
+    n = passes_per_step(*request_guidance(req, params, cfg.num_layers))
+    if g > n:
+        raise UsageError(f"--guidance-parallel-size {g}: this request runs {n} guidance pass(es) a step "
+                         f"(cond, then uncond if a CFG scale != 1, perturbed if an STG scale != 0, isolated if a "
+                         f"modality scale != 1): at most {n} groups")
 
 
 # request fields that `generate` takes as flags of the same name (ltx-pipelines' argument names)
@@ -306,7 +357,7 @@ def _components(args, files):
     from ltx2_tp.pipelines.checkpoints import build_checkpoint_components
     from ltx2_tp.pipelines.tiny import build_tiny_components
 
-    ctx = init_parallel(args.tp_size, args.ulysses_size, args.ring_size)
+    ctx = init_parallel(args.tp_size, args.ulysses_size, args.ring_size, guidance_size=args.guidance_parallel_size)
     device = args.device
     if device == "cuda" and ctx.is_parallel:
         device = f"cuda:{torch.cuda.current_device()}"
@@ -374,8 +425,10 @@ def _speed_options(args, comps, converted: bool = False) -> None:
         if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
             print(f"DiT weights: {describe(comps.transformer)}", file=sys.stderr)
     if args.enable_torch_compile:
-        from ltx2_tp.compile import compile_blocks
+        from ltx2_tp.compile import compile_blocks, use_compile_cache
 
+        if args.compile_cache_dir:
+            use_compile_cache(args.compile_cache_dir)
         compile_blocks(comps.transformer)
 
 
@@ -385,6 +438,23 @@ def _add_layout_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sp-size", type=int, default=1, help="sequence parallel = Ulysses x ring")
     p.add_argument("--ulysses-size", type=int, default=None, help="default: --sp-size / --ring-size")
     p.add_argument("--ring-size", type=int, default=1)
+    _add_guidance_parallel_args(p)
+
+
+def _add_guidance_parallel_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--guidance-parallel-size", type=int, default=1, metavar="G",
+                   help="guidance groups: a step's guidance passes (cond / uncond / perturbed / isolated) run on G "
+                   "groups of --tp-size x --sp-size ranks each (--num-gpus = G x TP x SP), and meet in one gather")
+    p.add_argument("--enable-cfg-parallel", action="store_true", help="sglang's name: --guidance-parallel-size 2")
+
+
+def _resolve_cfg_parallel(args) -> None:
+    """--enable-cfg-parallel is --guidance-parallel-size 2 (sglang's flag; its cfg-parallel is 2 groups)."""
+    if getattr(args, "enable_cfg_parallel", False):
+        if args.guidance_parallel_size not in (1, 2):
+            raise UsageError(f"--enable-cfg-parallel means --guidance-parallel-size 2, got --guidance-parallel-size "
+                             f"{args.guidance_parallel_size}")
+        args.guidance_parallel_size = 2
 
 
 def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
@@ -438,6 +508,10 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
 def _add_speed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enable-torch-compile", action="store_true",
                    help="torch.compile each DiT block (first request per resolution compiles: minutes at full size)")
+    p.add_argument("--compile-cache-dir", default=None,
+                   help="with --enable-torch-compile: inductor's on-disk cache, so a restart loads the compiled "
+                   "graphs instead of compiling (serve: default OUTPUT_DIR/compile_cache; generate: torch's "
+                   "/tmp/torchinductor_USER)")
     p.add_argument("--fp8", action="store_true", help="= --quantization fp8-rowwise")
     _add_quantization_arg(p)
     _add_attention_arg(p)
@@ -605,6 +679,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--collective-timeout-s", type=float, default=600,
                     help="several ranks: a DiT collective whose peer failed gives up after this long")
     sv.add_argument("--num-inference-steps", type=int, default=8, help="default when a request gives none")
+    sv.add_argument("--warmup", default=None, metavar="WxHxF[,WxHxF...]",
+                    help="run a 2-step dummy request per shape before taking requests (with "
+                    "--enable-torch-compile: compiles them, or loads them from --compile-cache-dir); /health "
+                    "answers 503 warming_up until done")
     _add_layout_args(sv)
     _add_speed_args(sv)
     _add_encoder_args(sv)
@@ -642,6 +720,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.ulysses_size * args.ring_size != args.sp_size:
                 raise UsageError(f"--sp-size ({args.sp_size}) must equal --ulysses-size x --ring-size "
                                  f"({args.ulysses_size} x {args.ring_size})")
+        _resolve_cfg_parallel(args)
         _check_device(args)
         if getattr(args, "attention", "auto") != "auto":  # refuses (naming the flag) before anything is built
             from ltx2_tp.layers.attention_backend import QUANTIZED, set_attention_backend

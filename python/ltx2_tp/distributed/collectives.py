@@ -88,6 +88,19 @@ def gather_sequence(x: torch.Tensor, sizes: list[int], group, dim: int = 1) -> t
         return torch.cat([b.narrow(dim, 0, s) for b, s in zip(bufs, sizes)], dim=dim)
 
 
+def gather_guidance_passes(x: torch.Tensor, group) -> torch.Tensor:
+    """(k, L) -> (G, k, L): every guidance group's k pass outputs (latent-sized rows: video then
+    audio, T x 128 channels each), the one collective of guidance parallelism per step."""
+    g = _size(group)
+    if g == 1:
+        return x[None]
+    x = x.contiguous()
+    out = x.new_empty(g, *x.shape)
+    with nvtx_range("all_gather_guidance"):
+        dist.all_gather(list(out.unbind(0)), x, group=group)  # the list form: gloo and NCCL, torch 2.11-2.13
+    return out
+
+
 def ulysses_seq_to_heads(x: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
     """(B, n_local, H, d) -> (B, sum(sizes), H / U, d): scatter heads, gather the sequence."""
     u = _size(group)

@@ -1,9 +1,14 @@
 """The parallel context a model receives: which groups exist and where this rank sits.
 
-Layout of a world of tp * ulysses * ring ranks, TP innermost (it talks most):
-    rank = (ring_idx * ulysses + ulysses_idx) * tp + tp_idx
+Layout of a world of guidance * ring * ulysses * tp ranks, TP innermost (it talks most):
+    rank = ((guidance_idx * ring + ring_idx) * ulysses + ulysses_idx) * tp + tp_idx
 The sequence-parallel (SP) group is ulysses x ring; sequence part `sp_rank = ring_idx * ulysses
 + ulysses_idx`, so one Ulysses group holds consecutive parts and a ring passes contiguous blocks.
+Guidance groups (G, pipelines/guidance.py) are outermost: each is a contiguous block of tp x sp
+ranks running its share of a step's guidance passes; the guidance group of a rank (the ranks at
+its place in every guidance group) moves one latent-sized all-gather per step (~0.4 MB at
+768x512x121's stage 1, against ~48 MB per block for TP), so it can take the slowest links
+(across NVLink islands or nodes) while TP and SP, which talk in every block, stay on the fastest.
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ class ParallelContext:
     ring_rank: int = 0
     ring_group: object = None
     sp_group: object = None  # ulysses x ring
+    guidance_size: int = 1
+    guidance_rank: int = 0
+    guidance_group: object = None  # this rank's place (ring, ulysses, tp) in every guidance group
 
     @property
     def sp_size(self) -> int:
@@ -38,24 +46,26 @@ class ParallelContext:
 
     @property
     def is_parallel(self) -> bool:
-        return self.tp_size > 1 or self.sp_size > 1
+        return self.tp_size > 1 or self.sp_size > 1 or self.guidance_size > 1
 
     def describe(self) -> str:
-        return f"tp={self.tp_size} ulysses={self.ulysses_size} ring={self.ring_size}"
+        g = f" guidance={self.guidance_size}" if self.guidance_size > 1 else ""
+        return f"tp={self.tp_size} ulysses={self.ulysses_size} ring={self.ring_size}{g}"
 
 
 SINGLE = ParallelContext()
 
 
-def init_parallel(tp_size: int = 1, ulysses_size: int = 1, ring_size: int = 1, backend: str | None = None) -> ParallelContext:
+def init_parallel(tp_size: int = 1, ulysses_size: int = 1, ring_size: int = 1, backend: str | None = None,
+                  guidance_size: int = 1) -> ParallelContext:
     """Create the groups from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, ...)."""
-    world = tp_size * ulysses_size * ring_size
+    world = tp_size * ulysses_size * ring_size * guidance_size
     if world == 1 and not dist.is_initialized():
         return ParallelContext()
     if not dist.is_initialized():
         if "RANK" not in os.environ:
             raise ValueError(
-                f"tp_size*sp_size={world} needs {world} processes: launch with "
+                f"guidance_size*tp_size*sp_size={world} needs {world} processes: launch with "
                 f"`torchrun --nproc-per-node {world} ...`"
             )
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
@@ -64,49 +74,63 @@ def init_parallel(tp_size: int = 1, ulysses_size: int = 1, ring_size: int = 1, b
         dist.init_process_group(backend)
     if dist.get_world_size() != world:
         raise ValueError(
-            f"world size {dist.get_world_size()} != tp_size*ulysses_size*ring_size = "
-            f"{tp_size}*{ulysses_size}*{ring_size} = {world}"
+            f"world size {dist.get_world_size()} != guidance_size*tp_size*ulysses_size*ring_size = "
+            f"{guidance_size}*{tp_size}*{ulysses_size}*{ring_size} = {world}"
         )
-    return build_groups(tp_size, ulysses_size, ring_size)
+    return build_groups(tp_size, ulysses_size, ring_size, guidance_size)
 
 
-def build_groups(tp_size: int, ulysses_size: int, ring_size: int) -> ParallelContext:
+def build_groups(tp_size: int, ulysses_size: int, ring_size: int, guidance_size: int = 1) -> ParallelContext:
     rank, world = dist.get_rank(), dist.get_world_size()
-    if tp_size * ulysses_size * ring_size != world:
-        raise ValueError(f"tp_size*ulysses_size*ring_size = {tp_size}*{ulysses_size}*{ring_size} must equal "
-                         f"the world size {world}")
-    ctx = ParallelContext(tp_size=tp_size, ulysses_size=ulysses_size, ring_size=ring_size)
+    if guidance_size * tp_size * ulysses_size * ring_size != world:
+        raise ValueError(f"guidance_size*tp_size*ulysses_size*ring_size = {guidance_size}*{tp_size}*{ulysses_size}*"
+                         f"{ring_size} must equal the world size {world}")
+    ctx = ParallelContext(tp_size=tp_size, ulysses_size=ulysses_size, ring_size=ring_size, guidance_size=guidance_size)
     tp_idx = rank % tp_size
     uly_idx = (rank // tp_size) % ulysses_size
-    ring_idx = rank // (tp_size * ulysses_size)
+    ring_idx = (rank // (tp_size * ulysses_size)) % ring_size
+    g_idx = rank // (tp_size * ulysses_size * ring_size)
+    G, R, U, T = range(guidance_size), range(ring_size), range(ulysses_size), range(tp_size)
 
-    def rank_of(r, u, t):
-        return (r * ulysses_size + u) * tp_size + t
+    def rank_of(g, r, u, t):
+        return ((g * ring_size + r) * ulysses_size + u) * tp_size + t
 
     # new_group must be called by every rank for every group, in the same order.
-    for r in range(ring_size):
-        for u in range(ulysses_size):
-            g = dist.new_group([rank_of(r, u, t) for t in range(tp_size)])
-            if (r, u) == (ring_idx, uly_idx):
-                ctx.tp_group, ctx.tp_rank = g, tp_idx
-    for r in range(ring_size):
-        for t in range(tp_size):
-            g = dist.new_group([rank_of(r, u, t) for u in range(ulysses_size)])
-            if (r, t) == (ring_idx, tp_idx):
-                ctx.ulysses_group, ctx.ulysses_rank = g, uly_idx
-    for u in range(ulysses_size):
-        for t in range(tp_size):
-            g = dist.new_group([rank_of(r, u, t) for r in range(ring_size)])
-            if (u, t) == (uly_idx, tp_idx):
-                ctx.ring_group, ctx.ring_rank = g, ring_idx
-    for t in range(tp_size):
-        g = dist.new_group([rank_of(r, u, t) for r in range(ring_size) for u in range(ulysses_size)])
-        if t == tp_idx:
-            ctx.sp_group = g
+    for g in G:
+        for r in R:
+            for u in U:
+                pg = dist.new_group([rank_of(g, r, u, t) for t in T])
+                if (g, r, u) == (g_idx, ring_idx, uly_idx):
+                    ctx.tp_group, ctx.tp_rank = pg, tp_idx
+    for g in G:
+        for r in R:
+            for t in T:
+                pg = dist.new_group([rank_of(g, r, u, t) for u in U])
+                if (g, r, t) == (g_idx, ring_idx, tp_idx):
+                    ctx.ulysses_group, ctx.ulysses_rank = pg, uly_idx
+    for g in G:
+        for u in U:
+            for t in T:
+                pg = dist.new_group([rank_of(g, r, u, t) for r in R])
+                if (g, u, t) == (g_idx, uly_idx, tp_idx):
+                    ctx.ring_group, ctx.ring_rank = pg, ring_idx
+    for g in G:
+        for t in T:
+            pg = dist.new_group([rank_of(g, r, u, t) for r in R for u in U])
+            if (g, t) == (g_idx, tp_idx):
+                ctx.sp_group = pg
+    if guidance_size > 1:
+        for r in R:
+            for u in U:
+                for t in T:
+                    pg = dist.new_group([rank_of(g, r, u, t) for g in G])
+                    if (r, u, t) == (ring_idx, uly_idx, tp_idx):
+                        ctx.guidance_group, ctx.guidance_rank = pg, g_idx
     return ctx
 
 
-def from_groups(tp_group=None, ulysses_group=None, ring_group=None, sp_group=None) -> ParallelContext:
+def from_groups(tp_group=None, ulysses_group=None, ring_group=None, sp_group=None,
+                guidance_group=None) -> ParallelContext:
     """Wrap groups someone else created (sglang's TP / Ulysses / ring groups)."""
 
     def size_rank(g):
@@ -116,6 +140,7 @@ def from_groups(tp_group=None, ulysses_group=None, ring_group=None, sp_group=Non
     ctx.tp_size, ctx.tp_rank = size_rank(tp_group)
     ctx.ulysses_size, ctx.ulysses_rank = size_rank(ulysses_group)
     ctx.ring_size, ctx.ring_rank = size_rank(ring_group)
-    ctx.tp_group, ctx.ulysses_group, ctx.ring_group = tp_group, ulysses_group, ring_group
+    ctx.guidance_size, ctx.guidance_rank = size_rank(guidance_group)
+    ctx.tp_group, ctx.ulysses_group, ctx.ring_group, ctx.guidance_group = tp_group, ulysses_group, ring_group, guidance_group
     ctx.sp_group = sp_group
     return ctx

@@ -17,6 +17,15 @@ how, not what, it computes: the passes of a step run as ONE batched forward when
 `Perturbations`), else one forward each, as ltx-pipelines does. Both give the same result
 (test/test_official_pipelines.py: fp32, relative max error <= 1e-5).
 
+Guidance-parallel (`--guidance-parallel-size G`, distributed/context.py's outermost dimension):
+each of G rank groups runs a share of the step's passes (`split_passes`: round-robin, batched
+within the group as above), one all-gather brings every pass to every rank
+(collectives.gather_guidance_passes), and every rank combines them identically, so all hold the
+same next latent. Steps where both guiders skip run no pass and no collective on any rank; a
+group with no pass that step (fewer passes than groups) joins the gather with zeros. Unguided
+denoising (stage 2, distilled) runs whole in every group. Equal to one process:
+test/test_guidance_parallel.py.
+
 The defaults per model version are ltx-pipelines' own `PipelineParams` (utils/constants.py), picked
 the way its entry points pick them: `detect_params(checkpoint)` reads the checkpoint's
 `model_version` (2.3* -> LTX_2_3_PARAMS: 30 steps, STG block 28; else LTX_2_PARAMS: 40 steps, STG
@@ -31,6 +40,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from ltx2_tp.compat import ensure_ltx_imports
+from ltx2_tp.distributed.collectives import gather_guidance_passes
+from ltx2_tp.distributed.context import ParallelContext
 from ltx2_tp.models.ltx2.inputs import (SKIP_A2V, SKIP_AUDIO_SELF_ATTN, SKIP_V2A, SKIP_VIDEO_SELF_ATTN,
                                         Perturbations)
 from ltx2_tp.pipelines.components import LTX2Components
@@ -47,6 +58,7 @@ from ltx_pipelines.utils.helpers import modality_from_latent_state  # noqa: E402
 # Per rank: above this many video tokens a pass is GEMM-bound, and batching the passes of a step
 # only multiplies the activation memory (x4 with every guidance term on).
 CFG_BATCH_MAX_TOKENS = 16384
+PASS_NAMES = ("cond", "uncond", "perturbed", "isolated")  # at most 4 DiT passes a step
 TINY_STEPS = 8  # the embedded tiny model's default: a CPU smoke run in seconds
 
 
@@ -174,6 +186,38 @@ def run_passes(model, passes: list[GuidancePass], video_state, audio_state, sigm
     return out
 
 
+def passes_per_step(video: MultiModalGuiderParams, audio: MultiModalGuiderParams) -> int:
+    """The passes a guided step runs with these params (step 0, always guided): 1 to 4."""
+    x = torch.zeros(1)  # stands for the contexts: only the count matters
+    return len(step_passes(MultiModalGuider(video, x), MultiModalGuider(audio, x), (x, x), 0))
+
+
+def split_passes(passes: list[GuidancePass], groups: int) -> list[list[GuidancePass]]:
+    """Group k runs passes k, k + G, ...: 4 over 2 -> (cond, perturbed) | (uncond, isolated), 2
+    each; 3 over 2 -> (cond, perturbed) | (uncond): the step costs one batch-2 forward instead of
+    one batch-3 (passes are indivisible; the idle third of group 1 is the price)."""
+    return [passes[k::groups] for k in range(groups)]
+
+
+def run_passes_parallel(model, passes: list[GuidancePass], video_state, audio_state, sigma: torch.Tensor,
+                        batch: bool, ctx: ParallelContext) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """run_passes over the guidance groups: this rank's group runs its share, then one all-gather of
+    (passes x latent) gives every rank every pass's outputs (bit-equal on every rank)."""
+    if ctx.guidance_size == 1:
+        return run_passes(model, passes, video_state, audio_state, sigma, batch)
+    shares = split_passes(passes, ctx.guidance_size)
+    mine = shares[ctx.guidance_rank]
+    out = run_passes(model, mine, video_state, audio_state, sigma, batch) if mine else {}
+    vshape, ashape = video_state.latent.shape, audio_state.latent.shape  # the denoised outputs' shapes
+    nv = video_state.latent.numel()
+    send = video_state.latent.new_zeros(max(len(s) for s in shares), nv + audio_state.latent.numel())
+    for i, p in enumerate(mine):
+        send[i, :nv], send[i, nv:] = out[p.name][0].reshape(-1), out[p.name][1].reshape(-1)
+    got = gather_guidance_passes(send, ctx.guidance_group)
+    return {p.name: (got[g, i, :nv].view(vshape), got[g, i, nv:].view(ashape))
+            for g, share in enumerate(shares) for i, p in enumerate(share)}
+
+
 def stack_modalities(ms):
     """Batch-1 Modality inputs as one of batch len(ms) (sigma per sample)."""
     if len(ms) == 1:
@@ -210,10 +254,11 @@ def guided_denoise_fn(c: LTX2Components, ctx_pos, ctx_neg, video: MultiModalGuid
         if skip_v and skip_a:
             return last[0], last[1]
         together = batch if batch is not None else batch_guidance_passes(c, video_state.latent.shape[1])
-        out = run_passes(model, step_passes(vg, ag, ctx_pos, i), video_state, audio_state, sigma, together)
+        out = run_passes_parallel(model, step_passes(vg, ag, ctx_pos, i), video_state, audio_state, sigma, together,
+                                  c.ctx)
 
         def terms(k):  # the passes not run enter ltx-core's formula as 0.0, as in ltx-pipelines
-            return [out[n][k] if n in out else 0.0 for n in ("uncond", "perturbed", "isolated")]
+            return [out[n][k] if n in out else 0.0 for n in PASS_NAMES[1:]]
 
         dv = last[0] if skip_v else vg.calculate(out["cond"][0], *terms(0))
         da = last[1] if skip_a else ag.calculate(out["cond"][1], *terms(1))

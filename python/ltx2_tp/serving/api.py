@@ -2,7 +2,8 @@
 
 POST /v1/videos (multipart as the client sends it, or JSON) · GET /v1/videos/{id} · GET /v1/videos
 · DELETE /v1/videos/{id} (a running job stops at its next step) · GET /v1/videos/{id}/content
-?variant=video|thumbnail · GET /metrics (Prometheus) · GET /health
+?variant=video|thumbnail · GET /metrics (Prometheus) · GET /health (200 {"status": "ok"}; 503
+{"status": "warming_up"} while `serve --warmup` compiles, when POST /v1/videos is also a 503)
 
 Fields and their checks: serving/params.py; the uploaded image: serving/uploads.py. Every error is
 in OpenAI's shape {"error": {message, type, param, code}} (serving/errors.py); a full queue is a 429
@@ -22,6 +23,7 @@ from ltx2_tp.serving.params import Limits, video_request
 from ltx2_tp.serving.uploads import MAX_IMAGE_PIXELS, save_image
 
 MEDIA_TYPES = {"mp4": "video/mp4", "webm": "video/webm", "gif": "image/gif"}
+WARMING_UP_RETRY_S = 10
 
 
 def create_app(manager: JobManager, model_name: str = "ltx-2-tiny", api_key: str | None = None,
@@ -67,6 +69,9 @@ def create_app(manager: JobManager, model_name: str = "ltx-2-tiny", api_key: str
 
     @app.post("/v1/videos")
     async def create_video(request: Request):
+        if manager.warming_up:  # serve --warmup: compiling the listed shapes
+            raise ApiError(503, "the server is warming up (compiling its --warmup shapes); retry later", None,
+                           "warming_up", {"Retry-After": str(WARMING_UP_RETRY_S)})
         fields, upload, form = await _parse(request)
         try:
             req, seconds, size = video_request(fields, limits)
@@ -155,6 +160,10 @@ def create_app(manager: JobManager, model_name: str = "ltx-2-tiny", api_key: str
 
     @app.get("/health")
     async def health():
+        if manager.warmup_error is not None:
+            return JSONResponse({"status": "failed", "error": manager.warmup_error}, status_code=503)
+        if manager.warming_up:
+            return JSONResponse({"status": "warming_up"}, status_code=503)
         return {"status": "ok", "queued": manager.queue_depth()}
 
     return app

@@ -4,6 +4,8 @@
 
 status: queued | in_progress | completed | failed | cancelled | deleted | expired | requeued | swept |
 stopped (running when the server stopped; failed with server_restarted on the next start).
+Other events on the same logger: "warmup" (serve --warmup: one line per shape, with its seconds and
+the compile cache's hits and misses so far).
 """
 
 from __future__ import annotations
@@ -17,6 +19,10 @@ LOG = logging.getLogger("ltx2_tp.serving.jobs")
 
 def log_job(job_id: str, status: str, **fields) -> None:
     LOG.info(json.dumps({"ts": round(time.time(), 3), "event": "job", "id": job_id, "status": status, **fields}))
+
+
+def log_event(event: str, **fields) -> None:
+    LOG.info(json.dumps({"ts": round(time.time(), 3), "event": event, **fields}))
 
 
 def log_to_stderr() -> None:

@@ -7,6 +7,8 @@ queued -> in_progress (progress 0-100 from the pipeline's steps) -> completed | 
   (serving/cancel.py), the worker removes the job's files and takes the next job at once.
 - The worker writes into a staging directory; the files move into `output_dir/<id>/` only if the
   job still exists when it finishes (serving/files.py), so a deleted job never leaves files.
+- `warmup` requests (serve --warmup, serving/warmup.py) run first, their output discarded; until
+  they are done `warming_up` is True (/health: 503). A failing warm-up stops the server.
 - On start (after a crash or a stop): completed jobs stay listed and downloadable until they
   expire; a job that was running is failed with code `server_restarted` (a job that may have
   crashed the server is not run again by itself); queued jobs run again in their order; files no
@@ -27,8 +29,8 @@ import torch
 
 from ltx2_tp.pipelines.request import RequestError
 from ltx2_tp.serving.cancel import CancelToken
-from ltx2_tp.serving.events import log_job
-from ltx2_tp.serving.files import THUMBNAIL, UPLOAD, JobFiles
+from ltx2_tp.serving.events import log_event, log_job
+from ltx2_tp.serving.files import STAGING, THUMBNAIL, UPLOAD, JobFiles
 from ltx2_tp.serving.job import ID_RE, Job, new_job_id
 from ltx2_tp.serving.metrics import ServerMetrics, device_memory
 from ltx2_tp.serving.sqlite_store import SQLiteJobStore
@@ -46,8 +48,11 @@ class QueueFull(Exception):
 
 class JobManager:
     def __init__(self, pipeline, output_dir: str | Path, max_queue: int = 8, ttl_s: int = 3600,
-                 store: JobStore | None = None, idle_poll_s: float = 1.0):
+                 store: JobStore | None = None, idle_poll_s: float = 1.0, warmup=()):
         self.pipeline = pipeline
+        self.warmup = list(warmup)  # GenerationRequests run before the first job
+        self.warming_up = bool(self.warmup)
+        self.warmup_error: str | None = None
         self.files = JobFiles(output_dir)
         self.store = store if store is not None else SQLiteJobStore(self.files.root)
         self.max_queue, self.ttl_s, self.idle_poll_s = max_queue, ttl_s, idle_poll_s
@@ -162,7 +167,39 @@ class JobManager:
             log_job(p.name if ID_RE.match(p.name) else "-", "swept", path=str(p))
 
     # ---- worker ----------------------------------------------------------------------------
+    def _warm_up(self) -> None:
+        """Each warm-up request through the pipeline (every rank, when it drives several), its
+        files removed. A failure is fatal: the server was asked to be ready for these shapes."""
+        from ltx2_tp.compile import compile_cache_stats
+        from ltx2_tp.serving.warmup import shape_of
+
+        staging = self.files.root / STAGING / "warmup"
+        try:
+            for req in self.warmup:
+                if self._stopping:
+                    return
+                staging.mkdir(parents=True, exist_ok=True)
+                t0 = time.time()
+                self.pipeline(req, staging / f"warmup.{req.output_format}")
+                log_event("warmup", size=shape_of(req), steps=req.num_inference_steps,
+                          seconds=round(time.time() - t0, 3), **compile_cache_stats())
+        except BaseException as e:  # noqa: BLE001 - reported, then the server stops
+            traceback.print_exc()
+            self.warmup_error = f"{type(e).__name__}: {e}"[:2000]
+            self._stopping = True
+            if self.on_fatal is not None:
+                self.on_fatal(e)
+            return
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        self.warming_up = False
+
     def _work(self) -> None:
+        if self.warmup:
+            self._warm_up()
         while not self._stopping:
             token = CancelToken()
             with self._lock:

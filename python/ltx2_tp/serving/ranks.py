@@ -1,4 +1,4 @@
-"""Rank orchestration: every TP/SP rank runs the same job, and they leave it together.
+"""Rank orchestration: every TP/SP/guidance rank runs the same job, and they leave it together.
 
 `run_on_rank` is how a rank runs a request (the CLI, sglang and the server use it). The server's
 one worker drives every rank (torchrun, several GPUs): rank 0 runs the HTTP server and the job
@@ -53,7 +53,7 @@ GO, CANCEL, BROKEN, FAILED, OUT_OF_MEMORY = 0, 1, 2, 3, 4
 CONTROL_TIMEOUT_S = 3600
 HEARTBEAT_S = 60  # an idle leader pings the followers, whose wait for a job would otherwise time out
 COLLECTIVE_TIMEOUT_S = 600  # NCCL's default; a DiT collective whose peer failed ends after this
-_GROUP_FIELDS = ("tp_group", "ulysses_group", "ring_group", "sp_group")
+_GROUP_FIELDS = ("tp_group", "ulysses_group", "ring_group", "sp_group", "guidance_group")
 _RUN, _PING, _STOP = "run", "ping", "stop"
 
 
@@ -204,7 +204,7 @@ class RankSync:
         """Fresh DiT groups, in place in the shared context (every rank calls this at the same agreement)."""
         from ltx2_tp.distributed.context import build_groups
 
-        fresh = build_groups(self.ctx.tp_size, self.ctx.ulysses_size, self.ctx.ring_size)
+        fresh = build_groups(self.ctx.tp_size, self.ctx.ulysses_size, self.ctx.ring_size, self.ctx.guidance_size)
         for f in _GROUP_FIELDS:
             setattr(self.ctx, f, getattr(fresh, f))
         self._bound_groups()
