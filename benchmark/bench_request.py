@@ -138,7 +138,7 @@ def main() -> int:
                    help="its VAE decode tiling: its entry point's TilingConfig.default(), or none (as ours)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None)
-    from ltx2_tp.cli import _add_encoder_args, _add_guidance_parallel_args, _encoder_options, _resolve_cfg_parallel
+    from ltx2_tp.cli import _add_encoder_args, _add_guidance_parallel_args, _decode_settings, _resolve_cfg_parallel
 
     _add_encoder_args(p)  # --video-encoder-preset / -crf / -frame-threads, --video-convert
     _add_guidance_parallel_args(p)  # --guidance-parallel-size G, --enable-cfg-parallel
@@ -175,7 +175,7 @@ def main() -> int:
     results = {}
     for name in a.pipeline_class_name.split(","):
         pipe = get_pipeline_class(name)(comps)
-        pipe.encoder_options = _encoder_options(a)
+        pipe.stream_decode, pipe.encoder_options = _decode_settings(a)  # --decode-mode, as generate / serve
         results[name] = bench_pipeline(a, pipe, comps, ctx, rank0)
     official = bench_official(a, comps) if a.official else None
     if rank0:
