@@ -56,8 +56,8 @@ class DeferredTransfers:
         self.queue = {s: [] for s in SIDE}  # every copy enqueued, per stream
         self.ran = {s: 0 for s in SIDE}  # how many of them ran
         self.horizon = {s: 0 for s in SIDE}  # the compute tick each stream is ordered after (enqueue order)
-        self.waits = {s: [] for s in SIDE}  # pending stream-level waits: (index on this stream, other event)
-        self.slots: dict[int, tuple[torch.Tensor, int]] = {}  # storage ptr -> (slot, allocation tick)
+        # storage ptr -> (slot, allocation tick); holding the slot keeps its pointer unique
+        self.slots: dict[int, tuple[torch.Tensor, int]] = {}
         self.violations: list[str] = []
         self.copies = 0
 
@@ -136,10 +136,6 @@ class DeferredTransfers:
 
     def _slot_of(self, t: torch.Tensor):
         return self.slots.get(t.untyped_storage().data_ptr())
-
-    def drain(self) -> None:
-        for s in SIDE:
-            self._run(Event(s, len(self.queue[s]), 0))
 
 
 def install(monkeypatch, device: torch.device = torch.device("cpu")) -> DeferredTransfers:

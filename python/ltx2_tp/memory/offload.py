@@ -28,9 +28,9 @@ copy back), and its first fill after the compute work issued before it was alloc
 allocator hands out memory in compute-stream order: a side-stream copy into a fresh slot that skips
 this overwrote a compute tensor still in use: rel err 0.97 at 1920x1088x2881); the compute stream
 waits on a copy's event before reading; a tensor copied back from the compute stream is kept from
-reuse by record_stream. test_offload_ordering.py checks these on the CPU with deferred copies. Buffers of host memory are pooled per role
-and reused across blocks and steps; before a new user writes one, the side streams wait for every
-transfer queued so far.
+reuse by record_stream. Buffers of host memory are pooled per role and reused across blocks and
+steps; before a new user writes one, the side streams wait for every transfer queued so far.
+test_offload_ordering.py checks this ordering on the CPU with deferred copies.
 """
 
 from __future__ import annotations
@@ -265,8 +265,8 @@ class HostKeyValues:
         self.slots = [self.transfers.slot(2 * b * longest * h * d, dtype) for _ in range(min(2, len(self.blocks)))]
         self.slot_of: dict[int, int] = {}  # block -> the slot holding it (or receiving it)
         self.turn = 0  # fetches alternate slots
-        self.free = [self.transfers.now()] * len(self.slots)  # event: the slot's last attention is done (at
-        # first: the compute work before the slots were allocated, as _HostWalk's)
+        # event: the slot's last attention is done; at first, the compute work so far (as _HostWalk's)
+        self.free = [self.transfers.now()] * len(self.slots)
         self.written = None
         self.pending: dict[int, object] = {}  # block -> its copy's event
 
