@@ -122,6 +122,8 @@ def _host_tensor(role: str, shape: tuple[int, ...], dtype: torch.dtype, device: 
     nbytes = dtype.itemsize * int(torch.Size(shape).numel())
     buf = _POOL.get((role, device))
     if buf is None or buf.tensor.numel() < nbytes:
+        if buf is not None and device.type == "cuda":  # queued copies may still use the old one (once per growth)
+            torch.cuda.synchronize(device)
         _POOL.pop((role, device), None)
         buf = _POOL[(role, device)] = HostBuffer(nbytes, pin=device.type == "cuda")
     _Transfers.of(device).fence()
