@@ -23,11 +23,14 @@ is about (H100 attention 500 TFLOP/s) / (46.6 GB/s x query chunk): hidden when q
 On the CPU (tests) host and device are the same memory: the copies run synchronously, the same
 code paths and the same arithmetic, so the offloaded residual gives bit-identical results and the
 offloaded K/V equal attention over all keys up to the fp32 merge (test_activation_memory.py).
-Ordering on the GPU: a slot is refilled only after the event of its last reader (compute, or the
-copy back); the compute stream waits on a copy's event before reading; a tensor copied back from
-the compute stream is kept from reuse by record_stream. Buffers of host memory are pooled per role
-and reused across blocks and steps; before a new user writes one, the side streams wait for every
-transfer queued so far.
+Ordering on the GPU: a slot is filled only after the event of its last reader (compute, or the
+copy back), and its first fill after the compute work issued before it was allocated (the caching
+allocator hands out memory in compute-stream order: a side-stream copy into a fresh slot that skips
+this overwrote a compute tensor still in use: rel err 0.97 at 1920x1088x2881); the compute stream
+waits on a copy's event before reading; a tensor copied back from the compute stream is kept from
+reuse by record_stream. Buffers of host memory are pooled per role and reused across blocks and
+steps; before a new user writes one, the side streams wait for every transfer queued so far.
+test_offload_ordering.py checks this ordering on the CPU with deferred copies.
 """
 
 from __future__ import annotations
@@ -119,6 +122,8 @@ def _host_tensor(role: str, shape: tuple[int, ...], dtype: torch.dtype, device: 
     nbytes = dtype.itemsize * int(torch.Size(shape).numel())
     buf = _POOL.get((role, device))
     if buf is None or buf.tensor.numel() < nbytes:
+        if buf is not None and device.type == "cuda":  # queued copies may still use the old one (once per growth)
+            torch.cuda.synchronize(device)
         _POOL.pop((role, device), None)
         buf = _POOL[(role, device)] = HostBuffer(nbytes, pin=device.type == "cuda")
     _Transfers.of(device).fence()
@@ -184,7 +189,9 @@ class _HostWalk:
         # completes each chunk after the next one was issued, and its copy back reads the slot)
         slots = 3 if write else 2
         self.slots = [tokens.transfers.slot(b * longest * d, tokens.dtype) for _ in range(min(slots, len(chunks)))]
-        self.free = [None] * len(self.slots)  # event: the slot's last reader is done
+        # event: the slot's last reader is done; at first, the compute stream's work so far (fresh slots
+        # are memory the allocator took back from compute tensors whose kernels may still be queued)
+        self.free = [tokens.transfers.now()] * len(self.slots)
         self.before = tokens.written  # copies in wait for the previous walk's copies back
         self.ready: dict[int, tuple[torch.Tensor, object]] = {}
         self.next = 0  # the chunk load() expects
@@ -260,7 +267,8 @@ class HostKeyValues:
         self.slots = [self.transfers.slot(2 * b * longest * h * d, dtype) for _ in range(min(2, len(self.blocks)))]
         self.slot_of: dict[int, int] = {}  # block -> the slot holding it (or receiving it)
         self.turn = 0  # fetches alternate slots
-        self.free = [None] * len(self.slots)  # event: the slot's last attention is done
+        # event: the slot's last attention is done; at first, the compute work so far (as _HostWalk's)
+        self.free = [self.transfers.now()] * len(self.slots)
         self.written = None
         self.pending: dict[int, object] = {}  # block -> its copy's event
 
