@@ -175,15 +175,16 @@ class RequestPlan:
                     f"{gib(self.activation_budget)}; peak = weights + activations + other, +{FRAGMENTATION:.0%} "
                     "fragmentation (CUDA context not counted)")
         rows.append(f"{'phase':<13}{'size':>16}{'tok/rank':>10}{'batch':>6}{'attn_chunk':>11}{'ffn_chunk':>10}"
-                    f"{'offload':>14}{'weights':>10}{'activ.':>9}{'other':>9}{'peak/rank':>11}")
+                    f"{'rope':>6}{'offload':>10}{'weights':>10}{'activ.':>9}{'other':>9}{'peak/rank':>11}")
         for p in self.phases:
             size = f"{p.width}x{p.height}x{p.frames}" if p.width else "-"
             pl = p.plan
             attn = "-" if pl is None else str(pl.attn_chunk_tokens or "whole")
             ffn = "-" if pl is None else str(pl.ffn_chunk_tokens or "whole")
+            rope = "-" if pl is None else ("cache" if pl.cache_rope else "chunk")
             g = (lambda n: f"{n / GIB:.2f}G")
             rows.append(f"{p.name:<13}{size:>16}{p.tokens_per_rank or '-':>10}{p.batch:>6}{attn:>11}{ffn:>10}"
-                        f"{p.offload():>14}{g(p.weights):>10}{g(p.activations):>9}{g(p.other):>9}"
+                        f"{rope:>6}{p.offload():>10}{g(p.weights):>10}{g(p.activations):>9}{g(p.other):>9}"
                         f"{(g(p.peak) if p.peak else '-'):>11}{'' if p.fits else '  OVER'}")
             if p.note:
                 rows.append(f"  {p.name}: {p.note}")
@@ -200,7 +201,8 @@ def _transient(cfg, storage: str, tp: int) -> int:
     return cfg.inner_dim * cfg.inner_dim * cfg.ff_mult // tp * 2 if storage == "fp8-cast" else 0
 
 
-def _stage_shapes(cfg, width, height, num_frames, fps, two_stage, guided, layout, dtype_bytes):
+def _stage_shapes(cfg, width, height, num_frames, fps, two_stage, guided, layout, dtype_bytes, text_tokens,
+                  per_token_timesteps):
     """(name, grid, StepShape) per DiT stage: stage 1 at half resolution (guided), stage 2 at full
     (the distilled LoRA, one pass); a one-stage pipeline runs one guided stage at full size."""
     stages = [("stage1", 2, guided), ("stage2", 1, False)] if two_stage else [("stage", 1, guided)]
@@ -209,8 +211,8 @@ def _stage_shapes(cfg, width, height, num_frames, fps, two_stage, guided, layout
         grid = LatentGrid(num_frames, height // divide, width // divide)
         local = tokens_per_rank(grid.video_tokens, layout.sp)
         batch = GUIDANCE_PASSES if g and guidance_batched(local) else 1
-        shape = StepShape(local, grid.audio_tokens(fps) if cfg.has_audio else 0, TEXT_TOKENS, batch, layout.tp,
-                          layout.ulysses, layout.ring, True, dtype_bytes)
+        shape = StepShape(local, grid.audio_tokens(fps) if cfg.has_audio else 0, text_tokens, batch, layout.tp,
+                          layout.ulysses, layout.ring, per_token_timesteps, dtype_bytes)
         out.append((name, grid, shape))
     return out
 
@@ -243,7 +245,8 @@ def _fit(cfg, cap, storage, layout, shapes, resident_blocks, dtype_bytes):
 def plan_request(cfg, *, width: int, height: int, num_frames: int, max_gpu_memory_bytes: int, fps: float = 24.0,
                  two_stage: bool = True, guided: bool = True, num_gpus: int = 1, storage: str = "bf16",
                  layout: Layout | None = None, resident_blocks: int | None = None, text_encoder_bytes: int = 0,
-                 dtype_bytes: int = 2, pipeline: str = "", model: str = "", explain: bool = True) -> RequestPlan:
+                 dtype_bytes: int = 2, text_tokens: int = TEXT_TOKENS, per_token_timesteps: bool = True,
+                 pipeline: str = "", model: str = "", explain: bool = True) -> RequestPlan:
     """The plan of one request under `max_gpu_memory_bytes` per GPU (module docstring), or PlanError
     naming the smallest change that fits (fewer frames, fp8 storage, more GPUs, a larger cap)."""
     if storage not in STORAGES:
@@ -254,7 +257,8 @@ def plan_request(cfg, *, width: int, height: int, num_frames: int, max_gpu_memor
     candidates = [layout] if layout is not None else layouts(cfg, num_gpus)
     best = None
     for lay in candidates:
-        shapes = _stage_shapes(cfg, width, height, num_frames, fps, two_stage, guided, lay, dtype_bytes)
+        shapes = _stage_shapes(cfg, width, height, num_frames, fps, two_stage, guided, lay, dtype_bytes, text_tokens,
+                               per_token_timesteps)
         f = _fit(cfg, cap, storage, lay, shapes, resident_blocks, dtype_bytes)
         if best is None or f["fits"] and not best[1]["fits"]:
             best = (lay, f, shapes)
@@ -283,7 +287,9 @@ def plan_request(cfg, *, width: int, height: int, num_frames: int, max_gpu_memor
         raise PlanError(f"{width}x{height}x{num_frames} does not fit {gib(cap)} per GPU")
     raise _refusal(cfg, cap, rp, dict(width=width, height=height, num_frames=num_frames, fps=fps, two_stage=two_stage,
                                       guided=guided, num_gpus=num_gpus, storage=storage, layout=layout,
-                                      resident_blocks=resident_blocks, dtype_bytes=dtype_bytes))
+                                      resident_blocks=resident_blocks, dtype_bytes=dtype_bytes,
+                                      text_tokens=text_tokens, per_token_timesteps=per_token_timesteps,
+                                      text_encoder_bytes=text_encoder_bytes))
 
 
 def fits(cfg, **kw) -> bool:

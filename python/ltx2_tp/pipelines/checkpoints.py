@@ -94,7 +94,8 @@ class CheckpointTextEncoder(torch.nn.Module):
 
 def build_checkpoint_components(files: CheckpointFiles, device: str | torch.device = "cpu",
                                 dtype: torch.dtype = torch.bfloat16, ctx: ParallelContext = SINGLE,
-                                quantization: str | None = None):
+                                quantization: str | None = None, resident_blocks: int | None = None,
+                                source: str = "host"):
     from ltx_pipelines.utils.model_ledger import ModelLedger
 
     device = torch.device(device)
@@ -127,8 +128,9 @@ def build_checkpoint_components(files: CheckpointFiles, device: str | torch.devi
     lora = (LoraWeights.from_file(files.distilled_lora, files.distilled_lora_strength)
             if files.distilled_lora else None)
     # an fp8 checkpoint loads as stored; `quantization` (--quantization) converts a bf16 one while loading
+    # resident_blocks (--resident-blocks / the planner): the others stream from host memory or the file
     transformer = build_transformer(cfg, ctx, device=device, dtype=dtype, files=[files.checkpoint],
-                                    quantization=quantization)
+                                    quantization=quantization, resident_blocks=resident_blocks, source=source)
     return LTX2Components(
         transformer=transformer, video_encoder=ledger.video_encoder(), video_decoder=ledger.video_decoder(),
         upsampler=ledger.spatial_upsampler(), audio_decoder=ledger.audio_decoder(), vocoder=ledger.vocoder(),
