@@ -167,6 +167,8 @@ def cmd_generate(args) -> int:
     plan = _request_plan(args, cfg, cls, req) if args.max_gpu_memory else None
     if plan is not None and isinstance(args.resident_blocks, str):  # auto: the plan's
         args.resident_blocks = plan.resident_blocks
+    if plan is not None and plan.text_encoder_on_host:
+        args.text_encoder_device = "cpu"
     encoder = _encoder_options(args)
 
     from tqdm import tqdm
@@ -348,7 +350,8 @@ def _components(args, files):
     else:  # an fp8 checkpoint loads as stored; a conversion happens block by block while loading
         comps = build_checkpoint_components(files, device=device, dtype=_dtype(args.dtype), ctx=ctx,
                                             quantization=args.quantization, resident_blocks=resident,
-                                            source=getattr(args, "weight_source", "host"))
+                                            source=getattr(args, "weight_source", "host"),
+                                            text_encoder_device=getattr(args, "text_encoder_device", None))
     _speed_options(args, comps, converted=files is not None)
     if files is None and resident is not None:  # after quantizing (what streams is what runs)
         from ltx2_tp.memory.swap import enable_block_swap
@@ -422,7 +425,8 @@ def _server_cap(args, cfg, cls):
     cap = CapCheck(cfg, cls, args.max_gpu_memory, Layout(args.tp_size, args.ulysses_size, args.ring_size),
                    args.quantization, args.resident_blocks, args.model, _dtype(args.dtype).itemsize)
     try:
-        cap.plan(64, 64, 1, 24.0)
+        if cap.plan(64, 64, 1, 24.0).text_encoder_on_host:
+            args.text_encoder_device = "cpu"
     except PlanError as e:
         raise UsageError(f"--max-gpu-memory: even the smallest request does not fit ({e})") from None
     return cap

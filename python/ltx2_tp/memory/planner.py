@@ -149,7 +149,8 @@ class RequestPlan:
     resident_blocks: int
     activation_budget: int  # the PlanRule's: what remains after weights, before the margin
     phases: list[Phase] = field(default_factory=list)
-    required: int = 0  # the smallest cap this request needs in this layout (every block streamed)
+    required: int = 0  # the smallest cap this request needs on these GPUs (any layout, every block streamed)
+    text_encoder_on_host: bool = False  # the encoder does not fit beside the DiT: build it on the CPU
     header: str = ""
 
     @property
@@ -229,7 +230,8 @@ def _fit(cfg, cap, storage, layout, shapes, resident_blocks, dtype_bytes):
         plan, act, ok = plan_within(cfg, shape, budget0)
         acts.append(act)
         fits &= ok
-    required = _with_margin(fixed + streamed_all + max(acts))
+    least = max(plan_within(cfg, shape, 0)[1] for _, _, shape in shapes)  # the smallest plan of each stage
+    required = _with_margin(fixed + streamed_all + least)
     if resident_blocks is None:  # as many as fit beside the largest stage's activations
         room = usable - fixed - max(acts)
         ok_k = [k for k in range(len(sizes) + 1) if blocks_device_nbytes(sizes, k, SLOTS) <= room]
@@ -255,27 +257,30 @@ def plan_request(cfg, *, width: int, height: int, num_frames: int, max_gpu_memor
         raise ValueError(f"--resident-blocks must be in [0, {cfg.num_layers}] (the model's blocks), got {resident_blocks}")
     cap = int(max_gpu_memory_bytes)
     candidates = [layout] if layout is not None else layouts(cfg, num_gpus)
-    best = None
-    for lay in candidates:
+    tried = []
+    for lay in candidates:  # every layout: the first that fits is used, the least required is reported
         shapes = _stage_shapes(cfg, width, height, num_frames, fps, two_stage, guided, lay, dtype_bytes, text_tokens,
                                per_token_timesteps)
-        f = _fit(cfg, cap, storage, lay, shapes, resident_blocks, dtype_bytes)
-        if best is None or f["fits"] and not best[1]["fits"]:
-            best = (lay, f, shapes)
-        if f["fits"]:
-            break
-    lay, f, shapes = best
-    rp = RequestPlan(cap, storage, lay, cfg.num_layers, f["resident_blocks"], f["budget"], required=f["required"])
+        tried.append((lay, _fit(cfg, cap, storage, lay, shapes, resident_blocks, dtype_bytes), shapes))
+    fitting = [t for t in tried if t[1]["fits"]]
+    least = min(tried, key=lambda t: t[1]["required"])
+    lay, f, shapes = fitting[0] if fitting else least
+    rp = RequestPlan(cap, storage, lay, cfg.num_layers, f["resident_blocks"], f["budget"],
+                     required=least[1]["required"])
     rp.header = (f"plan: {pipeline or ('two-stage' if two_stage else 'one-stage')} {width}x{height}x{num_frames} "
                  f"@{fps:g} fps, {model or 'model'} {storage}, {lay.num_gpus} GPU, cap {gib(cap)} per GPU")
     dit_weights = f["weights"]
-    rp.phases.append(Phase("text_encoder", other=text_encoder_bytes, weights=dit_weights,
-                           peak=_with_margin(text_encoder_bytes + dit_weights) if text_encoder_bytes else 0,
-                           fits=_with_margin(text_encoder_bytes + dit_weights) <= cap,
-                           note="" if not text_encoder_bytes else
-                           "encoder weights beside the DiT's device weights; activations not counted. The pipeline "
-                           "keeps the encoder on the GPU for the whole request today (not counted in the DiT "
-                           "stages: this plan assumes it leaves before the DiT runs)"))
+    enc_peak = _with_margin(text_encoder_bytes + dit_weights)
+    rp.text_encoder_on_host = bool(text_encoder_bytes) and enc_peak > cap
+    if rp.text_encoder_on_host:  # beside the DiT's device weights it does not fit: it runs on the CPU
+        rp.phases.append(Phase("text_encoder", weights=dit_weights, note=(
+            f"on the host (CPU, bf16): {gib(text_encoder_bytes)} of encoder weights beside the DiT's "
+            f"{gib(dit_weights)} would need {gib(enc_peak)}; only its outputs reach the GPU (slower: minutes)")))
+    else:
+        rp.phases.append(Phase("text_encoder", other=text_encoder_bytes, weights=dit_weights,
+                               peak=enc_peak if text_encoder_bytes else 0, note="" if not text_encoder_bytes else
+                               "on the GPU beside the DiT's device weights for the whole request (its activations "
+                               "are not counted)"))
     for (name, grid, shape), (plan, act, ok) in zip(shapes, f["plans"]):
         rp.phases.append(Phase(name, grid.width, grid.height, grid.frames, shape.video_tokens, shape.audio_tokens,
                                shape.batch, plan, dit_weights, act, 0, _with_margin(dit_weights + act), ok))
@@ -331,5 +336,5 @@ def _refusal(cfg, cap, rp: RequestPlan, kw) -> PlanError:
     changes.append(f"--max-gpu-memory {math.ceil(over / GIB * 100) / 100:g}GiB")
     change = "; or ".join(changes)
     msg = (f"{size}x{kw['num_frames']} does not fit {gib(cap)} per GPU (needs {gib(over)} with every block "
-           f"streamed, {rp.layout.describe()}); smallest change: {change}")
+           f"streamed, {rp.layout.describe()}); the smallest change: {change}")
     return PlanError(msg, change, frames)

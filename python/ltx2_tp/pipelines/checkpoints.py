@@ -95,7 +95,7 @@ class CheckpointTextEncoder(torch.nn.Module):
 def build_checkpoint_components(files: CheckpointFiles, device: str | torch.device = "cpu",
                                 dtype: torch.dtype = torch.bfloat16, ctx: ParallelContext = SINGLE,
                                 quantization: str | None = None, resident_blocks: int | None = None,
-                                source: str = "host"):
+                                source: str = "host", text_encoder_device: str | torch.device | None = None):
     from ltx_pipelines.utils.model_ledger import ModelLedger
 
     device = torch.device(device)
@@ -117,6 +117,11 @@ def build_checkpoint_components(files: CheckpointFiles, device: str | torch.devi
         with safe_open(files.checkpoint, framework="pt") as h:
             if TINY_TEXT_KEY in h.keys():
                 text_encoder.table.weight.data.copy_(h.get_tensor(TINY_TEXT_KEY))
+    elif text_encoder_device is not None:  # the planner: Gemma does not fit beside the DiT (encode_prompt
+        # moves its outputs to `device`); bf16 on the host too (fp32 Gemma 3 12B would take 49 GB of RAM)
+        host = ModelLedger(dtype=torch.bfloat16, device=torch.device(text_encoder_device),
+                           checkpoint_path=files.checkpoint, gemma_root_path=gemma)
+        text_encoder = CheckpointTextEncoder(host.text_encoder(), host.gemma_embeddings_processor())
     else:
         text_encoder = CheckpointTextEncoder(ledger.text_encoder(), ledger.gemma_embeddings_processor())
     vae = meta.get("vae", {})
