@@ -198,3 +198,25 @@ def test_server_refuses_a_request_over_its_cap(tmp_path):
         assert f"{(best - 1) / 24:g} seconds" in r.json()["error"]["message"]
     finally:
         manager.close()
+
+
+def test_sglang_request_over_the_cap_names_num_frames(monkeypatch):
+    """The sglang adapter's check (LTX2_TP_MAX_GPU_MEMORY): the same helper, sglang's request error."""
+    from types import SimpleNamespace
+
+    from ltx2_tp.integrations.sglang import MAX_GPU_MEMORY_ENV, request_from_sglang, sglang_cap
+    from ltx2_tp.pipelines.registry import get_pipeline_class
+    from ltx2_tp.pipelines.request import RequestError
+    from ltx2_tp.pipelines.tiny import build_tiny_components
+
+    comps = build_tiny_components(0)
+    cls = get_pipeline_class("LTX2LongVideo")
+    assert sglang_cap(comps, cls) is None
+    monkeypatch.setenv(MAX_GPU_MEMORY_ENV, "2890000")
+    cap = sglang_cap(comps, cls)
+    batch = lambda f: SimpleNamespace(prompt=["x"], width=128, height=128, num_frames=f, fps=24.0,  # noqa: E731
+                                      num_inference_steps=2, guidance_scale=3.0, seed=[0])
+    assert request_from_sglang(batch(33), cap).num_frames == 33
+    with pytest.raises(RequestError, match="num_frames: 97 frames at 128x128 do not fit") as e:
+        request_from_sglang(batch(97), cap)
+    cap.plan(128, 128, int(str(e.value).rsplit(" ", 1)[1]), 24.0)

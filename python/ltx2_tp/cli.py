@@ -137,6 +137,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    from ltx2_tp.pipelines.planning import apply_plan
     from ltx2_tp.pipelines.registry import get_pipeline_class, pipeline_names
     from ltx2_tp.pipelines.request import GenerationRequest, RequestError
 
@@ -179,7 +180,7 @@ def cmd_generate(args) -> int:
     comps = _components(args, files)
     pipe = cls(comps, **_pipeline_options(cls, args))
     pipe.encoder_options = encoder
-    _apply_plan(plan, comps)
+    apply_plan(plan, comps)
     rank0 = this_rank() == 0
     bars: dict[str, tqdm] = {}
 
@@ -211,6 +212,7 @@ def cmd_generate(args) -> int:
 def cmd_serve(args) -> int:
     import uvicorn
 
+    from ltx2_tp.pipelines.planning import apply_plan
     from ltx2_tp.pipelines.registry import get_pipeline_class
     from ltx2_tp.serving.api import create_app
     from ltx2_tp.serving.events import log_to_stderr
@@ -234,7 +236,7 @@ def cmd_serve(args) -> int:
     pipe = cls(comps)
     pipe.encoder_options = encoder
     if cap is not None:
-        _apply_plan(cap.plan(64, 64, 1, 24.0), comps)  # the activation budget depends on the weights only
+        apply_plan(cap.plan(64, 64, 1, 24.0), comps)  # the activation budget depends on the weights only
     if torch.distributed.is_initialized():  # one worker drives every rank: rank 0 serves HTTP, the others follow
         channel = ControlChannel()
         sync = RankSync(channel, pipe.c.ctx, pipe.c.device, args.collective_timeout_s)
@@ -430,18 +432,6 @@ def _server_cap(args, cfg, cls):
     except PlanError as e:
         raise UsageError(f"--max-gpu-memory: even the smallest request does not fit ({e})") from None
     return cap
-
-
-def _apply_plan(plan, comps) -> None:
-    """The plan's activation budget as the model's PlanRule, and on CUDA the cap as a hard limit
-    (torch.cuda.set_per_process_memory_fraction: an allocation past it raises OutOfMemoryError)."""
-    if plan is None:
-        return
-    comps.transformer.plan_rule = plan.plan_rule()
-    if comps.device.type == "cuda":
-        total = torch.cuda.get_device_properties(comps.device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, plan.cap / total), comps.device)
-        torch.cuda.reset_peak_memory_stats(comps.device)
 
 
 def _memory_report(plan, device) -> str:

@@ -147,15 +147,22 @@ def build_checkpoint_components(files: CheckpointFiles, device: str | torch.devi
 def build_components(model: str = "tiny", device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                      ctx: ParallelContext = SINGLE, seed: int = 0, spatial_upsampler_path: str | None = None,
                      text_encoder_path: str | None = None, distilled_lora_path: str | None = None,
-                     distilled_lora_strength: float = 1.0, quantization: str | None = None) -> LTX2Components:
-    """`tiny` (embedded, tiny.py) or a path to the official checkpoint files."""
+                     distilled_lora_strength: float = 1.0, quantization: str | None = None,
+                     resident_blocks: int | None = None) -> LTX2Components:
+    """`tiny` (embedded, tiny.py) or a path to the official checkpoint files; `resident_blocks` K:
+    the first K DiT blocks on the device, the others streamed from host memory (memory/swap.py)."""
     if model == "tiny":
         comps = build_tiny_components(seed, device=device, dtype=dtype, ctx=ctx)
         if quantization:
             from ltx2_tp.models.ltx2.quantization import quantize_model
 
             quantize_model(comps.transformer, quantization)
+        if resident_blocks is not None:  # after quantizing: what streams is what runs
+            from ltx2_tp.memory.swap import enable_block_swap
+
+            enable_block_swap(comps.transformer, resident_blocks, "host", device=comps.device)
         return comps
     files = CheckpointFiles.discover(model, spatial_upsampler_path, text_encoder_path, distilled_lora_path,
                                      distilled_lora_strength)
-    return build_checkpoint_components(files, device=device, dtype=dtype, ctx=ctx, quantization=quantization)
+    return build_checkpoint_components(files, device=device, dtype=dtype, ctx=ctx, quantization=quantization,
+                                       resident_blocks=resident_blocks)

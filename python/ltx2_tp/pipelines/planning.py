@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from ltx2_tp.memory.planner import GEMMA3_12B_BYTES, Layout, PlanError, RequestPlan, plan_request
 from ltx2_tp.pipelines.request import RequestError
 
@@ -68,3 +70,16 @@ class CapCheck:
                                           "length; use a smaller size") from None
             raise RequestError(field, f"{num_frames} frames at {width}x{height} do not fit this server's GPU memory "
                                       f"cap; the most that fits at this size: {frames}") from None
+
+
+def apply_plan(plan: RequestPlan | None, comps) -> None:
+    """The plan's activation budget as the model's PlanRule (after the pipeline set its own), and on
+    CUDA the cap as a hard limit (set_per_process_memory_fraction: an allocation past it raises
+    OutOfMemoryError). The resident blocks were chosen when the transformer was built."""
+    if plan is None:
+        return
+    comps.transformer.plan_rule = plan.plan_rule()
+    if comps.device.type == "cuda":
+        total = torch.cuda.get_device_properties(comps.device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, plan.cap / total), comps.device)
+        torch.cuda.reset_peak_memory_stats(comps.device)
