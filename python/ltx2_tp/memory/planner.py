@@ -70,7 +70,8 @@ def parse_bytes(text: str | int, flag: str = "--max-gpu-memory") -> int:
 
 
 def gib(n: float) -> str:
-    return f"{n / GIB:.2f} GiB"
+    """Bytes as GiB (MiB below 1 GiB: the tiny model's plans)."""
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.2f} MiB"
 
 
 def guidance_batched(local_video_tokens: int) -> bool:
@@ -333,7 +334,8 @@ def _refusal(cfg, cap, rp: RequestPlan, kw) -> PlanError:
             if n > kw["num_gpus"] and fits(cfg, max_gpu_memory_bytes=cap, **{**kw, "num_gpus": n}):
                 changes.append(f"--num-gpus {n}")
                 break
-    changes.append(f"--max-gpu-memory {math.ceil(over / GIB * 100) / 100:g}GiB")
+    unit, size = ("GiB", GIB) if over >= GIB else ("MiB", 2**20)
+    changes.append(f"--max-gpu-memory {math.ceil(over / size * 100) / 100:g}{unit}")
     change = "; or ".join(changes)
     msg = (f"{size}x{kw['num_frames']} does not fit {gib(cap)} per GPU (needs {gib(over)} with every block "
            f"streamed, {rp.layout.describe()}); the smallest change: {change}")
