@@ -334,8 +334,8 @@ def _refusal(cfg, cap, rp: RequestPlan, kw) -> PlanError:
             if n > kw["num_gpus"] and fits(cfg, max_gpu_memory_bytes=cap, **{**kw, "num_gpus": n}):
                 changes.append(f"--num-gpus {n}")
                 break
-    unit, size = ("GiB", GIB) if over >= GIB else ("MiB", 2**20)
-    changes.append(f"--max-gpu-memory {math.ceil(over / size * 100) / 100:g}{unit}")
+    unit, scale = ("GiB", GIB) if over >= GIB else ("MiB", 2**20)
+    changes.append(f"--max-gpu-memory {math.ceil(over / scale * 100) / 100:g}{unit}")
     change = "; or ".join(changes)
     msg = (f"{size}x{kw['num_frames']} does not fit {gib(cap)} per GPU (needs {gib(over)} with every block "
            f"streamed, {rp.layout.describe()}); the smallest change: {change}")
