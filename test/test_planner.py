@@ -147,6 +147,10 @@ def test_generate_memory_flags_are_checked_first(capsys):
                        (["--max-gpu-memory", "1KiB"], "--max-gpu-memory: 128x128x9 does not fit")):
         assert main([*base, *flags]) == 2, flags
         assert msg in capsys.readouterr().err, flags
+    for flags, msg in ((["--max-gpu-memory", "1KiB"], "--max-gpu-memory: even the smallest request does not fit"),
+                       (["--resident-blocks", "auto"], "--resident-blocks auto needs --max-gpu-memory")):
+        assert main(["serve", *flags]) == 2, flags
+        assert msg in capsys.readouterr().err, flags
 
 
 def _cli(*args):
