@@ -10,6 +10,15 @@ Reports s/step (median), peak GiB, achieved TFLOP/s (common.step_flops) and the 
 --resident-blocks K times each of ours' runs again with the blocks not kept resident streamed from
 pinned host memory (memory/swap.py; benchmark/bench_swap.py does this without ltx-core), and
 --memory-fraction F caps the process (torch.cuda.set_per_process_memory_fraction; ltx-core too).
+
+--max-gpu-memory 24GiB runs ours alone under the planner (memory/planner.py; ltx-core's whole
+model does not fit such a cap): per case the plan of one unguided step at that size (layout 1 GPU,
+resident blocks, activation plan), the transformer built with that resident set and PlanRule under
+the hard cap (set_per_process_memory_fraction(cap / total) before building), then s/step and
+predicted vs measured peak (max_memory_allocated). With --layers L it also prints the prediction
+for the full depth (activations do not depend on depth; weights: more streamed blocks at 48).
+
+  python benchmark/bench_dit.py --max-gpu-memory 24GiB --cases 1920x1088x121 --repeat 2 --out x.json
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import argparse
 import datetime
 import gc
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -127,8 +137,18 @@ def main():
                          "pinned host memory: K first blocks resident, Ks K spread evenly, 0 every block streamed")
     ap.add_argument("--memory-fraction", type=float, default=None, metavar="F",
                     help="cap this process's GPU memory (torch.cuda.set_per_process_memory_fraction)")
+    ap.add_argument("--max-gpu-memory", default=None, metavar="SIZE",
+                    help="e.g. 24GiB: ours alone under the planner's plan and a hard cap (module docstring)")
     args = ap.parse_args()
     args.fp8 = args.fp8 or args.quantization is not None
+    if args.max_gpu_memory is not None:
+        for flag, bad in (("--memory-fraction", args.memory_fraction is not None), ("--compile-ref", args.compile_ref),
+                          ("--chunk-check", args.chunk_check), ("--plan none", args.plan == "none")):
+            if bad:
+                ap.error(f"--max-gpu-memory runs the planner's plan under its own cap; {flag} does not apply")
+        if args.resident_blocks not in (None, "auto") and not args.resident_blocks.isdigit():
+            ap.error("--max-gpu-memory takes --resident-blocks K (an integer) or auto")
+        return capped(args)
 
     dev = torch.device(args.device)
     if args.memory_fraction is not None and dev.type == "cuda":
@@ -291,6 +311,92 @@ def main():
               f"{r['ltx_core_eager_peak_gib']:.1f}/{r['ours_peak_gib']:.1f} |")
     if args.out:
         write_json(args.out, results)
+
+
+def capped(args) -> None:
+    """--max-gpu-memory: the planner's plan of each case, run under the hard cap."""
+    from ltx2_tp.memory.planner import Layout, PlanError, gib, parse_bytes, plan_request
+    from ltx2_tp.models.ltx2.quantization import build_transformer
+
+    try:
+        cap = parse_bytes(args.max_gpu_memory)
+    except ValueError as e:
+        sys.exit(f"bench_dit.py: error: {e}")
+    dev = torch.device(args.device)
+    dtype = torch.bfloat16
+    full = get_config(args.model)
+    cfg = full.replace(num_layers=args.layers) if args.layers else full
+    storage = args.quantization or ("fp8-rowwise" if args.fp8 else "bf16")
+    k = None if args.resident_blocks in (None, "auto") else int(args.resident_blocks)
+    name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
+    results = {"device": name, "date": str(datetime.date.today()), "command": "python " + " ".join(sys.argv),
+               "torch": torch.__version__, "model": args.model, "layers": cfg.num_layers, "storage": storage,
+               "max_gpu_memory_bytes": cap, "cases": {}}
+    if dev.type == "cuda":
+        total = torch.cuda.get_device_properties(dev).total_memory
+        if cap > total:
+            sys.exit(f"bench_dit.py: error: --max-gpu-memory {gib(cap)} is more than this GPU has ({gib(total)})")
+        torch.cuda.set_per_process_memory_fraction(cap / total, dev)  # the hard cap: the build runs under it too
+    from ltx2_tp.layers.attention_backend import set_attention_backend
+
+    set_attention_backend(args.attention)
+    # one unguided DiT step as the synthetic inputs have it: 256 text tokens, one timestep per sample
+    kw = dict(max_gpu_memory_bytes=cap, two_stage=False, guided=False, storage=storage, layout=Layout(),
+              text_tokens=256, per_token_timesteps=False)
+    rows = []
+    for w, h, f in cases_of(args):
+        try:
+            plan = plan_request(cfg, width=w, height=h, num_frames=f, resident_blocks=k, **kw)
+        except PlanError as e:
+            print(f"{w}x{h}x{f}: does not fit: {e}", flush=True)
+            results["cases"][f"{w}x{h}x{f}"] = {"fits": False, "error": str(e)}
+            continue
+        step = plan.dit_phases[0]
+        r = {"fits": True, "resident_blocks": plan.resident_blocks, "streamed_blocks": plan.streamed_blocks,
+             "plan": step.plan.describe(), "predicted_peak_gib": plan.peak / 2**30,
+             "predicted_weights_gib": step.weights / 2**30, "predicted_activations_gib": step.activations / 2**30}
+        if args.layers:
+            try:
+                fp = plan_request(full, width=w, height=h, num_frames=f, **kw)
+                r.update(full_depth_predicted_peak_gib=fp.peak / 2**30, full_depth_resident_blocks=fp.resident_blocks)
+            except PlanError as e:
+                r["full_depth_error"] = str(e)
+        t0 = time.perf_counter()
+        model = build_transformer(cfg, device=dev, dtype=dtype, seed=0, plan_rule=plan.plan_rule(),
+                                  quantization=None if storage == "bf16" else storage,
+                                  resident_blocks=plan.resident_blocks if plan.streamed_blocks else None)
+        r["build_s"] = time.perf_counter() - t0
+        v, a = synthetic_step_inputs(cfg, f, h, w, 24.0, dev, dtype, seed=1)
+        assert model.execution_plan(v.latent.shape[1], a.latent.shape[1], 256, per_token_timesteps=False) == step.plan
+        reset_peak()
+        times = cuda_time(lambda: model(v, a), 1, args.repeat)
+        r.update(s_per_step=median(times), hard_cap=dev.type == "cuda")
+        if dev.type == "cuda":
+            r["measured_peak_gib"] = peak_gib()
+            r["measured_over_predicted"] = r["measured_peak_gib"] / r["predicted_peak_gib"]
+        results["cases"][f"{w}x{h}x{f}"] = r
+        rows.append((f"{w}x{h}x{f}", r))
+        print(f"{w}x{h}x{f}: {r['s_per_step']:.3f} s/step, {plan.resident_blocks} resident / {plan.streamed_blocks} "
+              f"streamed, [{r['plan']}], predicted {r['predicted_peak_gib']:.2f} GiB, measured "
+              f"{r.get('measured_peak_gib', float('nan')):.2f} GiB", flush=True)
+        del model, v, a
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    print(f"\n{name} | {datetime.date.today()} | {args.model} {cfg.num_layers} blocks {storage} | cap {gib(cap)} "
+          f"(hard: {dev.type == 'cuda'})")
+    print("| case | resident/streamed | s/step | predicted GiB | measured GiB | measured/predicted | 48-block predicted |")
+    for c, r in rows:
+        print(f"| {c} | {r['resident_blocks']}/{r['streamed_blocks']} | {r['s_per_step']:.3f} | "
+              f"{r['predicted_peak_gib']:.2f} | {r.get('measured_peak_gib', float('nan')):.2f} | "
+              f"{r.get('measured_over_predicted', float('nan')):.3f} | "
+              f"{r.get('full_depth_predicted_peak_gib', r['predicted_peak_gib']):.2f} |")
+    if args.out:
+        write_json(args.out, results)
+
+
+def cases_of(args):
+    return [parse_case(c) for c in args.cases.split(",")]
 
 
 if __name__ == "__main__":

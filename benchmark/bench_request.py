@@ -168,9 +168,9 @@ def main() -> int:
         compile_blocks(comps.transformer)
     build_s = time.perf_counter() - t0
     if a.guidance_batch_max_tokens is not None:
-        from ltx2_tp.pipelines import guidance
+        from ltx2_tp.memory import planner  # the one batching rule (pipelines/guidance.py asks it)
 
-        guidance.CFG_BATCH_MAX_TOKENS = a.guidance_batch_max_tokens
+        planner.CFG_BATCH_MAX_TOKENS = a.guidance_batch_max_tokens
     rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     results = {}
     for name in a.pipeline_class_name.split(","):

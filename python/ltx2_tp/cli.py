@@ -86,7 +86,62 @@ def cmd_dit(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    """The planner's table for one request (memory/planner.py); nothing is allocated. Exits 1 with
+    one line naming the smallest change when nothing fits."""
+    from ltx2_tp.memory.planner import Layout, PlanError, parse_bytes
+    from ltx2_tp.models.ltx2.config import get_config
+    from ltx2_tp.pipelines.planning import plan_pipeline
+    from ltx2_tp.pipelines.registry import get_pipeline_class, pipeline_names
+    from ltx2_tp.pipelines.request import GenerationRequest, RequestError
+
+    if args.pipeline_class_name not in pipeline_names():
+        raise UsageError(f"--pipeline-class-name: unknown pipeline {args.pipeline_class_name!r}; "
+                         f"allowed: {', '.join(pipeline_names())}")
+    cls = get_pipeline_class(args.pipeline_class_name)
+    cfg = get_config(args.model)
+    try:  # the pipeline's own size checks (two-stage: multiples of 64, stage 1 runs at half size)
+        cls.check_request(GenerationRequest(prompt="plan", width=args.width, height=args.height,
+                                            num_frames=args.num_frames, fps=args.fps), cfg.num_layers)
+    except RequestError as e:
+        raise _flag_error(e) from None
+    if args.num_gpus < 1:
+        raise UsageError(f"--num-gpus must be at least 1, got {args.num_gpus}")
+    cap = parse_bytes(args.max_gpu_memory)
+    if args.layers:
+        if not 1 <= args.layers <= cfg.num_layers:
+            raise UsageError(f"--layers must be in [1, {cfg.num_layers}], got {args.layers}")
+        cfg = cfg.replace(num_layers=args.layers)
+    layout = None
+    if args.tp_size is not None:
+        if args.num_gpus % args.tp_size:
+            raise UsageError(f"--tp-size ({args.tp_size}) must divide --num-gpus ({args.num_gpus})")
+        sp = args.num_gpus // args.tp_size
+        u = args.ulysses_size or sp // args.ring_size
+        if u * args.ring_size != sp:
+            raise UsageError(f"--num-gpus / --tp-size ({sp}) must equal --ulysses-size x --ring-size "
+                             f"({u} x {args.ring_size})")
+        cfg.validate_parallel(args.tp_size, u)
+        layout = Layout(args.tp_size, u, args.ring_size)
+    resident = None
+    if args.resident_blocks not in (None, "auto"):
+        try:
+            resident = int(args.resident_blocks)
+        except ValueError:
+            raise UsageError(f"--resident-blocks: expected auto or an integer, got {args.resident_blocks!r}") from None
+    try:
+        plan = plan_pipeline(cfg, cls, width=args.width, height=args.height, num_frames=args.num_frames, fps=args.fps,
+                             cap=cap, num_gpus=args.num_gpus, layout=layout, storage=args.quantization,
+                             resident_blocks=resident, model=args.model)
+    except PlanError as e:
+        print(f"ltx2-tp plan: does not fit: {e}", file=sys.stderr)
+        return 1
+    print(plan.table())
+    return 0
+
+
 def cmd_generate(args) -> int:
+    from ltx2_tp.pipelines.planning import apply_plan
     from ltx2_tp.pipelines.registry import get_pipeline_class, pipeline_names
     from ltx2_tp.pipelines.request import GenerationRequest, RequestError
 
@@ -117,6 +172,12 @@ def cmd_generate(args) -> int:
         raise _flag_error(e) from None
     _check_guidance_groups(args, cls, req, cfg, files)
     _check_speed_args(args, files)
+    _check_memory_args(args, cfg, files)
+    plan = _request_plan(args, cfg, cls, req) if args.max_gpu_memory else None
+    if plan is not None and isinstance(args.resident_blocks, str):  # auto: the plan's
+        args.resident_blocks = plan.resident_blocks
+    if plan is not None and plan.text_encoder_on_host:
+        args.text_encoder_device = "cpu"
     stream, encoder = _decode_settings(args)
 
     from tqdm import tqdm
@@ -127,6 +188,7 @@ def cmd_generate(args) -> int:
     comps = _components(args, files)
     pipe = cls(comps, **_pipeline_options(cls, args))
     pipe.stream_decode, pipe.encoder_options = stream, encoder
+    apply_plan(plan, comps)
     rank0 = this_rank() == 0
     bars: dict[str, tqdm] = {}
 
@@ -144,6 +206,7 @@ def cmd_generate(args) -> int:
         raise _flag_error(e) from None
     for b in bars.values():
         b.close()
+    memory = _memory_report(plan, comps.device)
     if result is None:  # not rank 0
         return 0
     print(timer.table())
@@ -151,6 +214,8 @@ def cmd_generate(args) -> int:
 
     for line in describe(result.approximations):
         print(line)
+    if memory:
+        print(memory)
     print(f"wrote {result.path} ({result.frames} frames {result.width}x{result.height} @ {result.fps:g} fps, "
           f"{result.audio_samples} audio samples)")
     return 0
@@ -159,6 +224,7 @@ def cmd_generate(args) -> int:
 def cmd_serve(args) -> int:
     import uvicorn
 
+    from ltx2_tp.pipelines.planning import apply_plan
     from ltx2_tp.pipelines.registry import get_pipeline_class
     from ltx2_tp.serving.api import create_app
     from ltx2_tp.serving.events import log_to_stderr
@@ -187,14 +253,19 @@ def cmd_serve(args) -> int:
 
         args.compile_cache_dir = str(Path(args.output_dir) / "compile_cache")
     files = _checkpoint_files(args)
-    _check_layout(args, files)
+    cfg = _check_layout(args, files)
     cls = get_pipeline_class(args.pipeline_class_name)
     if args.guidance_parallel_size > 1 and not cls.guided:
         raise UsageError(f"--guidance-parallel-size {args.guidance_parallel_size}: {cls.name} runs no guidance; use 1")
     _check_speed_args(args, files)
+    _check_memory_args(args, cfg, files)
+    cap = _server_cap(args, cfg, cls) if args.max_gpu_memory else None
     stream, encoder = _decode_settings(args)
-    pipe = cls(_components(args, files))
+    comps = _components(args, files)
+    pipe = cls(comps)
     pipe.stream_decode, pipe.encoder_options = stream, encoder
+    if cap is not None:
+        apply_plan(cap.plan(64, 64, 1, 24.0), comps)  # the activation budget depends on the weights only
     if torch.distributed.is_initialized():  # one worker drives every rank: rank 0 serves HTTP, the others follow
         channel = ControlChannel()
         sync = RankSync(channel, pipe.c.ctx, pipe.c.device, args.collective_timeout_s)
@@ -211,7 +282,7 @@ def cmd_serve(args) -> int:
     app = create_app(manager, model_name=args.served_model_name, api_key=args.api_key,
                      max_video_tokens=args.max_video_tokens, default_steps=args.num_inference_steps,
                      max_upload_bytes=args.max_upload_bytes, max_prompt_chars=args.max_prompt_chars,
-                     max_image_pixels=args.max_image_pixels)
+                     max_image_pixels=args.max_image_pixels, cap=cap)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"))
     status = [0]
 
@@ -362,13 +433,115 @@ def _components(args, files):
     if device == "cuda" and ctx.is_parallel:
         device = f"cuda:{torch.cuda.current_device()}"
 
+    resident = getattr(args, "resident_blocks", None)
     if files is None:
         comps = build_tiny_components(0, device=device, dtype=_dtype(args.dtype), ctx=ctx)  # fixed weights; --seed is the noise
     else:  # an fp8 checkpoint loads as stored; a conversion happens block by block while loading
         comps = build_checkpoint_components(files, device=device, dtype=_dtype(args.dtype), ctx=ctx,
-                                            quantization=args.quantization)
+                                            quantization=args.quantization, resident_blocks=resident,
+                                            source=getattr(args, "weight_source", "host"),
+                                            text_encoder_device=getattr(args, "text_encoder_device", None))
     _speed_options(args, comps, converted=files is not None)
+    if files is None and resident is not None:  # after quantizing (what streams is what runs)
+        from ltx2_tp.memory.swap import enable_block_swap
+
+        enable_block_swap(comps.transformer, resident, "host", device=comps.device)
     return comps
+
+
+# ---- GPU memory cap (memory/planner.py) -------------------------------------------------------------
+def _check_memory_args(args, cfg, files) -> None:
+    """--max-gpu-memory -> bytes, --resident-blocks -> K, 'auto' or None, --weight-source against
+    them and the checkpoint: checked before anything is built."""
+    from ltx2_tp.memory.planner import parse_bytes
+
+    if args.max_gpu_memory is not None:
+        args.max_gpu_memory = parse_bytes(args.max_gpu_memory)  # a bad size names the flag
+    k = args.resident_blocks
+    if k is not None and k != "auto":
+        try:
+            k = int(k)
+        except ValueError:
+            raise UsageError(f"--resident-blocks: expected auto or an integer in [0, {cfg.num_layers}], got {k!r}") from None
+        if not 0 <= k <= cfg.num_layers:
+            raise UsageError(f"--resident-blocks must be in [0, {cfg.num_layers}] (the model's blocks), got {k}")
+    if k == "auto" and args.max_gpu_memory is None:
+        raise UsageError("--resident-blocks auto needs --max-gpu-memory (the budget the resident blocks fill)")
+    if k is None and args.max_gpu_memory is not None:
+        k = "auto"
+    args.resident_blocks = k
+    if args.weight_source == "file":
+        if k is None:
+            raise UsageError("--weight-source file streams blocks: give --resident-blocks K or --max-gpu-memory")
+        if files is None:
+            raise UsageError("--weight-source file reads the checkpoint: it needs --model-path (the tiny model is "
+                             "embedded, not a file)")
+        from ltx2_tp.models.ltx2.quantization import inspect_checkpoint
+
+        if args.quantization and inspect_checkpoint([files.checkpoint]).kind is None:
+            raise UsageError(f"--weight-source file: --quantization {args.quantization} converts a bf16 checkpoint "
+                             "in memory, so its streamed blocks come from host memory (--weight-source host)")
+    if args.max_gpu_memory is not None and str(args.device).startswith("cuda") and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        if args.max_gpu_memory > total:
+            raise UsageError(f"--max-gpu-memory ({args.max_gpu_memory / 2**30:.2f} GiB) is more than this GPU has "
+                             f"({total / 2**30:.2f} GiB)")
+
+
+def _request_plan(args, cfg, cls, req):
+    """The planner's plan of this request in the launch layout; a refusal names the smallest change."""
+    from ltx2_tp.memory.planner import Layout, PlanError
+    from ltx2_tp.pipelines.planning import plan_pipeline
+
+    try:
+        return plan_pipeline(cfg, cls, width=req.width, height=req.height, num_frames=req.num_frames, fps=req.fps,
+                             cap=args.max_gpu_memory, layout=Layout(args.tp_size, args.ulysses_size, args.ring_size),
+                             storage=args.quantization,
+                             resident_blocks=None if isinstance(args.resident_blocks, str) else args.resident_blocks,
+                             model=args.model, dtype_bytes=_dtype(args.dtype).itemsize)
+    except PlanError as e:
+        raise UsageError(f"--max-gpu-memory: {e}") from None
+
+
+def _server_cap(args, cfg, cls):
+    """The server's fixed plan inputs; --resident-blocks auto streams every block (the most room for a
+    request's activations: `ltx2-tp plan` shows what a larger K leaves)."""
+    from ltx2_tp.memory.planner import Layout, PlanError
+    from ltx2_tp.pipelines.planning import CapCheck
+
+    if isinstance(args.resident_blocks, str):
+        args.resident_blocks = 0
+    cap = CapCheck(cfg, cls, args.max_gpu_memory, Layout(args.tp_size, args.ulysses_size, args.ring_size),
+                   args.quantization, args.resident_blocks, args.model, _dtype(args.dtype).itemsize)
+    try:
+        if cap.plan(64, 64, 1, 24.0).text_encoder_on_host:
+            args.text_encoder_device = "cpu"
+    except PlanError as e:
+        raise UsageError(f"--max-gpu-memory: even the smallest request does not fit ({e})") from None
+    return cap
+
+
+def _memory_report(plan, device) -> str:
+    """Predicted DiT peak per rank beside the measured one (CUDA: every rank's max_memory_allocated;
+    CPU: the prediction only). Collective on every rank."""
+    if plan is None:
+        return ""
+    lines = [f"memory plan: {plan.layout.describe()}, {plan.resident_blocks} resident / {plan.streamed_blocks} "
+             f"streamed blocks, cap {plan.cap / 2**30:.2f} GiB per GPU"]
+    for p in plan.dit_phases:
+        lines.append(f"  {p.name}: predicted peak {p.peak / 2**30:.2f} GiB per rank")
+    if device.type == "cuda":
+        peak = torch.tensor([torch.cuda.max_memory_allocated(device)], dtype=torch.float64, device=device)
+        if torch.distributed.is_initialized():
+            peaks = [torch.zeros_like(peak) for _ in range(torch.distributed.get_world_size())]
+            torch.distributed.all_gather(peaks, peak)
+        else:
+            peaks = [peak]
+        lines.append("  measured peak per rank (max_memory_allocated, whole request): "
+                     + ", ".join(f"{x.item() / 2**30:.2f}" for x in peaks) + f" GiB; predicted {plan.peak / 2**30:.2f}")
+    else:
+        lines.append("  measured: not on CPU (prediction only)")
+    return "\n".join(lines)
 
 
 def _check_speed_args(args, files) -> None:
@@ -503,6 +676,20 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--audio-max-duration", type=float, default=None, help="A2Vid: seconds (default: the video's)")
     g.add_argument("--distilled-lora-strength-stage-1", type=float, default=None, help="HQ: default 0.25")
     g.add_argument("--distilled-lora-strength-stage-2", type=float, default=None, help="HQ: default 0.5")
+
+
+def _add_memory_args(p: argparse.ArgumentParser) -> None:
+    from ltx2_tp.memory.swap import SOURCES
+
+    m = p.add_argument_group("GPU memory cap (memory/planner.py; `ltx2-tp plan` prints the plan)")
+    m.add_argument("--max-gpu-memory", default=None, metavar="SIZE",
+                   help="per GPU, e.g. 24GiB, 24GB, 24000MiB or bytes: the planner picks the resident blocks and "
+                   "the activation plan, and on CUDA the cap is enforced (set_per_process_memory_fraction)")
+    m.add_argument("--resident-blocks", default=None, metavar="K|auto",
+                   help="the first K DiT blocks stay on the GPU, the others stream from --weight-source; auto (the "
+                   "default with --max-gpu-memory): generate keeps as many as fit, serve streams every block")
+    m.add_argument("--weight-source", default="host", choices=SOURCES,
+                   help="streamed blocks live in pinned host memory, or are read from the checkpoint file at each use")
 
 
 def _add_speed_args(p: argparse.ArgumentParser) -> None:
@@ -654,6 +841,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_layout_args(g)
     _add_speed_args(g)
     _add_approximation_args(g)
+    _add_memory_args(g)
     _add_encoder_args(g)
     g.add_argument("--output-path", default="outputs/ltx2_tp.mp4")
     g.add_argument("--output-format", default=None, choices=["mp4", "webm", "gif"], help="default: from --output-path")
@@ -685,9 +873,28 @@ def build_parser() -> argparse.ArgumentParser:
                     "answers 503 warming_up until done")
     _add_layout_args(sv)
     _add_speed_args(sv)
+    _add_memory_args(sv)
     _add_encoder_args(sv)
     _add_device_args(sv, cpu_dtype="fp32")
     sv.set_defaults(func=cmd_serve)
+    pl = sub.add_parser("plan", help="the memory plan of a request under --max-gpu-memory (nothing is allocated)",
+                        formatter_class=_HelpWithDefaults)
+    pl.add_argument("--model", default="ltx-2-19b", choices=sorted(PRESETS), help="the architecture (random weights)")
+    pl.add_argument("--pipeline-class-name", default="LTX2LongVideo")
+    pl.add_argument("--width", type=int, required=True)
+    pl.add_argument("--height", type=int, required=True)
+    pl.add_argument("--num-frames", type=int, required=True, help="8k+1")
+    pl.add_argument("--fps", type=float, default=24.0)
+    pl.add_argument("--num-gpus", type=int, default=1, help="the planner picks the layout (SP first, then TP)")
+    pl.add_argument("--tp-size", type=int, default=None, help="fix the layout instead: TP x Ulysses x ring = --num-gpus")
+    pl.add_argument("--ulysses-size", type=int, default=None)
+    pl.add_argument("--ring-size", type=int, default=1)
+    pl.add_argument("--max-gpu-memory", required=True, metavar="SIZE", help="per GPU: 24GiB, 24GB, 24000MiB or bytes")
+    pl.add_argument("--quantization", default=None, choices=["fp8-cast", "fp8-scaled-mm", "fp8-rowwise"],
+                    help="the blocks' storage (default: bf16)")
+    pl.add_argument("--resident-blocks", default=None, metavar="K|auto", help="default: as many as fit")
+    pl.add_argument("--layers", type=int, default=None, help="fewer blocks (to compare with a benchmark's --layers)")
+    pl.set_defaults(func=cmd_plan)
     d = sub.add_parser("dit", help="one DiT forward with random weights: shapes and time", formatter_class=_HelpWithDefaults)
     d.add_argument("--model", default="tiny", choices=sorted(PRESETS))
     d.add_argument("--num-frames", type=int, default=25, help="8k+1")

@@ -93,12 +93,12 @@ if HAVE_SGLANG:
     class LTX2TPGenerateStage(PipelineStage):
         """Runs one of our pipelines for the request and returns the written MP4 to sglang."""
 
-        def __init__(self, pipeline):
+        def __init__(self, pipeline, cap=None):
             super().__init__()
-            self.pipeline = pipeline
+            self.pipeline, self.cap = pipeline, cap
 
         def forward(self, batch, server_args):
-            req = request_from_sglang(batch)
+            req = request_from_sglang(batch, self.cap)
             result = run_on_rank(self.pipeline, req, output_path_from_sglang(batch), this_rank())
             out = OutputBatch(output=None, metrics=getattr(batch, "metrics", None))
             out.fps = int(round(req.fps))
@@ -119,7 +119,14 @@ if HAVE_SGLANG:
             from ltx2_tp.pipelines.registry import get_pipeline_class
 
             cls = get_pipeline_class(self.pipeline_name)  # ours under the same name
-            self.add_stage(LTX2TPGenerateStage(cls(self.modules["ltx2_tp_components"])), "ltx2_tp_generate")
+            comps = self.modules["ltx2_tp_components"]
+            pipe = cls(comps)
+            cap = sglang_cap(comps, cls)
+            if cap is not None:
+                from ltx2_tp.pipelines.planning import apply_plan
+
+                apply_plan(cap.plan(64, 64, 1, 24.0), comps)  # the activation budget depends on the weights only
+            self.add_stage(LTX2TPGenerateStage(pipe, cap), "ltx2_tp_generate")
 
     def _sglang_class(name: str) -> type:
         """The sglang pipeline running our pipeline `name`, a module attribute (sglang's workers import it)."""
@@ -136,8 +143,35 @@ def is_ltx2_tp_model_path(path: str) -> bool:
     return str(path).lower().startswith("ltx2-tp/")
 
 
-def request_from_sglang(batch) -> GenerationRequest:
-    """sglang's Req (its SamplingParams fields) -> our GenerationRequest, validated (names the field)."""
+# sglang's server has no memory flags: these environment variables give the cap (memory/planner.py)
+MAX_GPU_MEMORY_ENV = "LTX2_TP_MAX_GPU_MEMORY"  # e.g. 24GiB: requests over the plan are refused
+RESIDENT_BLOCKS_ENV = "LTX2_TP_RESIDENT_BLOCKS"  # with the cap: K resident DiT blocks (default 0: all streamed)
+
+
+def _resident_blocks() -> int | None:
+    if not os.environ.get(MAX_GPU_MEMORY_ENV):
+        return None
+    return int(os.environ.get(RESIDENT_BLOCKS_ENV) or 0)
+
+
+def sglang_cap(comps, pipeline_cls):
+    """The server's CapCheck from the environment (None without a cap)."""
+    text = os.environ.get(MAX_GPU_MEMORY_ENV)
+    if not text:
+        return None
+    from ltx2_tp.memory.planner import Layout, parse_bytes
+    from ltx2_tp.pipelines.planning import CapCheck
+
+    ctx = comps.transformer.ctx
+    return CapCheck(comps.transformer.cfg, pipeline_cls, parse_bytes(text, MAX_GPU_MEMORY_ENV),
+                    Layout(ctx.tp_size, ctx.ulysses_size, ctx.ring_size), None, _resident_blocks(),
+                    comps.name if comps.name == "tiny" else "", torch.empty((), dtype=comps.dtype).element_size())
+
+
+def request_from_sglang(batch, cap=None) -> GenerationRequest:
+    """sglang's Req (its SamplingParams fields) -> our GenerationRequest, validated (names the field);
+    with a cap (`sglang_cap`), a request over the plan is refused naming num_frames and the most
+    frames that fit at its size."""
 
     def first(v):
         return v[0] if isinstance(v, (list, tuple)) else v
@@ -152,7 +186,10 @@ def request_from_sglang(batch) -> GenerationRequest:
         video_path=first(getattr(batch, "video_path", None)),  # sglang's field: the retake source
         **{f: getattr(batch, f) for f in SGLANG_EXTRA_FIELDS if getattr(batch, f, None) is not None},
     )
-    return req.validate(spatial_multiple=32)  # the pipeline checks its own size rule when it runs
+    req.validate(spatial_multiple=32)  # the pipeline checks its own size rule when it runs
+    if cap is not None:
+        cap.check(req.width, req.height, req.num_frames, req.fps, "num_frames")
+    return req
 
 
 # our request fields sglang passes through when its request carries them (ltx-pipelines' names)
@@ -179,7 +216,7 @@ def build_components_for_sglang(model_path: str, server_args):
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     model = "tiny" if str(model_path).rstrip("/").lower() == TINY_MODEL_PATH else model_path
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    comps = build_components(model, device=device, dtype=dtype, ctx=ctx)
+    comps = build_components(model, device=device, dtype=dtype, ctx=ctx, resident_blocks=_resident_blocks())
     if getattr(server_args, "enable_torch_compile", False):  # sglang's --enable-torch-compile
         from ltx2_tp.compile import compile_blocks
 

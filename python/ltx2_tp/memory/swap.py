@@ -108,7 +108,12 @@ def resident_set(resident_blocks: int | Iterable[int], num_blocks: int) -> froze
 def device_nbytes(model: nn.Module, resident_blocks: int | Iterable[int], slots: int = 2) -> int:
     """Device bytes of the transformer blocks' weights with `resident_blocks` resident and the rest
     streamed through `slots` buffers. Works on a meta-device model (quantize_fp8 it first for fp8)."""
-    sizes = [block_nbytes(b) for b in model.transformer_blocks]
+    return blocks_device_nbytes([block_nbytes(b) for b in model.transformer_blocks], resident_blocks, slots)
+
+
+def blocks_device_nbytes(sizes: list[int], resident_blocks: int | Iterable[int], slots: int = 2) -> int:
+    """device_nbytes from each block's flat size (block_nbytes; the planner: weights_estimate.py):
+    the resident blocks whole, plus `slots` buffers of the largest streamed block."""
     resident = resident_set(resident_blocks, len(sizes))
     streamed = [s for i, s in enumerate(sizes) if i not in resident]
     return sum(sizes[i] for i in resident) + (slots * max(streamed) if streamed else 0)

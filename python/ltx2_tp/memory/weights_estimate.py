@@ -15,6 +15,7 @@ file is per-tensor scaled); the fp8 matmuls hold x * (1 / scale) in x's dtype an
 
 from __future__ import annotations
 
+import dataclasses
 from functools import lru_cache
 
 import torch
@@ -53,3 +54,16 @@ def block_weight_bytes(cfg: LTX2Config, storage: str = "bf16", block: int = 1, t
 def model_block_bytes(cfg: LTX2Config, storage: str = "bf16", tp_size: int = 1) -> list[int]:
     """block_weight_bytes of every block, in order."""
     return [block_weight_bytes(cfg, storage, i, tp_size) for i in range(cfg.num_layers)]
+
+
+@lru_cache(maxsize=16)
+def non_block_weight_bytes(cfg: LTX2Config, tp_size: int = 1, dtype_bytes: int = 2) -> int:
+    """Bytes of the weights outside the transformer blocks on one rank (patchify projections, caption
+    projections, AdaLN, scale-shift tables, proj_out): always resident, in the model's dtype (fp8
+    converts block linears only). 19B bf16: 0.64 GiB on every rank (TP leaves them whole)."""
+    from ltx2_tp.models.ltx2.model import LTX2Model
+
+    cfg.validate_parallel(tp_size, 1)
+    with torch.device("meta"):
+        model = LTX2Model(dataclasses.replace(cfg, num_layers=0), ParallelContext(tp_size=tp_size))
+    return sum(t.numel() * dtype_bytes for t in [*model.parameters(), *model.buffers()])

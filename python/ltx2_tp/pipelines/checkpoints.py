@@ -94,7 +94,8 @@ class CheckpointTextEncoder(torch.nn.Module):
 
 def build_checkpoint_components(files: CheckpointFiles, device: str | torch.device = "cpu",
                                 dtype: torch.dtype = torch.bfloat16, ctx: ParallelContext = SINGLE,
-                                quantization: str | None = None):
+                                quantization: str | None = None, resident_blocks: int | None = None,
+                                source: str = "host", text_encoder_device: str | torch.device | None = None):
     from ltx_pipelines.utils.model_ledger import ModelLedger
 
     device = torch.device(device)
@@ -116,6 +117,11 @@ def build_checkpoint_components(files: CheckpointFiles, device: str | torch.devi
         with safe_open(files.checkpoint, framework="pt") as h:
             if TINY_TEXT_KEY in h.keys():
                 text_encoder.table.weight.data.copy_(h.get_tensor(TINY_TEXT_KEY))
+    elif text_encoder_device is not None:  # the planner: Gemma does not fit beside the DiT (encode_prompt
+        # moves its outputs to `device`); bf16 on the host too (fp32 Gemma 3 12B would take 49 GB of RAM)
+        host = ModelLedger(dtype=torch.bfloat16, device=torch.device(text_encoder_device),
+                           checkpoint_path=files.checkpoint, gemma_root_path=gemma)
+        text_encoder = CheckpointTextEncoder(host.text_encoder(), host.gemma_embeddings_processor())
     else:
         text_encoder = CheckpointTextEncoder(ledger.text_encoder(), ledger.gemma_embeddings_processor())
     vae = meta.get("vae", {})
@@ -127,8 +133,9 @@ def build_checkpoint_components(files: CheckpointFiles, device: str | torch.devi
     lora = (LoraWeights.from_file(files.distilled_lora, files.distilled_lora_strength)
             if files.distilled_lora else None)
     # an fp8 checkpoint loads as stored; `quantization` (--quantization) converts a bf16 one while loading
+    # resident_blocks (--resident-blocks / the planner): the others stream from host memory or the file
     transformer = build_transformer(cfg, ctx, device=device, dtype=dtype, files=[files.checkpoint],
-                                    quantization=quantization)
+                                    quantization=quantization, resident_blocks=resident_blocks, source=source)
     return LTX2Components(
         transformer=transformer, video_encoder=ledger.video_encoder(), video_decoder=ledger.video_decoder(),
         upsampler=ledger.spatial_upsampler(), audio_decoder=ledger.audio_decoder(), vocoder=ledger.vocoder(),
@@ -140,15 +147,22 @@ def build_checkpoint_components(files: CheckpointFiles, device: str | torch.devi
 def build_components(model: str = "tiny", device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                      ctx: ParallelContext = SINGLE, seed: int = 0, spatial_upsampler_path: str | None = None,
                      text_encoder_path: str | None = None, distilled_lora_path: str | None = None,
-                     distilled_lora_strength: float = 1.0, quantization: str | None = None) -> LTX2Components:
-    """`tiny` (embedded, tiny.py) or a path to the official checkpoint files."""
+                     distilled_lora_strength: float = 1.0, quantization: str | None = None,
+                     resident_blocks: int | None = None) -> LTX2Components:
+    """`tiny` (embedded, tiny.py) or a path to the official checkpoint files; `resident_blocks` K:
+    the first K DiT blocks on the device, the others streamed from host memory (memory/swap.py)."""
     if model == "tiny":
         comps = build_tiny_components(seed, device=device, dtype=dtype, ctx=ctx)
         if quantization:
             from ltx2_tp.models.ltx2.quantization import quantize_model
 
             quantize_model(comps.transformer, quantization)
+        if resident_blocks is not None:  # after quantizing: what streams is what runs
+            from ltx2_tp.memory.swap import enable_block_swap
+
+            enable_block_swap(comps.transformer, resident_blocks, "host", device=comps.device)
         return comps
     files = CheckpointFiles.discover(model, spatial_upsampler_path, text_encoder_path, distilled_lora_path,
                                      distilled_lora_strength)
-    return build_checkpoint_components(files, device=device, dtype=dtype, ctx=ctx, quantization=quantization)
+    return build_checkpoint_components(files, device=device, dtype=dtype, ctx=ctx, quantization=quantization,
+                                       resident_blocks=resident_blocks)

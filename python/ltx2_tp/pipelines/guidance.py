@@ -55,16 +55,15 @@ from ltx_core.model.transformer.model import X0Model  # noqa: E402
 from ltx_pipelines.utils.constants import LTX_2_3_PARAMS, LTX_2_PARAMS, PipelineParams, detect_params  # noqa: E402
 from ltx_pipelines.utils.helpers import modality_from_latent_state  # noqa: E402
 
-# Per rank: above this many video tokens a pass is GEMM-bound, and batching the passes of a step
-# only multiplies the activation memory (x4 with every guidance term on).
-CFG_BATCH_MAX_TOKENS = 16384
 PASS_NAMES = ("cond", "uncond", "perturbed", "isolated")  # at most 4 DiT passes a step
+from ltx2_tp.memory.planner import guidance_batched  # noqa: E402
+
 TINY_STEPS = 8  # the embedded tiny model's default: a CPU smoke run in seconds
 
 
 def batch_guidance_passes(c: LTX2Components, video_tokens: int) -> bool:
-    """The one rule for running a step's guidance passes as one forward (the planner may own it later)."""
-    return -(-video_tokens // c.transformer.ctx.sp_size) <= CFG_BATCH_MAX_TOKENS
+    """Run a step's guidance passes as one forward: the planner's rule (memory/planner.py), per rank."""
+    return guidance_batched(-(-video_tokens // c.transformer.ctx.sp_size))
 
 
 # ---- defaults per model version ------------------------------------------------------------------

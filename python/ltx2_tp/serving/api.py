@@ -29,9 +29,9 @@ WARMING_UP_RETRY_S = 10
 def create_app(manager: JobManager, model_name: str = "ltx-2-tiny", api_key: str | None = None,
                max_upload_bytes: int = 10 * 2**20, max_video_tokens: int = 400_000, default_fps: float = 24.0,
                default_steps: int = 8, poll_after_ms: int = 500, max_frames: int = 2001,
-               max_prompt_chars: int = 10_000, max_image_pixels: int = MAX_IMAGE_PIXELS) -> FastAPI:
+               max_prompt_chars: int = 10_000, max_image_pixels: int = MAX_IMAGE_PIXELS, cap=None) -> FastAPI:
     app = FastAPI(title="ltx2_tp", version="0.1.0")
-    limits = Limits(model_name, default_fps, default_steps, max_frames, max_video_tokens, max_prompt_chars)
+    limits = Limits(model_name, default_fps, default_steps, max_frames, max_video_tokens, max_prompt_chars, cap)
     poll = {"openai-poll-after-ms": str(poll_after_ms)}
     install_error_handlers(app)
     # the upload, two prompts of up to 4 bytes a character, and the other fields

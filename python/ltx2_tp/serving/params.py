@@ -16,6 +16,7 @@ import math
 import re
 from dataclasses import dataclass
 
+from ltx2_tp.pipelines.planning import CapCheck
 from ltx2_tp.pipelines.request import GenerationRequest, RequestError
 from ltx2_tp.serving.errors import ApiError
 
@@ -31,6 +32,7 @@ class Limits:
     max_video_tokens: int = 400_000
     # the text encoder reads at most 1024 tokens (ltx-core's Gemma tokenizer), ~4 characters each
     max_prompt_chars: int = 10_000
+    cap: "CapCheck | None" = None  # --max-gpu-memory: requests over the plan get 400 (pipelines/planning.py)
 
 
 def _round64(v: int) -> int:
@@ -117,4 +119,10 @@ def video_request(fields: dict, limits: Limits) -> tuple[GenerationRequest, str,
     if req.video_tokens > limits.max_video_tokens:
         raise ApiError(400, f"num_frames x size needs {req.video_tokens} video tokens; this server's memory plan "
                             f"allows at most {limits.max_video_tokens} (lower num_frames, seconds or size)", "num_frames")
+    if limits.cap is not None:
+        field = "num_frames" if fields.get("num_frames") not in (None, "") else "seconds"
+        try:
+            limits.cap.check(req.width, req.height, req.num_frames, req.fps, field)
+        except RequestError as e:
+            raise ApiError(400, str(e), e.field) from None
     return req, str(seconds), f"{req.width}x{req.height}"

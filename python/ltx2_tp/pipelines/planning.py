@@ -1,0 +1,85 @@
+"""A pipeline's request under a GPU memory cap: the one helper generate, serve and sglang call.
+
+`plan_pipeline` maps a pipeline class to the planner's stages (two-stage classes: stage 1 at half
+size, guided unless the class is not; stage 2 at full size) and plans the request
+(memory/planner.py). `check_fits` refuses a request over the cap as a RequestError naming the
+field the request used (`num_frames` or `seconds`) and the largest value that fits at its size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ltx2_tp.memory.planner import GEMMA3_12B_BYTES, Layout, PlanError, RequestPlan, plan_request
+from ltx2_tp.pipelines.request import RequestError
+
+
+def text_encoder_bytes(model: str) -> int:
+    """Device bytes of the text encoder the model's pipeline builds (the tiny one: negligible)."""
+    return 0 if model == "tiny" else GEMMA3_12B_BYTES
+
+
+def plan_pipeline(cfg, pipeline_cls, *, width: int, height: int, num_frames: int, fps: float, cap: int,
+                  num_gpus: int = 1, layout: Layout | None = None, storage: str | None = None,
+                  resident_blocks: int | None = None, model: str = "", dtype_bytes: int = 2) -> RequestPlan:
+    from ltx2_tp.pipelines.two_stage import LTX2TwoStagePipeline
+
+    return plan_request(cfg, width=width, height=height, num_frames=num_frames, fps=fps, max_gpu_memory_bytes=cap,
+                        two_stage=issubclass(pipeline_cls, LTX2TwoStagePipeline), guided=pipeline_cls.guided,
+                        num_gpus=num_gpus, layout=layout, storage=storage or "bf16", resident_blocks=resident_blocks,
+                        text_encoder_bytes=text_encoder_bytes(model), pipeline=pipeline_cls.name, model=model,
+                        dtype_bytes=dtype_bytes)
+
+
+@dataclass
+class CapCheck:
+    """What a server fixed at start: the model, pipeline, cap, layout, storage and resident blocks."""
+
+    cfg: object
+    pipeline_cls: type
+    cap: int
+    layout: Layout
+    storage: str | None
+    resident_blocks: int
+    model: str = ""
+    dtype_bytes: int = 2
+
+    def plan(self, width: int, height: int, num_frames: int, fps: float) -> RequestPlan:
+        return plan_pipeline(self.cfg, self.pipeline_cls, width=width, height=height, num_frames=num_frames, fps=fps,
+                             cap=self.cap, layout=self.layout, storage=self.storage,
+                             resident_blocks=self.resident_blocks, model=self.model, dtype_bytes=self.dtype_bytes)
+
+    def check(self, width: int, height: int, num_frames: int, fps: float, field: str = "num_frames") -> None:
+        """RequestError(field) when the request does not fit, with the largest value that does:
+        frames (8k + 1) for num_frames, whole seconds (at `fps`) for seconds."""
+        try:
+            self.plan(width, height, num_frames, fps)
+        except PlanError as e:
+            frames = e.largest_frames
+            if field == "seconds":
+                if frames is None or frames == 1:
+                    raise RequestError(field, f"{width}x{height} does not fit this server's GPU memory cap at any "
+                                              "length; use a smaller size") from None
+                raise RequestError(field, f"{num_frames} frames at {width}x{height} do not fit this server's GPU "
+                                          f"memory cap; the most that fits at this size: {(frames - 1) / fps:g} "
+                                          f"seconds ({frames} frames at {fps:g} fps)") from None
+            if frames is None:
+                raise RequestError(field, f"{width}x{height} does not fit this server's GPU memory cap at any "
+                                          "length; use a smaller size") from None
+            raise RequestError(field, f"{num_frames} frames at {width}x{height} do not fit this server's GPU memory "
+                                      f"cap; the most that fits at this size: {frames}") from None
+
+
+def apply_plan(plan: RequestPlan | None, comps) -> None:
+    """The plan's activation budget as the model's PlanRule (after the pipeline set its own), and on
+    CUDA the cap as a hard limit (set_per_process_memory_fraction: an allocation past it raises
+    OutOfMemoryError). The resident blocks were chosen when the transformer was built."""
+    if plan is None:
+        return
+    comps.transformer.plan_rule = plan.plan_rule()
+    if comps.device.type == "cuda":
+        total = torch.cuda.get_device_properties(comps.device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, plan.cap / total), comps.device)
+        torch.cuda.reset_peak_memory_stats(comps.device)
