@@ -336,7 +336,9 @@ def capped(args) -> None:
         total = torch.cuda.get_device_properties(dev).total_memory
         if cap > total:
             sys.exit(f"bench_dit.py: error: --max-gpu-memory {gib(cap)} is more than this GPU has ({gib(total)})")
-        torch.cuda.set_per_process_memory_fraction(cap / total, dev)  # the hard cap: the build runs under it too
+        from ltx2_tp.pipelines.planning import hard_cap
+
+        hard_cap(cap, dev)  # the build runs under it too
     from ltx2_tp.layers.attention_backend import set_attention_backend
 
     set_attention_backend(args.attention)

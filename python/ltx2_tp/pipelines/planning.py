@@ -80,6 +80,15 @@ def apply_plan(plan: RequestPlan | None, comps) -> None:
         return
     comps.transformer.plan_rule = plan.plan_rule()
     if comps.device.type == "cuda":
-        total = torch.cuda.get_device_properties(comps.device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, plan.cap / total), comps.device)
+        hard_cap(plan.cap, comps.device)
         torch.cuda.reset_peak_memory_stats(comps.device)
+
+
+def hard_cap(cap_bytes: float, device) -> int:
+    """Limit this process's allocations on `device` to `cap_bytes` (an allocation past it raises
+    OutOfMemoryError); returns the device's total memory. torch 2.11 wants an index, not 'cuda'."""
+    device = torch.device(device)
+    index = torch.cuda.current_device() if device.index is None else device.index
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_bytes / total), index)
+    return total
