@@ -47,6 +47,10 @@ class LTX2PipelineBase:
     spatial_multiple = TWO_STAGE_SPATIAL_MULTIPLE  # two-stage: stage 1 runs at half size, itself a multiple of 32
     encoder_options = DEFAULT_OPTIONS  # MP4 encoder settings (media_stream.EncoderOptions; CLI --video-encoder-*)
     guided = True  # encodes the negative prompt and reads the guidance fields
+    upsamples = False  # stage 2 starts with the x2 latent upsampler (its smallest input: stages.py)
+    fixed_steps: int | None = None  # a pipeline whose sigmas are fixed (distilled: 8) ignores num_inference_steps
+    # request fields the pipeline needs beyond the prompt (the server refuses those it cannot fill)
+    inputs: tuple[str, ...] = ()
 
     def __init__(self, components: LTX2Components, params=None):
         self.c = components
@@ -72,9 +76,17 @@ class LTX2PipelineBase:
         if cls.guided:
             check_stg_blocks(req, num_layers)
 
+    @classmethod
+    def check_with(cls, req: GenerationRequest, c: LTX2Components) -> None:
+        """The request against this pipeline and the built components (the server calls it before a
+        job is queued): check_request, then what the weights decide (the upsampler's smallest input)."""
+        cls.check_request(req, c.transformer.cfg.num_layers)
+        if cls.upsamples:
+            stages.check_upsampler_input(c, req.num_frames, req.height, req.width)
+
     def check(self, req: GenerationRequest) -> None:
         """Before anything runs: the request, then what this pipeline instance adds."""
-        self.check_request(req, self.c.transformer.cfg.num_layers)
+        self.check_with(req, self.c)
 
     def temporal_tile_frames(self, req: GenerationRequest) -> int | None:
         return None

@@ -36,6 +36,9 @@ class GenerationRequest:
     image_path: str | None = None
     output_format: str = "mp4"
     extra: dict = field(default_factory=dict)
+    # the registered pipeline class that runs it (pipelines/registry.py); None: the caller's default.
+    # The server persists it with the job, so a restarted server resumes the job with its pipeline.
+    pipeline: str | None = None
     # Stage-1 multimodal guidance (ltx-pipelines' argument names; guidance_scale is the video CFG).
     # None: the pipeline's default for the model (pipelines/guidance.py).
     video_stg_guidance_scale: float | None = None

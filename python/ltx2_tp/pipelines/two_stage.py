@@ -21,6 +21,7 @@ from ltx2_tp.pipelines.request import GenerationRequest
 class LTX2TwoStagePipeline(LTX2PipelineBase):
     name = "LTX2TwoStagePipeline"
     keyframes = False  # the keyframe pipeline appends every image as keyframe tokens
+    upsamples = True
 
     def latents(self, run: Run) -> tuple[torch.Tensor, torch.Tensor]:
         c, req, t = self.c, run.req, run.timer
