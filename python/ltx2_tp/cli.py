@@ -147,10 +147,11 @@ def cmd_generate(args) -> int:
 def cmd_serve(args) -> int:
     import uvicorn
 
-    from ltx2_tp.pipelines.registry import get_pipeline_class
+    from ltx2_tp.pipelines.registry import get_pipeline_class, resolve_pipeline_name
     from ltx2_tp.serving.api import create_app
     from ltx2_tp.serving.events import log_to_stderr
     from ltx2_tp.serving.jobs import JobManager
+    from ltx2_tp.serving.pipelines import ServedPipelines, unservable
     from ltx2_tp.serving.ranks import ControlChannel, ControlLost, LeaderPipeline, RankSync, follow
 
     for flag, v, lo in (("--max-queue", args.max_queue, 1), ("--ttl-s", args.ttl_s, 1),
@@ -159,12 +160,17 @@ def cmd_serve(args) -> int:
                         ("--collective-timeout-s", args.collective_timeout_s, 1), ("--port", args.port, 0)):
         if v < lo:
             raise UsageError(f"{flag} must be at least {lo}, got {v}")
+    if args.num_inference_steps is not None and not 1 <= args.num_inference_steps <= 200:
+        raise UsageError(f"--num-inference-steps must be between 1 and 200, got {args.num_inference_steps}")
+    default = resolve_pipeline_name(args.pipeline_class_name)
+    if default is None or unservable(get_pipeline_class(default)):
+        raise UsageError(f"--pipeline-class-name: {args.pipeline_class_name!r} is not a pipeline this server runs; "
+                         f"allowed: {', '.join(_served_names())}")
     files = _checkpoint_files(args)
     _check_layout(args, files)
     _check_speed_args(args, files)
     encoder = _encoder_options(args)
-    pipe = get_pipeline_class(args.pipeline_class_name)(_components(args, files))
-    pipe.encoder_options = encoder
+    pipe = ServedPipelines(_components(args, files), default, args.served_model_name, args.num_inference_steps, encoder)
     if torch.distributed.is_initialized():  # one worker drives every rank: rank 0 serves HTTP, the others follow
         channel = ControlChannel()
         sync = RankSync(channel, pipe.c.ctx, pipe.c.device, args.collective_timeout_s)
@@ -179,9 +185,9 @@ def cmd_serve(args) -> int:
     log_to_stderr()
     manager = JobManager(pipe, args.output_dir, args.max_queue, args.ttl_s)
     app = create_app(manager, model_name=args.served_model_name, api_key=args.api_key,
-                     max_video_tokens=args.max_video_tokens, default_steps=args.num_inference_steps,
-                     max_upload_bytes=args.max_upload_bytes, max_prompt_chars=args.max_prompt_chars,
-                     max_image_pixels=args.max_image_pixels)
+                     max_video_tokens=args.max_video_tokens, max_upload_bytes=args.max_upload_bytes,
+                     max_prompt_chars=args.max_prompt_chars, max_image_pixels=args.max_image_pixels,
+                     pipelines=pipe.pipeline if isinstance(pipe, LeaderPipeline) else pipe)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"))
     status = [0]
 
@@ -201,6 +207,13 @@ def cmd_serve(args) -> int:
             except ControlLost:
                 pass
     return status[0]
+
+
+def _served_names() -> list[str]:
+    from ltx2_tp.pipelines.registry import get_pipeline_class, pipeline_names
+    from ltx2_tp.serving.pipelines import unservable
+
+    return [n for n in pipeline_names() if unservable(get_pipeline_class(n)) is None]
 
 
 def _check_layout(args, files):
@@ -531,7 +544,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--model", default="tiny")
     _add_checkpoint_args(sv)
     sv.add_argument("--served-model-name", default="ltx-2-tiny")
-    sv.add_argument("--pipeline-class-name", default="LTX2LongVideo", choices=["LTX2LongVideo", "LTX2TwoStagePipeline"])
+    sv.add_argument("--pipeline-class-name", default="LTX2LongVideo",
+                    help="the default pipeline (what the served model name runs); a request may pick another by "
+                    "`model` or extra_body `pipeline` (GET /v1/models lists them)")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--output-dir", default="outputs/server")
@@ -546,7 +561,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-prompt-chars", type=int, default=10_000, help="longer prompts: 400")
     sv.add_argument("--collective-timeout-s", type=float, default=600,
                     help="several ranks: a DiT collective whose peer failed gives up after this long")
-    sv.add_argument("--num-inference-steps", type=int, default=8, help="default when a request gives none")
+    sv.add_argument("--num-inference-steps", type=int, default=None,
+                    help="default when a request gives none (default: each pipeline's for the model; tiny 8; "
+                    "distilled: its fixed 8)")
     _add_layout_args(sv)
     _add_speed_args(sv)
     _add_encoder_args(sv)

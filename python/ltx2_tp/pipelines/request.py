@@ -14,6 +14,13 @@ OUTPUT_FORMATS = ("mp4", "webm", "gif")
 TWO_STAGE_SPATIAL_MULTIPLE = 2 * SPATIAL_SCALE
 
 
+# The stage-1 guidance fields (ltx-pipelines' argument names, as the CLI's flags): float scales,
+# integer skip steps, lists of block indices. guidance_scale (the video CFG) is apart: every caller has it.
+GUIDANCE_FIELDS = ("video_stg_guidance_scale", "video_rescale_scale", "video_stg_blocks", "a2v_guidance_scale",
+                   "video_skip_step", "audio_cfg_guidance_scale", "audio_stg_guidance_scale", "audio_rescale_scale",
+                   "audio_stg_blocks", "v2a_guidance_scale", "audio_skip_step")
+
+
 class RequestError(ValueError):
     """A request field outside its allowed values (the CLI exits 2, the server answers 400)."""
 
