@@ -207,3 +207,42 @@ def test_a_database_from_before_the_pipeline_column_opens_and_runs_with_the_defa
         store.close()
     cols = [r[1] for r in sqlite3.connect(tmp_path / "jobs.sqlite3").execute("PRAGMA table_info(jobs)")]
     assert cols[-1] == "pipeline"
+
+
+# ---- several ranks ---------------------------------------------------------------------------
+def _two_ranks(rank, world, outdir):
+    from ltx2_tp.distributed.context import build_groups
+    from ltx2_tp.serving.ranks import ControlChannel, LeaderPipeline, RankSync, follow
+
+    ctx = build_groups(1, 1, 2)
+    pipes = ServedPipelines(build_tiny_components(0, ctx=ctx), "LTX2LongVideo", "ltx-2-tiny")
+    channel = ControlChannel()
+    sync = RankSync(channel, ctx, "cpu")
+    if rank != 0:
+        follow(pipes, channel, sync)
+        return sorted(pipes._built)
+    leader = LeaderPipeline(pipes, channel, sync)
+    manager = JobManager(leader, outdir, idle_poll_s=0.05)
+
+    def run(**kw):
+        req = GenerationRequest(prompt="a fox", seed=3, pipeline="LTX2DistilledPipeline", num_inference_steps=8, **kw)
+        return _wait(manager, manager.submit(Job(id=new_job_id(), request=req, model="m", seconds="1", size="s")).id)
+
+    try:
+        bad = run(width=64, height=64, num_frames=1)  # past the HTTP check: the leader's check refuses it
+        good = run(**SIZE)
+        return {"bad": (bad.status, bad.error), "good": good.status, "built": sorted(pipes._built)}
+    finally:
+        manager.close()
+        leader.stop()
+
+
+def test_two_ranks_run_the_pipeline_the_job_names(tmp_path):
+    """LeaderPipeline checks with the job's pipeline (a refused job fails on rank 0 before any rank
+    starts it) and every rank runs the job's pipeline (gloo, ring of 2)."""
+    from dist_utils import run_distributed
+
+    r0, r1 = run_distributed(_two_ranks, 2, str(tmp_path / "srv"))
+    assert r0["bad"][0] == "failed" and r0["bad"][1]["code"] == "invalid_request" and "128x64" in r0["bad"][1]["message"]
+    assert r0["good"] == "completed"
+    assert r0["built"] == r1 == ["LTX2DistilledPipeline"]

@@ -83,13 +83,14 @@ def cmd_dit(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from ltx2_tp.pipelines.registry import get_pipeline_class, pipeline_names
+    from ltx2_tp.pipelines.registry import get_pipeline_class, pipeline_names, resolve_pipeline_name
     from ltx2_tp.pipelines.request import GenerationRequest, RequestError
 
-    if args.pipeline_class_name not in pipeline_names():
+    name = resolve_pipeline_name(args.pipeline_class_name)  # a class name or its alias (registry.ALIASES)
+    if name is None:
         raise UsageError(f"--pipeline-class-name: unknown pipeline {args.pipeline_class_name!r}; "
                          f"allowed: {', '.join(pipeline_names())}")
-    cls = get_pipeline_class(args.pipeline_class_name)
+    cls = get_pipeline_class(name)
     files = _checkpoint_files(args)
     cfg = _check_layout(args, files)
     steps = args.num_inference_steps  # default: the pipeline's for the model (ltx-pipelines' PipelineParams)
