@@ -5,9 +5,9 @@ client's `extra_body`: num_frames, fps, seed, num_inference_steps (or steps), gu
 guidance), negative_prompt, width, height, pipeline, and the guidance fields under the CLI's names
 (request.GUIDANCE_FIELDS). `model` or `pipeline` picks the pipeline (serving/pipelines.py); its own
 checks apply (size multiple, needed inputs, the upsampler's smallest input), and its default steps
-(distilled: its fixed 8; other steps for it are a 400, as are guidance fields: it has none). `size` "WxH" is rounded to multiples of 64 (the
-two-stage pipeline's grid: 1280x720 -> 1280x704; 13x70 -> 64x64); width / height override it; the
-job reports as `size` what is generated. `seconds` becomes the nearest 8k+1 frame count.
+(distilled: its fixed 8; other steps for it are a 400, as are guidance fields: it has none).
+`size` "WxH" is rounded to multiples of 64 (the two-stage pipeline's grid: 1280x720 -> 1280x704;
+13x70 -> 64x64); width / height override it; the job reports as `size` what is generated. `seconds` becomes the nearest 8k+1 frame count.
 Numbers arrive as form strings or JSON numbers: booleans, non-finite values (inf, nan, 1e400) and
 non-integers where an integer is needed are refused.
 """
@@ -82,7 +82,7 @@ def int_list(fields: dict, name: str):
     if v is None or v == "":
         return None
     if isinstance(v, str):
-        v = [x for x in v.strip().strip("[]").replace(",", " ").split()]
+        v = v.strip().strip("[]").replace(",", " ").split()
     if not isinstance(v, list):
         raise ApiError(400, f"{name} must be a list of block indices, got {v!r}", name)
     return [number({name: x}, name, integer=True) for x in v]
