@@ -170,7 +170,7 @@ def test_long_video_on_two_stage(ours, official_two_stage, monkeypatch):
     from ltx2_tp.memory.plan import ExecutionPlan
 
     class FourTokenChunks:  # a PlanRule that always chunks
-        def plan(self, *args, **kwargs):
+        def for_step(self, *args, **kwargs):  # PlanRule's entry point since the activation budget (was plan)
             return ExecutionPlan(4, 4, cache_rope=False)
 
         def for_step(self, *args, **kwargs):  # the model asks the rule through for_step since actmem

@@ -142,13 +142,14 @@ def cmd_plan(args) -> int:
 
 def cmd_generate(args) -> int:
     from ltx2_tp.pipelines.planning import apply_plan
-    from ltx2_tp.pipelines.registry import get_pipeline_class, pipeline_names
+    from ltx2_tp.pipelines.registry import get_pipeline_class, pipeline_names, resolve_pipeline_name
     from ltx2_tp.pipelines.request import GenerationRequest, RequestError
 
-    if args.pipeline_class_name not in pipeline_names():
+    name = resolve_pipeline_name(args.pipeline_class_name)  # a class name or its alias (registry.ALIASES)
+    if name is None:
         raise UsageError(f"--pipeline-class-name: unknown pipeline {args.pipeline_class_name!r}; "
                          f"allowed: {', '.join(pipeline_names())}")
-    cls = get_pipeline_class(args.pipeline_class_name)
+    cls = get_pipeline_class(name)
     files = _checkpoint_files(args)
     cfg = _check_layout(args, files)
     steps = args.num_inference_steps  # default: the pipeline's for the model (ltx-pipelines' PipelineParams)
@@ -225,10 +226,11 @@ def cmd_serve(args) -> int:
     import uvicorn
 
     from ltx2_tp.pipelines.planning import apply_plan
-    from ltx2_tp.pipelines.registry import get_pipeline_class
+    from ltx2_tp.pipelines.registry import get_pipeline_class, resolve_pipeline_name
     from ltx2_tp.serving.api import create_app
     from ltx2_tp.serving.events import log_to_stderr
     from ltx2_tp.serving.jobs import JobManager
+    from ltx2_tp.serving.pipelines import ServedPipelines, unservable
     from ltx2_tp.serving.ranks import ControlChannel, ControlLost, LeaderPipeline, RankSync, follow
 
     for flag, v, lo in (("--max-queue", args.max_queue, 1), ("--ttl-s", args.ttl_s, 1),
@@ -237,6 +239,12 @@ def cmd_serve(args) -> int:
                         ("--collective-timeout-s", args.collective_timeout_s, 1), ("--port", args.port, 0)):
         if v < lo:
             raise UsageError(f"{flag} must be at least {lo}, got {v}")
+    if args.num_inference_steps is not None and not 1 <= args.num_inference_steps <= 200:
+        raise UsageError(f"--num-inference-steps must be between 1 and 200, got {args.num_inference_steps}")
+    default = resolve_pipeline_name(args.pipeline_class_name)
+    if default is None or unservable(get_pipeline_class(default)):
+        raise UsageError(f"--pipeline-class-name: {args.pipeline_class_name!r} is not a pipeline this server runs; "
+                         f"allowed: {', '.join(_served_names())}")
     warmup = []
     if args.warmup:
         from ltx2_tp.serving.params import Limits
@@ -254,7 +262,7 @@ def cmd_serve(args) -> int:
         args.compile_cache_dir = str(Path(args.output_dir) / "compile_cache")
     files = _checkpoint_files(args)
     cfg = _check_layout(args, files)
-    cls = get_pipeline_class(args.pipeline_class_name)
+    cls = get_pipeline_class(default)
     if args.guidance_parallel_size > 1 and not cls.guided:
         raise UsageError(f"--guidance-parallel-size {args.guidance_parallel_size}: {cls.name} runs no guidance; use 1")
     _check_speed_args(args, files)
@@ -262,10 +270,10 @@ def cmd_serve(args) -> int:
     cap = _server_cap(args, cfg, cls) if args.max_gpu_memory else None
     stream, encoder = _decode_settings(args)
     comps = _components(args, files)
-    pipe = cls(comps)
-    pipe.stream_decode, pipe.encoder_options = stream, encoder
-    if cap is not None:
-        apply_plan(cap.plan(64, 64, 1, 24.0), comps)  # the activation budget depends on the weights only
+    if cap is not None:  # before the pipelines are built: every job runs under the plan's activation budget
+        apply_plan(cap.plan(64, 64, 1, 24.0), comps)  # the budget depends on the weights only
+    pipe = ServedPipelines(comps, default, args.served_model_name, args.num_inference_steps, encoder,
+                           stream_decode=stream, fixed_plan_rule=cap is not None)
     if torch.distributed.is_initialized():  # one worker drives every rank: rank 0 serves HTTP, the others follow
         channel = ControlChannel()
         sync = RankSync(channel, pipe.c.ctx, pipe.c.device, args.collective_timeout_s)
@@ -280,9 +288,9 @@ def cmd_serve(args) -> int:
     log_to_stderr()
     manager = JobManager(pipe, args.output_dir, args.max_queue, args.ttl_s, warmup=warmup)
     app = create_app(manager, model_name=args.served_model_name, api_key=args.api_key,
-                     max_video_tokens=args.max_video_tokens, default_steps=args.num_inference_steps,
-                     max_upload_bytes=args.max_upload_bytes, max_prompt_chars=args.max_prompt_chars,
-                     max_image_pixels=args.max_image_pixels, cap=cap)
+                     max_video_tokens=args.max_video_tokens, max_upload_bytes=args.max_upload_bytes,
+                     max_prompt_chars=args.max_prompt_chars, max_image_pixels=args.max_image_pixels, cap=cap,
+                     pipelines=pipe.pipeline if isinstance(pipe, LeaderPipeline) else pipe)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"))
     status = [0]
 
@@ -304,6 +312,13 @@ def cmd_serve(args) -> int:
             except ControlLost:
                 pass
     return status[0]
+
+
+def _served_names() -> list[str]:
+    from ltx2_tp.pipelines.registry import get_pipeline_class, pipeline_names
+    from ltx2_tp.serving.pipelines import unservable
+
+    return [n for n in pipeline_names() if unservable(get_pipeline_class(n)) is None]
 
 
 def _check_layout(args, files):
@@ -851,7 +866,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--model", default="tiny")
     _add_checkpoint_args(sv)
     sv.add_argument("--served-model-name", default="ltx-2-tiny")
-    sv.add_argument("--pipeline-class-name", default="LTX2LongVideo", choices=["LTX2LongVideo", "LTX2TwoStagePipeline"])
+    sv.add_argument("--pipeline-class-name", default="LTX2LongVideo",
+                    help="the default pipeline (what the served model name runs); a request may pick another by "
+                    "`model` or extra_body `pipeline` (GET /v1/models lists them)")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--output-dir", default="outputs/server")
@@ -866,7 +883,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-prompt-chars", type=int, default=10_000, help="longer prompts: 400")
     sv.add_argument("--collective-timeout-s", type=float, default=600,
                     help="several ranks: a DiT collective whose peer failed gives up after this long")
-    sv.add_argument("--num-inference-steps", type=int, default=8, help="default when a request gives none")
+    sv.add_argument("--num-inference-steps", type=int, default=None,
+                    help="default when a request gives none (default: each pipeline's for the model; tiny 8; "
+                    "distilled: its fixed 8)")
     sv.add_argument("--warmup", default=None, metavar="WxHxF[,WxHxF...]",
                     help="run a 2-step dummy request per shape before taking requests (with "
                     "--enable-torch-compile: compiles them, or loads them from --compile-cache-dir); /health "

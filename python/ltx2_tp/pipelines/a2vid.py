@@ -24,6 +24,7 @@ from ltx2_tp.pipelines.two_stage import LTX2TwoStagePipeline
 
 class LTX2A2VidPipeline(LTX2TwoStagePipeline):
     name = "LTX2A2VidPipeline"
+    inputs = ("audio_path",)
 
     @classmethod
     def default_params(cls, cfg, checkpoint_path=None, tiny=False):

@@ -55,6 +55,10 @@ class LTX2PipelineBase:
     guided = True  # encodes the negative prompt and reads the guidance fields
     supports_keyframe_stride = False  # stage 1 over keyframes only (pipelines/keyframe_stride.py)
     supports_step_cache = True  # its loops are Euler loops (pipelines/step_cache.py)
+    upsamples = False  # stage 2 starts with the x2 latent upsampler (its smallest input: stages.py)
+    fixed_steps: int | None = None  # a pipeline whose sigmas are fixed (distilled: 8) ignores num_inference_steps
+    # request fields the pipeline needs beyond the prompt (the server refuses those it cannot fill)
+    inputs: tuple[str, ...] = ()
 
     def __init__(self, components: LTX2Components, params=None):
         self.c = components
@@ -81,9 +85,17 @@ class LTX2PipelineBase:
             check_stg_blocks(req, num_layers)
         approximations.check(cls, req)
 
+    @classmethod
+    def check_with(cls, req: GenerationRequest, c: LTX2Components) -> None:
+        """The request against this pipeline and the built components (the server calls it before a
+        job is queued): check_request, then what the weights decide (the upsampler's smallest input)."""
+        cls.check_request(req, c.transformer.cfg.num_layers)
+        if cls.upsamples:
+            stages.check_upsampler_input(c, req.num_frames, req.height, req.width)
+
     def check(self, req: GenerationRequest) -> None:
         """Before anything runs: the request, then what this pipeline instance adds."""
-        self.check_request(req, self.c.transformer.cfg.num_layers)
+        self.check_with(req, self.c)
         approximations.check_layout(req, self.c.ctx.ring_size)
 
     def temporal_tile_frames(self, req: GenerationRequest) -> int | str | None:

@@ -17,6 +17,7 @@ from ltx2_tp.pipelines.two_stage import LTX2TwoStagePipeline
 class LTX2DistilledPipeline(LTX2TwoStagePipeline):
     name = "LTX2DistilledPipeline"
     guided = False
+    fixed_steps = stages.DISTILLED_STEPS
 
     def latents(self, run: Run) -> tuple[torch.Tensor, torch.Tensor]:
         c, req, t = self.c, run.req, run.timer

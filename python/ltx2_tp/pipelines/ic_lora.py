@@ -23,6 +23,8 @@ from ltx2_tp.pipelines.two_stage import LTX2TwoStagePipeline
 class LTX2ICLoraPipeline(LTX2TwoStagePipeline):
     name = "LTX2ICLoraPipeline"
     guided = False
+    fixed_steps = stages.DISTILLED_STEPS
+    inputs = ("video_conditioning",)
 
     def __init__(self, components, params=None, lora_path: str | None = None, lora_strength: float = 1.0):
         super().__init__(components, params)

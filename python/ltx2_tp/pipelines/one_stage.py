@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ltx2_tp.latent_grid import SPATIAL_SCALE
 from ltx2_tp.pipelines import stages
 from ltx2_tp.pipelines.base import LTX2PipelineBase, Run, pixel_shape
 from ltx2_tp.pipelines.guidance import guided_denoise_fn
@@ -15,7 +16,7 @@ from ltx2_tp.pipelines.guidance import guided_denoise_fn
 
 class LTX2Pipeline(LTX2PipelineBase):
     name = "LTX2Pipeline"
-    size_multiple = 32
+    spatial_multiple = SPATIAL_SCALE  # one stage at full size: the DiT's 32
 
     def latents(self, run: Run) -> tuple[torch.Tensor, torch.Tensor]:
         c, req, t = self.c, run.req, run.timer

@@ -8,6 +8,13 @@ from __future__ import annotations
 
 _REGISTERED: dict[str, type] = {}
 
+# A second name for each built-in pipeline: ltx-pipelines' module (its entry point, `python -m
+# ltx_pipelines.distilled`), which is what its users call the pipeline. A client may pass either.
+ALIASES = {"ti2vid_two_stages": "LTX2TwoStagePipeline", "ti2vid_two_stages_hq": "LTX2TwoStageHQPipeline",
+           "ti2vid_one_stage": "LTX2Pipeline", "distilled": "LTX2DistilledPipeline",
+           "keyframe_interpolation": "LTX2KeyframeInterpolationPipeline", "retake": "LTX2RetakePipeline",
+           "ic_lora": "LTX2ICLoraPipeline", "a2vid_two_stage": "LTX2A2VidPipeline", "long_video": "LTX2LongVideo"}
+
 
 def register_pipeline(cls: type) -> type:
     _REGISTERED[cls.name] = cls
@@ -33,6 +40,16 @@ def _pipelines() -> dict[str, type]:
 
 def pipeline_names() -> list[str]:
     return sorted(_pipelines())
+
+
+def resolve_pipeline_name(name: str) -> str | None:
+    """The registered class name for a class name or its alias; None if it is neither."""
+    name = ALIASES.get(name, name)
+    return name if name in _pipelines() else None
+
+
+def pipeline_aliases(name: str) -> list[str]:
+    return [a for a, n in ALIASES.items() if n == name]
 
 
 def get_pipeline_class(name: str) -> type:

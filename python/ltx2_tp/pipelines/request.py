@@ -14,6 +14,13 @@ OUTPUT_FORMATS = ("mp4", "webm", "gif")
 TWO_STAGE_SPATIAL_MULTIPLE = 2 * SPATIAL_SCALE
 
 
+# The stage-1 guidance fields (ltx-pipelines' argument names, as the CLI's flags): float scales,
+# integer skip steps, lists of block indices. guidance_scale (the video CFG) is apart: every caller has it.
+GUIDANCE_FIELDS = ("video_stg_guidance_scale", "video_rescale_scale", "video_stg_blocks", "a2v_guidance_scale",
+                   "video_skip_step", "audio_cfg_guidance_scale", "audio_stg_guidance_scale", "audio_rescale_scale",
+                   "audio_stg_blocks", "v2a_guidance_scale", "audio_skip_step")
+
+
 class RequestError(ValueError):
     """A request field outside its allowed values (the CLI exits 2, the server answers 400)."""
 
@@ -36,6 +43,9 @@ class GenerationRequest:
     image_path: str | None = None
     output_format: str = "mp4"
     extra: dict = field(default_factory=dict)
+    # the registered pipeline class that runs it (pipelines/registry.py); None: the caller's default.
+    # The server persists it with the job, so a restarted server resumes the job with its pipeline.
+    pipeline: str | None = None
     # Stage-1 multimodal guidance (ltx-pipelines' argument names; guidance_scale is the video CFG).
     # None: the pipeline's default for the model (pipelines/guidance.py).
     video_stg_guidance_scale: float | None = None

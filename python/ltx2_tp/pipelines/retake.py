@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ltx2_tp.compat import has_torchaudio
+from ltx2_tp.latent_grid import SPATIAL_SCALE
 from ltx2_tp.pipelines import stages
 from ltx2_tp.pipelines.base import LTX2PipelineBase, Run, pixel_shape
 from ltx2_tp.pipelines.guidance import guided_denoise_fn
@@ -21,7 +22,8 @@ from ltx2_tp.pipelines.request import GenerationRequest, RequestError
 
 class LTX2RetakePipeline(LTX2PipelineBase):
     name = "LTX2RetakePipeline"
-    size_multiple = 32
+    spatial_multiple = SPATIAL_SCALE  # one stage at full size: the DiT's 32
+    inputs = ("video_path",)
 
     @classmethod
     def check_request(cls, req: GenerationRequest, num_layers: int) -> None:

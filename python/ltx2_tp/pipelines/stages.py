@@ -15,12 +15,13 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ltx2_tp.compat import ensure_ltx_imports
-from ltx2_tp.latent_grid import tokens_per_rank
+from ltx2_tp.latent_grid import SPATIAL_SCALE, TEMPORAL_SCALE, tokens_per_rank
 from ltx2_tp.models.ltx2.lora import lora_applied
 from ltx2_tp.models.vae_stream import Streamed, stream_decode
 from ltx2_tp.pipelines import step_cache
 from ltx2_tp.pipelines.components import LTX2Components
 from ltx2_tp.pipelines.guidance import cfg_only, guided_denoise_fn
+from ltx2_tp.pipelines.request import RequestError
 from ltx2_tp.profiling import nvtx_range
 
 ensure_ltx_imports()
@@ -207,9 +208,33 @@ def stage2_sigmas(device) -> torch.Tensor:
     return torch.tensor(STAGE_2_DISTILLED_SIGMA_VALUES, dtype=torch.float32, device=device)
 
 
+DISTILLED_STEPS = len(DISTILLED_SIGMA_VALUES) - 1  # 8
+
+
 def distilled_sigmas(device) -> torch.Tensor:
     """The distilled model's 8 steps (ltx-pipelines' DISTILLED_SIGMA_VALUES)."""
     return torch.tensor(DISTILLED_SIGMA_VALUES, dtype=torch.float32, device=device)
+
+
+def check_upsampler_input(c: LTX2Components, num_frames: int, height: int, width: int) -> None:
+    """A request (full size; stage 1 runs at half) whose stage-1 latent is too small for the x2
+    upsampler is a RequestError naming width, with the smallest width that works at this height and
+    frame count. The upsampler's GroupNorms need more than one value per group (torch refuses one):
+    the official upsampler (32 channels a group) takes any size; the tiny one (1 a group) needs 2
+    latent cells, so 64x64 with 1 frame (1x1x1) fails."""
+    per_group = min((m.num_channels // m.num_groups for m in c.upsampler.modules()
+                     if isinstance(m, torch.nn.GroupNorm)), default=2)
+    need = -(-2 // per_group)  # latent cells for 2 values a group
+    cell = 2 * SPATIAL_SCALE  # a stage-1 latent cell in the request's pixels
+    frames, rows, cols = (num_frames - 1) // TEMPORAL_SCALE + 1, height // cell, width // cell
+    if frames * rows * cols >= need:
+        return
+    smallest_width = -(-need // (frames * rows)) * cell
+    fewest_frames = TEMPORAL_SCALE * (-(-need // (rows * cols)) - 1) + 1
+    raise RequestError("width", f"{width}x{height} with {num_frames} frames is below the smallest input of stage 2's "
+                       f"x2 latent upsampler (its GroupNorm needs {need} latent cells at stage 1, this has "
+                       f"{frames}x{rows}x{cols}); the smallest size at height {height} and {num_frames} frames is "
+                       f"{smallest_width}x{height} (or num_frames >= {fewest_frames} at {width}x{height})")
 
 
 @torch.no_grad()

@@ -22,6 +22,7 @@ class LTX2TwoStagePipeline(LTX2PipelineBase):
     name = "LTX2TwoStagePipeline"
     keyframes = False  # the keyframe pipeline appends every image as keyframe tokens
     supports_keyframe_stride = True  # stage 2 refines every frame after the interpolation
+    upsamples = True
 
     def latents(self, run: Run) -> tuple[torch.Tensor, torch.Tensor]:
         c, req, t = self.c, run.req, run.timer

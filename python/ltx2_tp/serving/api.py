@@ -2,8 +2,9 @@
 
 POST /v1/videos (multipart as the client sends it, or JSON) · GET /v1/videos/{id} · GET /v1/videos
 · DELETE /v1/videos/{id} (a running job stops at its next step) · GET /v1/videos/{id}/content
-?variant=video|thumbnail · GET /metrics (Prometheus) · GET /health (200 {"status": "ok"}; 503
-{"status": "warming_up"} while `serve --warmup` compiles, when POST /v1/videos is also a 503)
+?variant=video|thumbnail · GET /v1/models (the pipelines a request may pick) · GET /metrics
+(Prometheus) · GET /health (200 {"status": "ok"}; 503 {"status": "warming_up"} while `serve --warmup`
+compiles, when POST /v1/videos is also a 503)
 
 Fields and their checks: serving/params.py; the uploaded image: serving/uploads.py. Every error is
 in OpenAI's shape {"error": {message, type, param, code}} (serving/errors.py); a full queue is a 429
@@ -11,6 +12,8 @@ with Retry-After.
 """
 
 from __future__ import annotations
+
+import time
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -20,6 +23,7 @@ from ltx2_tp.serving.errors import ApiError, BodyLimit, error_response, install_
 from ltx2_tp.serving.job import Job
 from ltx2_tp.serving.jobs import JobManager, QueueFull
 from ltx2_tp.serving.params import Limits, video_request
+from ltx2_tp.serving.pipelines import SinglePipeline
 from ltx2_tp.serving.uploads import MAX_IMAGE_PIXELS, save_image
 
 MEDIA_TYPES = {"mp4": "video/mp4", "webm": "video/webm", "gif": "image/gif"}
@@ -29,9 +33,14 @@ WARMING_UP_RETRY_S = 10
 def create_app(manager: JobManager, model_name: str = "ltx-2-tiny", api_key: str | None = None,
                max_upload_bytes: int = 10 * 2**20, max_video_tokens: int = 400_000, default_fps: float = 24.0,
                default_steps: int = 8, poll_after_ms: int = 500, max_frames: int = 2001,
-               max_prompt_chars: int = 10_000, max_image_pixels: int = MAX_IMAGE_PIXELS, cap=None) -> FastAPI:
+               max_prompt_chars: int = 10_000, max_image_pixels: int = MAX_IMAGE_PIXELS, cap=None,
+               pipelines=None) -> FastAPI:
+    """`pipelines`: the ServedPipelines a request picks from (serving/pipelines.py); None: the
+    manager's one pipeline under `model_name`. `cap`: the planner's CapCheck (serve --max-gpu-memory)."""
     app = FastAPI(title="ltx2_tp", version="0.1.0")
     limits = Limits(model_name, default_fps, default_steps, max_frames, max_video_tokens, max_prompt_chars, cap)
+    pipelines = pipelines if pipelines is not None else SinglePipeline(model_name, default_steps)
+    created = int(time.time())
     poll = {"openai-poll-after-ms": str(poll_after_ms)}
     install_error_handlers(app)
     # the upload, two prompts of up to 4 bytes a character, and the other fields
@@ -74,7 +83,7 @@ def create_app(manager: JobManager, model_name: str = "ltx-2-tiny", api_key: str
                            "warming_up", {"Retry-After": str(WARMING_UP_RETRY_S)})
         fields, upload, form = await _parse(request)
         try:
-            req, seconds, size = video_request(fields, limits)
+            req, seconds, size = video_request(fields, limits, pipelines)
             if manager.queue_full():  # before decoding any upload
                 raise _queue_full()
             job_id = manager.new_id()
@@ -83,7 +92,8 @@ def create_app(manager: JobManager, model_name: str = "ltx-2-tiny", api_key: str
                     dest = manager.files.upload(job_id)
                     await save_image(upload, dest, max_upload_bytes, max_image_pixels)
                     req.image_path = str(dest)
-                job = manager.submit(Job(id=job_id, request=req, model=model_name, seconds=seconds, size=size))
+                job = manager.submit(Job(id=job_id, request=req, model=fields.get("model") or model_name,
+                                         seconds=seconds, size=size))
             except QueueFull:
                 manager.files.remove(job_id)
                 raise _queue_full() from None
@@ -152,6 +162,13 @@ def create_app(manager: JobManager, model_name: str = "ltx-2-tiny", api_key: str
             raise ApiError(404, f"video {video_id}: its {variant} file is gone", "video_id", "not_found")
         media = "image/png" if variant == "thumbnail" else MEDIA_TYPES[job.request.output_format]
         return FileResponse(path, media_type=media)
+
+    @app.get("/v1/models")
+    async def models():
+        """The names a request's `model` (or extra_body `pipeline`) may give; `pipeline`: what runs."""
+        return {"object": "list", "data": [{"id": m["id"], "object": "model", "created": created, "owned_by": "ltx2_tp",
+                                            "pipeline": m["pipeline"], "aliases": m["aliases"]}
+                                           for m in pipelines.models()]}
 
     @app.get("/metrics")
     async def metrics():

@@ -75,7 +75,7 @@ class JobManager:
         if not self.store.add(job, self.max_queue):
             raise QueueFull()
         log_job(job.id, "queued", size=job.size, frames=job.request.num_frames,
-                steps=job.request.num_inference_steps)
+                steps=job.request.num_inference_steps, pipeline=job.request.pipeline)
         self._wake.set()
         return job
 

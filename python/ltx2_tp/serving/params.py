@@ -2,10 +2,15 @@
 
 OpenAI's fields: prompt, model, seconds, size (input_reference: serving/uploads.py). Through the
 client's `extra_body`: num_frames, fps, seed, num_inference_steps (or steps), guidance_scale (or
-guidance), negative_prompt, width, height, and the opt-in approximations attention_window_frames,
-keyframe_stride, step_cache_threshold. `size` "WxH" is rounded to multiples of 64 (the
-two-stage pipeline's grid: 1280x720 -> 1280x704; 13x70 -> 64x64); width / height override it; the
-job reports as `size` what is generated. `seconds` becomes the nearest 8k+1 frame count.
+guidance), negative_prompt, width, height, pipeline, the guidance fields under the CLI's names
+(request.GUIDANCE_FIELDS), and the opt-in approximations attention_window_frames, keyframe_stride,
+step_cache_threshold. `model` or `pipeline` picks the pipeline (serving/pipelines.py); its own
+checks apply (size multiple, needed inputs, the upsampler's smallest input), and its default steps
+(distilled: its fixed 8; other steps for it are a 400, as are guidance fields: it has none).
+`size` "WxH" is rounded to multiples of 64 (the two-stage pipeline's grid: 1280x720 -> 1280x704;
+13x70 -> 64x64); width / height override it; the job reports as `size` what is generated. `seconds`
+becomes the nearest 8k+1 frame count. Under serve --max-gpu-memory a request over the plan is a 400
+naming num_frames (or seconds) and the largest count that fits.
 Numbers arrive as form strings or JSON numbers: booleans, non-finite values (inf, nan, 1e400) and
 non-integers where an integer is needed are refused.
 """
@@ -17,7 +22,7 @@ import re
 from dataclasses import dataclass
 
 from ltx2_tp.pipelines.planning import CapCheck
-from ltx2_tp.pipelines.request import GenerationRequest, RequestError
+from ltx2_tp.pipelines.request import GUIDANCE_FIELDS, GenerationRequest, RequestError
 from ltx2_tp.serving.errors import ApiError
 
 SIZE_RE = re.compile(r"^(\d{2,5})x(\d{2,5})$")
@@ -76,12 +81,36 @@ def text(fields: dict, name: str, limit: int, default: str = "") -> str:
     return v
 
 
-def video_request(fields: dict, limits: Limits) -> tuple[GenerationRequest, str, str]:
-    """(request, seconds as given, size as generated)."""
-    model = text(fields, "model", 200) or limits.model_name
-    if model != limits.model_name:
-        raise ApiError(400, f"unknown model {model!r}; this server serves {limits.model_name!r}", "model",
-                       "model_not_found")
+def int_list(fields: dict, name: str):
+    """A list of integers: a JSON list, or a form string "28", "28,29" or "[28, 29]"."""
+    v = fields.get(name)
+    if v is None or v == "":
+        return None
+    if isinstance(v, str):
+        v = v.strip().strip("[]").replace(",", " ").split()
+    if not isinstance(v, list):
+        raise ApiError(400, f"{name} must be a list of block indices, got {v!r}", name)
+    return [number({name: x}, name, integer=True) for x in v]
+
+
+def guidance_fields(fields: dict) -> dict:
+    """The stage-1 guidance fields given (ltx-pipelines' names, the CLI's flags); ranges: req.validate."""
+    out = {}
+    for name in GUIDANCE_FIELDS:
+        if name.endswith("_blocks"):
+            v = int_list(fields, name)
+        else:
+            v = number(fields, name, integer=name.endswith("_skip_step"))
+        if v is not None:
+            out[name] = v
+    return out
+
+
+def video_request(fields: dict, limits: Limits, pipelines) -> tuple[GenerationRequest, str, str]:
+    """(request, seconds as given, size as generated). `pipelines`: serving/pipelines.py's
+    ServedPipelines (which pipeline, its default steps, its checks)."""
+    name = pipelines.resolve(text(fields, "model", 200), text(fields, "pipeline", 200))
+    cls = pipelines.pipeline_class(name)
     prompt = text(fields, "prompt", limits.max_prompt_chars)
     if not prompt.strip():
         raise ApiError(400, "prompt is required", "prompt")
@@ -102,23 +131,33 @@ def video_request(fields: dict, limits: Limits) -> tuple[GenerationRequest, str,
         raise ApiError(400, f"seconds must be above 0 and at most {limits.max_frames / fps:g} at {fps:g} fps "
                             f"({limits.max_frames} frames), got {seconds!r}", "seconds")
     frames = number(fields, "num_frames", int(round(secs * fps / 8)) * 8 + 1, integer=True)
-    steps = number(fields, "num_inference_steps", number(fields, "steps", limits.default_steps, integer=True),
-                   integer=True)
+    steps_field = "num_inference_steps" if fields.get("num_inference_steps") not in (None, "") else "steps"
+    steps = number(fields, steps_field, None, integer=True)
+    if steps is not None and cls.fixed_steps is not None and steps != cls.fixed_steps:
+        raise ApiError(400, f"{name} runs its fixed {cls.fixed_steps} distilled sigmas; {steps_field} must be "
+                            f"{cls.fixed_steps} or left out, got {steps}", steps_field)
     guidance = number(fields, "guidance_scale", number(fields, "guidance", 3.0))
+    extra = guidance_fields(fields)
+    given = [f for f in ("guidance_scale", "guidance", *extra) if fields.get(f) not in (None, "")]
+    if given and not cls.guided:
+        raise ApiError(400, f"{name} runs without guidance; leave out {', '.join(given)}", given[0])
     req = GenerationRequest(prompt=prompt, negative_prompt=negative, width=width, height=height, num_frames=frames,
-                            fps=fps, seed=number(fields, "seed", 0, integer=True), num_inference_steps=steps,
-                            guidance_scale=guidance,
+                            fps=fps, seed=number(fields, "seed", 0, integer=True), guidance_scale=guidance,
+                            num_inference_steps=pipelines.default_steps(name) if steps is None else steps,
+                            pipeline=name,
                             # opt-in approximations (README "Approximations"), off unless given
                             attention_window_frames=number(fields, "attention_window_frames", None, integer=True),
                             keyframe_stride=number(fields, "keyframe_stride", 1, integer=True),
-                            step_cache_threshold=number(fields, "step_cache_threshold", 0.0))
+                            step_cache_threshold=number(fields, "step_cache_threshold", 0.0), **extra)
     try:
-        req.validate(max_frames=limits.max_frames)
+        req.validate(max_frames=limits.max_frames, spatial_multiple=cls.spatial_multiple)
+        if req.video_tokens > limits.max_video_tokens:
+            raise ApiError(400, f"num_frames x size needs {req.video_tokens} video tokens; this server's memory plan "
+                                f"allows at most {limits.max_video_tokens} (lower num_frames, seconds or size)",
+                           "num_frames")
+        pipelines.check(req)
     except RequestError as e:
-        raise ApiError(400, str(e), e.field) from None
-    if req.video_tokens > limits.max_video_tokens:
-        raise ApiError(400, f"num_frames x size needs {req.video_tokens} video tokens; this server's memory plan "
-                            f"allows at most {limits.max_video_tokens} (lower num_frames, seconds or size)", "num_frames")
+        raise ApiError(400, str(e), _param(e.field, fields)) from None
     if limits.cap is not None:
         field = "num_frames" if fields.get("num_frames") not in (None, "") else "seconds"
         try:
@@ -126,3 +165,13 @@ def video_request(fields: dict, limits: Limits) -> tuple[GenerationRequest, str,
         except RequestError as e:
             raise ApiError(400, str(e), e.field) from None
     return req, str(seconds), f"{req.width}x{req.height}"
+
+
+def _param(field: str, fields: dict) -> str:
+    """The request field an error names, as the client sent it: the image is input_reference; a
+    width / height the client did not give came from size."""
+    if field in ("image_path", "images"):
+        return "input_reference"
+    if field in ("width", "height") and fields.get(field) in (None, ""):
+        return "size"
+    return field

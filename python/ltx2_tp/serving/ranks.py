@@ -249,7 +249,12 @@ class LeaderPipeline:
         return getattr(self.pipeline, name)
 
     def __call__(self, req: GenerationRequest, output_path, progress=None):
-        req.validate()  # a bad request fails here, before any rank starts it
+        # a bad request fails here, before any rank starts it: the pipeline's own checks where it has them
+        check = getattr(self.pipeline, "check", None)
+        if callable(check):
+            check(req)
+        else:
+            req.validate()
         self._send((_RUN, asdict(req), str(output_path)))
         return self.sync.run(self.pipeline, req, output_path, report=progress)
 

@@ -34,16 +34,23 @@ CREATE TABLE IF NOT EXISTS jobs (
     started_at REAL,
     completed_at INTEGER,
     expires_at INTEGER,
-    error TEXT
+    error TEXT,
+    pipeline TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
 """
-_COLUMNS = "seq, id, request, model, seconds, size, created_at, status, progress, started_at, completed_at, expires_at, error"
+# Columns added after the first schema, with their type: a database written before them gets them on
+# open (ALTER TABLE ... ADD COLUMN: existing rows read NULL). pipeline NULL: the server's default.
+_ADDED = {"pipeline": "TEXT"}
+_COLUMNS = ("seq, id, request, model, seconds, size, created_at, status, progress, started_at, completed_at, expires_at, "
+            "error, pipeline")
 
 
 def _job(row) -> Job:
-    seq, id_, request, model, seconds, size, created_at, status, progress, started_at, completed_at, expires_at, error = row
+    (seq, id_, request, model, seconds, size, created_at, status, progress, started_at, completed_at, expires_at, error,
+     pipeline) = row
     req = GenerationRequest(**{k: v for k, v in json.loads(request).items() if k in _REQUEST_FIELDS})
+    req.pipeline = pipeline
     return Job(id=id_, request=req, model=model, seconds=seconds, size=size,
                created_at=created_at, status=status, progress=progress, started_at=started_at,
                completed_at=completed_at, expires_at=expires_at, error=json.loads(error) if error else None, seq=seq)
@@ -58,6 +65,14 @@ class SQLiteJobStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        with self._tx() as db:
+            have = {r[1] for r in db.execute("PRAGMA table_info(jobs)")}
+            for column, kind in _ADDED.items():
+                if column not in have:
+                    db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
 
     def _tx(self):
         return _Transaction(self._db, self._lock)
@@ -68,10 +83,10 @@ class SQLiteJobStore:
             if queued >= max_queued:
                 return False
             cur = db.execute(
-                "INSERT INTO jobs (id, request, model, seconds, size, created_at, status, progress) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO jobs (id, request, model, seconds, size, created_at, status, progress, pipeline) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (job.id, json.dumps(asdict(job.request)), job.model, job.seconds, job.size, job.created_at,
-                 job.status, job.progress))
+                 job.status, job.progress, job.request.pipeline))
             job.seq = cur.lastrowid
             return True
 

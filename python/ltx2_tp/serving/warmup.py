@@ -22,9 +22,13 @@ WARMUP_STEPS = 2
 SHAPE_RE = re.compile(r"^(\d+)x(\d+)x(\d+)$")
 
 
-def warmup_requests(text: str, limits: Limits) -> list[GenerationRequest]:
-    """'768x512x121,1280x704x121' -> one request per shape, checked as the API checks a request.
-    Raises ValueError naming the bad shape."""
+def warmup_requests(text: str, limits: Limits, pipelines=None) -> list[GenerationRequest]:
+    """'768x512x121,1280x704x121' -> one request per shape, checked as the API checks a request
+    (`pipelines`: serving/pipelines.py's ServedPipelines; None: the generic checks only, the server's
+    default pipeline). Raises ValueError naming the bad shape."""
+    from ltx2_tp.serving.pipelines import SinglePipeline
+
+    pipelines = pipelines if pipelines is not None else SinglePipeline(limits.model_name, WARMUP_STEPS)
     out = []
     for item in (s.strip() for s in text.split(",")):
         m = SHAPE_RE.match(item)
@@ -33,7 +37,7 @@ def warmup_requests(text: str, limits: Limits) -> list[GenerationRequest]:
         w, h, f = (int(x) for x in m.groups())
         fields = {"prompt": "warm-up", "width": w, "height": h, "num_frames": f, "num_inference_steps": WARMUP_STEPS}
         try:
-            req, _, _ = video_request(fields, limits)
+            req, _, _ = video_request(fields, limits, pipelines)
         except ApiError as e:
             raise ValueError(f"{item}: {e.message}") from None
         out.append(req)
