@@ -5,7 +5,7 @@ write the file, report. A pipeline is a class with a `name` (the registry's and 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -15,7 +15,7 @@ from ltx2_tp.pipelines import stages
 from ltx2_tp.pipelines.components import LTX2Components
 from ltx2_tp.pipelines.decode import decode_and_write
 from ltx2_tp.pipelines.guidance import check_stg_blocks, default_params, request_guidance
-from ltx2_tp.pipelines.request import TWO_STAGE_SPATIAL_MULTIPLE, GenerationRequest, RequestError
+from ltx2_tp.pipelines.request import MAX_FRAMES, TWO_STAGE_SPATIAL_MULTIPLE, GenerationRequest, RequestError
 
 
 @dataclass
@@ -27,6 +27,7 @@ class GenerationResult:
     fps: float
     audio_samples: int
     stage_times: dict[str, float]
+    tile_seconds: list[float] = field(default_factory=list)  # a tiled long video: wall time per tile
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Run:
     timer: stages.StageTimer
     progress: stages.Progress | None
     source_audio: object = None  # A2Vid: the input audio, written as it is
+    tile: object = None  # a tiled long video's tile (long_video.TileRun); None: the whole request
 
 
 class LTX2PipelineBase:
@@ -47,6 +49,7 @@ class LTX2PipelineBase:
     spatial_multiple = TWO_STAGE_SPATIAL_MULTIPLE  # two-stage: stage 1 runs at half size, itself a multiple of 32
     encoder_options = DEFAULT_OPTIONS  # MP4 encoder settings (media_stream.EncoderOptions; CLI --video-encoder-*)
     guided = True  # encodes the negative prompt and reads the guidance fields
+    tiles = False  # makes temporal tiles (long_video_mode, per-tile prompts): LTX2LongVideo
 
     def __init__(self, components: LTX2Components, params=None):
         self.c = components
@@ -63,7 +66,12 @@ class LTX2PipelineBase:
     def check_request(cls, req: GenerationRequest, num_layers: int) -> None:
         """Everything about the request this pipeline needs that the model does not decide (the CLI
         calls it before anything is built; `num_layers`: the DiT's blocks, for the STG blocks)."""
-        req.validate(spatial_multiple=cls.spatial_multiple)
+        req.validate(max_frames=cls.max_frames(req), spatial_multiple=cls.spatial_multiple)
+        if not cls.tiles:
+            for name, given in (("long_video_mode", req.long_video_mode == "tiled"), ("prompts", req.prompts),
+                                ("prompt_schedule", req.prompt_schedule)):
+                if given:
+                    raise RequestError(name, f"only LTX2LongVideo makes tiled long videos, not {cls.name}")
         if req.image_path and not Path(req.image_path).is_file():
             raise RequestError("image_path", f"no such file: {req.image_path}")
         for img in req.images:
@@ -71,6 +79,11 @@ class LTX2PipelineBase:
                 raise RequestError("images", f"no such file: {img[0]}")
         if cls.guided:
             check_stg_blocks(req, num_layers)
+
+    @classmethod
+    def max_frames(cls, req: GenerationRequest) -> int:
+        """The most frames this pipeline takes for `req`."""
+        return MAX_FRAMES
 
     def check(self, req: GenerationRequest) -> None:
         """Before anything runs: the request, then what this pipeline instance adds."""
