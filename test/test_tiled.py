@@ -12,7 +12,6 @@ from dataclasses import replace
 from types import SimpleNamespace
 
 import av
-import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
