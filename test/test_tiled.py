@@ -333,7 +333,7 @@ def test_memory_does_not_grow_with_tiles(comps, pipe, tmp_path, monkeypatch):
 
 # ---- the choice, the checks, the surfaces ----------------------------------------------------------
 
-def test_auto_chooses_dense_within_the_trained_length(pipe, monkeypatch):
+def test_auto_chooses_dense_within_the_trained_length(pipe, monkeypatch, tmp_path):
     short = GenerationRequest(prompt="x", num_frames=481, fps=24.0)  # 20.0 s
     assert pipe.choose_mode(short).mode == "dense"
     choice = pipe.choose_mode(replace(short, num_frames=489))
@@ -342,6 +342,14 @@ def test_auto_chooses_dense_within_the_trained_length(pipe, monkeypatch):
     monkeypatch.setattr(long_video, "fits_dense", lambda c, req: False)
     assert pipe.choose_mode(replace(short, num_frames=121)).reason == "auto: one piece does not fit this device"
     assert pipe.choose_mode(replace(short, num_frames=121, long_video_mode="dense")).mode == "dense"
+    assert pipe.choose_mode(replace(short, num_frames=721, output_format="webm")).mode == "dense"  # as before
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    late_image = replace(short, num_frames=121, images=[(str(tmp_path / "a.png"), 100, 1.0)])
+    get_pipeline_class("LTX2LongVideo").check_request(late_image, 2)  # dense in auto: as before
+    with pytest.raises(RequestError, match="first tile"):
+        get_pipeline_class("LTX2LongVideo").check_request(replace(late_image, long_video_mode="tiled"), 2)
 
 
 def test_fits_dense_counts_weights_and_activations(comps):
@@ -374,17 +382,20 @@ def test_bad_tiling_fields_name_themselves(kw, field):
     assert e.value.field == field
 
 
-def test_pipeline_checks(pipe):
+def test_pipeline_checks(pipe, tmp_path):
+    from PIL import Image
+
     LongVideo, TwoStage = get_pipeline_class("LTX2LongVideo"), get_pipeline_class("LTX2TwoStagePipeline")
     long_req = GenerationRequest(prompt="x", num_frames=2881)  # 2 minutes: only tiles take it
     LongVideo.check_request(long_req, 2)
-    for bad, field in ((replace(long_req, long_video_mode="dense"), "num_frames"),
-                       (replace(long_req, output_format="webm"), "output_format"),
-                       (replace(long_req, num_frames=121, long_video_mode="dense", prompts=["a", "b"]), "prompts"),
-                       (replace(long_req, images=[("a.png", 100, 1.0)]), "images")):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    for bad, what in ((replace(long_req, long_video_mode="dense"), "num_frames: must be 8k+1 between 1 and 2001"),
+                      (replace(long_req, output_format="webm"), "output_format: a tiled long video is written as mp4"),
+                      (replace(long_req, num_frames=121, long_video_mode="dense", prompts=["a", "b"]), "prompts: per-tile"),
+                      (replace(long_req, images=[(str(tmp_path / "a.png"), 100, 1.0)]), "images: a tiled long video takes")):
         with pytest.raises(RequestError) as e:
             LongVideo.check_request(bad, 2)
-        assert e.value.field == field
+        assert str(e.value).startswith(what)
     with pytest.raises(RequestError, match="only LTX2LongVideo"):
         TwoStage.check_request(replace(long_req, num_frames=121, long_video_mode="tiled"), 2)
 

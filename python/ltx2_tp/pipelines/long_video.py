@@ -90,14 +90,8 @@ class LTX2LongVideo(LTX2TwoStagePipeline):
         if req.long_video_mode == "dense" and (req.prompts or req.prompt_schedule):
             field_ = "prompts" if req.prompts else "prompt_schedule"
             raise RequestError(field_, "per-tile prompts need long_video_mode tiled or auto")
-        if req.long_video_mode != "dense":  # what tiling needs, checked whichever mode auto picks
-            first = plan_tiles(req.num_frames, req.fps, req.tile_frames, req.tile_overlap_frames)[0]
-            late = [int(i[1]) for i in req.images if int(i[1]) >= first.frames]
-            if late and req.num_frames > first.frames:
-                raise RequestError("images", f"a tiled long video takes images in its first tile (frames 0 to "
-                                   f"{first.frames - 1}), got frame {late[0]}")
-            if req.output_format != "mp4" and (req.long_video_mode == "tiled" or req.num_frames > MAX_FRAMES):
-                raise RequestError("output_format", f"a tiled long video is written as mp4, got {req.output_format!r}")
+        if req.long_video_mode == "tiled" or req.num_frames > MAX_FRAMES or req.prompts or req.prompt_schedule:
+            check_tiled(req)  # surely tiled; auto's other reasons are checked when it chooses
 
     def choose_mode(self, req: GenerationRequest) -> ModeChoice:
         """dense or tiled for this request (the same on every rank: static sizes only)."""
@@ -106,9 +100,13 @@ class LTX2LongVideo(LTX2TwoStagePipeline):
         if mode == "auto":
             if req.prompts or req.prompt_schedule:
                 mode, reason = "tiled", "auto: per-tile prompts"
-            elif req.num_frames > TRAINED_SECONDS * req.fps + 1 or req.num_frames > MAX_FRAMES:  # 481 frames = 20 s at 24 fps
+            elif req.num_frames > MAX_FRAMES:
+                mode, reason = "tiled", f"auto: {req.num_frames} frames are more than one piece takes ({MAX_FRAMES})"
+            elif req.output_format != "mp4":  # as before tiles existed: only MP4 is written tile by tile
+                mode, reason = "dense", f"auto: {req.output_format} is written in one piece"
+            elif req.num_frames > TRAINED_SECONDS * req.fps + 1:  # 481 frames = 20 s at 24 fps
                 mode, reason = "tiled", f"auto: {seconds:.1f} s is beyond the model's trained {TRAINED_SECONDS:g} s"
-            elif req.output_format == "mp4" and not fits_dense(self.c, req):
+            elif not fits_dense(self.c, req):
                 mode, reason = "tiled", "auto: one piece does not fit this device"
             else:
                 mode, reason = "dense", f"auto: {seconds:.1f} s in one piece fits"
@@ -116,6 +114,7 @@ class LTX2LongVideo(LTX2TwoStagePipeline):
             reason = "as asked"
         if mode == "dense":
             return ModeChoice("dense", reason)
+        check_tiled(req)
         return ModeChoice("tiled", reason, plan_tiles(req.num_frames, req.fps, req.tile_frames, req.tile_overlap_frames))
 
     def temporal_tile_frames(self, req: GenerationRequest) -> int | str | None:
@@ -197,6 +196,17 @@ class LTX2LongVideo(LTX2TwoStagePipeline):
         else:
             carry.overlap.pop(stage, None)
         return video_latent, audio_latent
+
+
+def check_tiled(req: GenerationRequest) -> None:
+    """What a tiled request needs besides its fields' ranges: images in the first tile, MP4 output."""
+    first = plan_tiles(req.num_frames, req.fps, req.tile_frames, req.tile_overlap_frames)[0]
+    late = [int(i[1]) for i in req.images if int(i[1]) >= first.frames]
+    if late:
+        raise RequestError("images", f"a tiled long video takes images in its first tile (frames 0 to "
+                           f"{first.frames - 1}), got frame {late[0]}")
+    if req.output_format != "mp4":
+        raise RequestError("output_format", f"a tiled long video is written as mp4, got {req.output_format!r}")
 
 
 def _tile_progress(progress, tile: Tile):
