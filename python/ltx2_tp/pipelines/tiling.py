@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ltx2_tp.latent_grid import AUDIO_TOKENS_PER_SECOND, TEMPORAL_SCALE
+from ltx2_tp.latent_grid import TEMPORAL_SCALE, audio_latent_frames, latent_frames
 
 
 @dataclass(frozen=True)
@@ -64,15 +64,6 @@ class Tile:
         return f"tile {self.index + 1}/{self.count}"
 
 
-def latent_frames(frames: int) -> int:
-    return (frames - 1) // TEMPORAL_SCALE + 1
-
-
-def audio_latent_index(frame: int, fps: float) -> int:
-    """The audio latent frame at video frame `frame` (ltx-core's rounding: AudioLatentShape.from_duration)."""
-    return round(frame / float(fps) * AUDIO_TOKENS_PER_SECOND)
-
-
 def plan_tiles(num_frames: int, fps: float, tile_frames: int, overlap_frames: int) -> list[Tile]:
     """The tiles of a `num_frames`-frame video (8k+1). Every tile but the last has tile_frames / 8
     latent frames; the last may be shorter, but always adds new frames (more than the overlap)."""
@@ -84,8 +75,8 @@ def plan_tiles(num_frames: int, fps: float, tile_frames: int, overlap_frames: in
     while starts[-1] + size < total:
         starts.append(starts[-1] + size - overlap)
     spans = [(s, min(size, total - s)) for s in starts]
-    audio = [(audio_latent_index(TEMPORAL_SCALE * s, fps),
-              audio_latent_index(TEMPORAL_SCALE * s + TEMPORAL_SCALE * (n - 1) + 1, fps)) for s, n in spans]
+    audio = [(audio_latent_frames(TEMPORAL_SCALE * s, fps),
+              audio_latent_frames(TEMPORAL_SCALE * s + TEMPORAL_SCALE * (n - 1) + 1, fps)) for s, n in spans]
     tiles = []
     for i, ((s, n), (a0, a1)) in enumerate(zip(spans, audio)):
         last = i == len(spans) - 1
