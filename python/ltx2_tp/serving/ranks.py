@@ -249,7 +249,8 @@ class LeaderPipeline:
         return getattr(self.pipeline, name)
 
     def __call__(self, req: GenerationRequest, output_path, progress=None):
-        req.validate()  # a bad request fails here, before any rank starts it
+        limit = getattr(self.pipeline, "max_frames", None)  # a tiled long video takes more frames
+        req.validate(**({"max_frames": limit(req)} if limit else {}))  # a bad request fails here, before any rank starts it
         self._send((_RUN, asdict(req), str(output_path)))
         return self.sync.run(self.pipeline, req, output_path, report=progress)
 
