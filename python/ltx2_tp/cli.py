@@ -156,10 +156,12 @@ def cmd_generate(args) -> int:
     if steps is None:
         steps = cls.default_params(cfg, files.checkpoint if files else None, files is None).num_inference_steps
     fmt = args.output_format or (args.output_path.rsplit(".", 1)[-1].lower() if "." in args.output_path else "mp4")
-    req = GenerationRequest(prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width,
+    prompt, prompts, schedule = _prompts(args)
+    req = GenerationRequest(prompt=prompt, prompts=prompts, negative_prompt=args.negative_prompt, width=args.width,
                             height=args.height, num_frames=args.num_frames, fps=args.fps, num_inference_steps=steps,
                             guidance_scale=args.guidance_scale, seed=args.seed, image_path=args.image_path,
-                            output_format=fmt, **{k: getattr(args, k) for k in REQUEST_FLAGS})
+                            output_format=fmt, **{k: getattr(args, k) for k in REQUEST_FLAGS},
+                            **({"prompt_schedule": schedule} if schedule else {}))
     if args.image_path:
         _check_image(args.image_path)
     if args.lora and not _exists(args.lora[0]):
@@ -192,13 +194,20 @@ def cmd_generate(args) -> int:
     apply_plan(plan, comps)
     rank0 = this_rank() == 0
     bars: dict[str, tqdm] = {}
+    choose = getattr(pipe, "choose_mode", None)
+    if rank0 and choose is not None:
+        print(choose(req).describe(), flush=True)
 
     def progress(stage: str, done: int, total: int) -> None:
         if not rank0 or stage == "done":
             return
-        if stage not in bars:
-            bars[stage] = tqdm(total=total, desc=stage, unit="step")
-        bars[stage].update(done - bars[stage].n)
+        kind = stage.rsplit(" ", 1)[-1]  # a tiled long video's "tile 3/10 stage1": one bar per kind, per tile
+        if kind not in bars:
+            bars[kind] = tqdm(total=total, desc=stage, unit="step")
+        elif done == 0 and stage != bars[kind].desc.rstrip(": "):
+            bars[kind].reset(total=total)
+            bars[kind].set_description(stage)
+        bars[kind].update(done - bars[kind].n)
 
     timer = StageTimer(sync=comps.device.type == "cuda")
     try:
@@ -236,6 +245,7 @@ def cmd_serve(args) -> int:
     for flag, v, lo in (("--max-queue", args.max_queue, 1), ("--ttl-s", args.ttl_s, 1),
                         ("--max-upload-bytes", args.max_upload_bytes, 1), ("--max-image-pixels", args.max_image_pixels, 1),
                         ("--max-prompt-chars", args.max_prompt_chars, 1), ("--max-video-tokens", args.max_video_tokens, 1),
+                        ("--max-frames", args.max_frames, 1),
                         ("--collective-timeout-s", args.collective_timeout_s, 1), ("--port", args.port, 0)):
         if v < lo:
             raise UsageError(f"{flag} must be at least {lo}, got {v}")
@@ -288,8 +298,9 @@ def cmd_serve(args) -> int:
     log_to_stderr()
     manager = JobManager(pipe, args.output_dir, args.max_queue, args.ttl_s, warmup=warmup)
     app = create_app(manager, model_name=args.served_model_name, api_key=args.api_key,
-                     max_video_tokens=args.max_video_tokens, max_upload_bytes=args.max_upload_bytes,
-                     max_prompt_chars=args.max_prompt_chars, max_image_pixels=args.max_image_pixels, cap=cap,
+                     max_video_tokens=args.max_video_tokens, max_frames=args.max_frames,
+                     max_upload_bytes=args.max_upload_bytes, max_prompt_chars=args.max_prompt_chars,
+                     max_image_pixels=args.max_image_pixels, cap=cap,
                      pipelines=pipe.pipeline if isinstance(pipe, LeaderPipeline) else pipe)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"))
     status = [0]
@@ -374,8 +385,43 @@ REQUEST_FLAGS = ("video_stg_guidance_scale", "video_rescale_scale", "video_stg_b
                  "video_skip_step", "audio_cfg_guidance_scale", "audio_stg_guidance_scale", "audio_rescale_scale",
                  "audio_stg_blocks", "v2a_guidance_scale", "audio_skip_step", "images", "video_path", "start_time",
                  "end_time", "video_conditioning", "conditioning_attention_strength", "audio_path", "audio_start_time",
-                 "audio_max_duration", "attention_window_frames", "keyframe_stride", "step_cache_threshold")
-FIELD_FLAGS = {"images": "--image"}  # request fields whose flag is not --field-name
+                 "audio_max_duration", "attention_window_frames", "keyframe_stride", "step_cache_threshold",
+                 "long_video_mode", "tile_frames", "tile_overlap_frames", "tile_cond_strength", "adain_factor")
+FIELD_FLAGS = {"images": "--image", "prompts": "--prompt"}  # request fields whose flag is not --field-name
+
+
+def _prompts(args) -> tuple[str, list[str], str | None]:
+    """(prompt, per-tile prompts, schedule text) from --prompt (repeatable), --prompt-file, --prompt-schedule.
+    A prompt file holds one prompt per line (one per tile), or, when every line reads "SECONDS: prompt",
+    a schedule by time."""
+    import re
+
+    given = list(args.prompt or [])
+    schedule = args.prompt_schedule
+    if args.prompt_file:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                lines = [line.strip() for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"--prompt-file: cannot read {args.prompt_file!r}: {e}") from None
+        if not lines:
+            raise UsageError(f"--prompt-file: {args.prompt_file!r} has no prompt")
+        if given or schedule:
+            raise UsageError("--prompt-file: give the prompts in the file or with --prompt / --prompt-schedule, not both")
+        if all(re.match(r"^\d+(\.\d*)?\s*:", line) for line in lines):
+            schedule = "\n".join(lines)
+        else:
+            given = lines
+    if not given and not schedule:
+        raise UsageError("--prompt: required (or --prompt-file, or --prompt-schedule)")
+    if schedule and not given:  # the request's prompt: the schedule's first
+        from ltx2_tp.pipelines.request import RequestError, parse_prompt_schedule
+
+        try:
+            given = [parse_prompt_schedule(schedule)[0][1]]
+        except RequestError as e:
+            raise _flag_error(e) from None
+    return given[0], given if len(given) > 1 else [], schedule
 
 
 def _flag_error(e) -> UsageError:
@@ -707,6 +753,23 @@ def _add_memory_args(p: argparse.ArgumentParser) -> None:
                    help="streamed blocks live in pinned host memory, or are read from the checkpoint file at each use")
 
 
+def _add_long_video_args(p: argparse.ArgumentParser) -> None:
+    """LTX2LongVideo: one piece or temporal tiles (README 'Long videos (tiled)'); ComfyUI's looping sampler's units."""
+    g = p.add_argument_group("long videos (LTX2LongVideo)")
+    g.add_argument("--long-video-mode", default="auto", choices=["auto", "dense", "tiled"],
+                   help="auto: dense within the model's trained 20 s when one piece fits, tiled otherwise")
+    g.add_argument("--tile-frames", type=int, default=80,
+                   help="tile length, a multiple of 8 (ComfyUI's temporal_tile_size: 80 = 10 latent frames = 73 frames)")
+    g.add_argument("--tile-overlap-frames", type=int, default=24,
+                   help="frames shared by consecutive tiles, a multiple of 8 (24 = 3 latent frames: 17 frames "
+                   "cross-faded); each tile adds tile - overlap frames")
+    g.add_argument("--tile-cond-strength", type=float, default=0.5,
+                   help="how strongly a tile keeps the previous tile's overlap latents, video and audio (1: as they are)")
+    g.add_argument("--adain-factor", type=float, default=0.0,
+                   help="pull each tile's latent statistics toward the first tile's (0-1; 0.1-0.3 against drift "
+                   "over minutes of one scene)")
+
+
 def _add_speed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enable-torch-compile", action="store_true",
                    help="torch.compile each DiT block (first request per resolution compiles: minutes at full size)")
@@ -841,7 +904,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pipeline-class-name", default="LTX2LongVideo",
                    help="LTX2LongVideo, LTX2TwoStagePipeline, LTX2TwoStageHQPipeline, LTX2Pipeline, LTX2DistilledPipeline, "
                    "LTX2KeyframeInterpolationPipeline, LTX2RetakePipeline, LTX2ICLoraPipeline, LTX2A2VidPipeline")
-    g.add_argument("--prompt", required=True)
+    g.add_argument("--prompt", action="append", default=None,
+                   help="the prompt; repeat it for one prompt per temporal tile (LTX2LongVideo tiled; the last repeats)")
+    g.add_argument("--prompt-file", default=None, help="one prompt per line (per tile), or 'SECONDS: prompt' lines "
+                   "(a schedule by time)")
+    g.add_argument("--prompt-schedule", default=None, help="prompts by time, 'SECONDS:prompt|SECONDS:prompt' "
+                   "(e.g. '0:a fox in the snow|12.5:the fox runs'): a tile takes the prompt in force at its first new frame")
     g.add_argument("--negative-prompt", default="")
     g.add_argument("--image-path", default=None, help="first-frame image (image-to-video)")
     g.add_argument("--width", type=int, default=384)
@@ -853,6 +921,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     _add_guidance_args(g)
     _add_input_args(g)
+    _add_long_video_args(g)
     _add_layout_args(g)
     _add_speed_args(g)
     _add_approximation_args(g)
@@ -876,7 +945,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-queue", type=int, default=8, help="queued jobs beyond the running one; more get 429")
     sv.add_argument("--ttl-s", type=int, default=3600, help="finished jobs and their files are deleted after this "
                     "many seconds (also across restarts)")
-    sv.add_argument("--max-video-tokens", type=int, default=400_000, help="larger requests get 400 (memory plan)")
+    sv.add_argument("--max-video-tokens", type=int, default=400_000, help="larger requests get 400 (memory plan; "
+                    "a tiled long video: its tile's tokens)")
+    sv.add_argument("--max-frames", type=int, default=2001, help="longer requests get 400 (raise it for tiled long "
+                    "videos, whose memory does not grow with their length)")
     sv.add_argument("--max-upload-bytes", type=int, default=10 * 2**20, help="input_reference larger than this: 413")
     sv.add_argument("--max-image-pixels", type=int, default=4096 * 4096,
                     help="input_reference with more pixels: 400 (read from the header, before decoding)")

@@ -17,6 +17,17 @@ SPATIAL_SCALE = 32  # pixels per latent cell, each way: the multiple a DiT's hei
 AUDIO_TOKENS_PER_SECOND = 25
 
 
+def latent_frames(frames: int) -> int:
+    """Latent frames of `frames` video frames (8k+1 -> k+1)."""
+    return (frames - 1) // TEMPORAL_SCALE + 1
+
+
+def audio_latent_frames(frames: int, fps: float) -> int:
+    """Audio latent frames in `frames` video frames at `fps` (ltx-core's AudioLatentShape.from_duration
+    rounding); also the audio latent at which video frame `frames` starts."""
+    return round(frames / float(fps) * AUDIO_TOKENS_PER_SECOND)
+
+
 @dataclass(frozen=True)
 class LatentGrid:
     frames: int
@@ -25,7 +36,7 @@ class LatentGrid:
 
     @property
     def latent_frames(self) -> int:
-        return (self.frames - 1) // TEMPORAL_SCALE + 1
+        return latent_frames(self.frames)
 
     @property
     def latent_height(self) -> int:
@@ -40,7 +51,7 @@ class LatentGrid:
         return self.latent_frames * self.latent_height * self.latent_width
 
     def audio_tokens(self, fps: float) -> int:
-        return max(1, round(self.frames / fps * AUDIO_TOKENS_PER_SECOND))
+        return max(1, audio_latent_frames(self.frames, fps))
 
 
 def tokens_per_rank(tokens: int, sp_size: int) -> int:

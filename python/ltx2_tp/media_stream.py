@@ -87,7 +87,8 @@ class StreamingMP4Writer:
     """put() host uint8 frames (f, h, w, 3) RGB, or (f, h*3/2, w) I420 with convert="gpu"; finish()
     returns the path. `audio` is an ltx-core Audio, a Future of one (decoded meanwhile), or None;
     with a Future, `audio_rate` (the vocoder's output rate) lets the thread create the AAC stream
-    and start encoding video before the audio is there (encoded video waits for it before muxing).
+    and start encoding video before the audio is there (encoded video waits for it before muxing);
+    or an AudioFeed, whose pieces are muxed as the video reaches them (close it before finish()).
 
     The queue holds at most `max_queue` put() calls; put() blocks while it is full and raises the
     encoder thread's exception as soon as there is one.
@@ -154,6 +155,8 @@ class StreamingMP4Writer:
         """Stop the thread, drop what is queued and remove the temporary file."""
         self._done = True
         self._cancel.set()
+        if isinstance(self._audio, AudioFeed):
+            self._audio.close()  # the thread may be waiting for the last piece
         self._drain()  # the thread sees the cancel at its next frame
         try:
             self._q.put_nowait(_STOP)  # wakes a thread waiting for frames
@@ -295,18 +298,84 @@ class StreamingMP4Writer:
                 self.tmp.unlink(missing_ok=True)
 
 
+class AudioFeed:
+    """Audio given to a StreamingMP4Writer in pieces while it writes (a tiled long video hands over
+    each tile's audio as it is decoded): append() waveforms at `rate`, close() after the last one.
+    The writer muxes each piece once the video reaches its time and drops it, so only what is not
+    written yet is held."""
+
+    def __init__(self, rate: int):
+        self.rate = int(rate)
+        self.appended = 0  # samples appended so far
+        self.closed = False
+        self._pieces: deque = deque()  # (samples, 2) int16 arrays not yet taken
+        self._cond = threading.Condition()
+
+    def append(self, waveform: torch.Tensor) -> None:
+        pcm = _pcm16(waveform)
+        with self._cond:
+            if self.closed:
+                raise RuntimeError("audio feed already closed")
+            self._pieces.append(pcm)
+            self.appended += pcm.shape[0]
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
+
+    def wait_closed(self) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self.closed)
+
+    def take(self, n: int) -> np.ndarray:
+        """The next `n` samples (at most what was appended)."""
+        out, need = [], n
+        with self._cond:
+            while need > 0 and self._pieces:
+                head = self._pieces[0]
+                if head.shape[0] <= need:
+                    out.append(self._pieces.popleft())
+                    need -= head.shape[0]
+                else:
+                    out.append(head[:need])
+                    self._pieces[0] = head[need:]
+                    need = 0
+        return np.concatenate(out) if len(out) > 1 else out[0] if out else np.zeros((0, 2), np.int16)
+
+
+def _pcm16(waveform: torch.Tensor) -> np.ndarray:
+    """(channels, samples) or (samples, channels) float in [-1, 1] -> (samples, 2) int16, as
+    ltx-pipelines' `_write_audio` converts."""
+    w = waveform.detach().to("cpu")
+    if w.ndim == 1:
+        w = w[:, None]
+    if w.shape[1] != 2 and w.shape[0] == 2:
+        w = w.T
+    if w.shape[1] != 2:
+        raise ValueError(f"Expected samples with 2 channels; got shape {tuple(w.shape)}.")
+    if w.dtype != torch.int16:
+        w = (torch.clip(w, -1.0, 1.0) * 32767.0).to(torch.int16)
+    return w.contiguous().numpy()
+
+
 class _AudioTrack:
     """AAC written in pieces as the video advances. The samples are those of ltx-pipelines'
     `_write_audio` (clip to [-1, 1], x32767, to int16, interleaved stereo, then resampled to the
-    encoder's format at the same rate), so the encoded audio is the same."""
+    encoder's format at the same rate), so the encoded audio is the same. `audio`: an ltx-core
+    Audio, a Future of one, or an AudioFeed (pieces as they come)."""
 
     def __init__(self, container, audio, rate: int | None = None):
         self.container = container
         self._source = audio
+        self._feed = audio if isinstance(audio, AudioFeed) else None
         self._pcm: np.ndarray | None = None  # (samples, 2) int16, once the audio is there
         self.fed = self.written = 0  # samples given to the resampler / to the encoder
         self.samples = 0
-        if rate is None:
+        if self._feed is not None:
+            rate = self._feed.rate
+        elif rate is None:
             self._load()
         # streams must exist before the first packet is muxed
         self.rate = int(rate or self._rate)
@@ -318,43 +387,50 @@ class _AudioTrack:
     def _load(self) -> None:
         audio = self._source.result() if isinstance(self._source, Future) else self._source
         self._rate = int(audio.sampling_rate)
-        w = audio.waveform.detach().to("cpu")
-        if w.ndim == 1:
-            w = w[:, None]
-        if w.shape[1] != 2 and w.shape[0] == 2:
-            w = w.T
-        if w.shape[1] != 2:
-            raise ValueError(f"Expected samples with 2 channels; got shape {tuple(w.shape)}.")
-        if w.dtype != torch.int16:
-            w = (torch.clip(w, -1.0, 1.0) * 32767.0).to(torch.int16)
-        self._pcm = w.contiguous().numpy()
+        self._pcm = _pcm16(audio.waveform)
         self.samples = self._pcm.shape[0]
 
     def ready(self) -> bool:
-        """Whether the waveform is there (a Future that is done), so write_until will not block."""
-        return self._pcm is not None or not isinstance(self._source, Future) or self._source.done()
+        """Whether write_until will not block: the waveform is there (a Future that is done), or
+        the audio comes as an AudioFeed (write_until takes what was appended so far)."""
+        return (self._feed is not None or self._pcm is not None or not isinstance(self._source, Future)
+                or self._source.done())
 
     def wait(self) -> None:
-        """Blocks until the waveform is there (raises the decoder's exception)."""
-        if self._pcm is None:
+        """Blocks until the waveform is there (raises the decoder's exception); an AudioFeed is
+        waited for (closed) by write_until(None)."""
+        if self._feed is None and self._pcm is None:
             self._load()
             if self._rate != self.rate:
                 raise ValueError(f"audio at {self._rate} Hz, but the AAC stream was opened at {self.rate} Hz")
 
+    def _next(self, seconds: float | None) -> np.ndarray:
+        """The samples to encode now: up to the video's time (`seconds`), or all that is left (None)."""
+        if self._feed is not None:
+            if seconds is None:
+                self._feed.wait_closed()
+            avail = self._feed.appended
+            end = avail if seconds is None else min(avail, int(seconds * self.rate))
+            self.samples = avail
+            return self._feed.take(end - self.fed) if end > self.fed else self._pcm16_empty
+        self.wait()
+        end = self.samples if seconds is None else min(self.samples, int(seconds * self.rate))
+        return self._pcm[self.fed:end] if end > self.fed else self._pcm16_empty
+
+    _pcm16_empty = np.zeros((0, 2), np.int16)
+
     def write_until(self, seconds: float | None) -> None:
         import av
 
-        self.wait()
+        pcm = self._next(seconds)
         if self._resampler is None:
             cc = self.stream.codec_context
             self._resampler = av.AudioResampler(format=cc.format or "fltp", layout=cc.layout or "stereo",
                                                 rate=self.rate)
-
-        end = self.samples if seconds is None else min(self.samples, int(seconds * self.rate))
-        if end > self.fed:
-            frame = av.AudioFrame.from_ndarray(self._pcm[self.fed:end].reshape(1, -1), format="s16", layout="stereo")
+        if pcm.shape[0]:
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(pcm).reshape(1, -1), format="s16", layout="stereo")
             frame.sample_rate = self.rate
-            self.fed = end
+            self.fed += pcm.shape[0]
             for rf in self._resampler.resample(frame):
                 rf.pts, rf.sample_rate = self.written, self.rate
                 self.written += rf.samples

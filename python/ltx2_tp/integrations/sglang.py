@@ -30,7 +30,8 @@ from typing import Any
 
 import torch
 
-from ltx2_tp.pipelines.request import GenerationRequest
+from ltx2_tp.pipelines.request import TILED_MAX_FRAMES, GenerationRequest
+from ltx2_tp.pipelines.tiling import memory_frames
 from ltx2_tp.serving.ranks import run_on_rank, this_rank
 
 TINY_MODEL_PATH = "ltx2-tp/tiny"
@@ -89,6 +90,19 @@ if HAVE_SGLANG:
         guidance_scale: float = _REQUEST_DEFAULTS["guidance_scale"]
         negative_prompt: str = _REQUEST_DEFAULTS["negative_prompt"]
         seed: int = _REQUEST_DEFAULTS["seed"]
+        # LTX2LongVideo's long-video fields (None: the request's default): from `sglang generate
+        # --config FILE` (its keys that are fields here) or the video API's model-owned fields
+        long_video_mode: str | None = None
+        tile_frames: int | None = None
+        tile_overlap_frames: int | None = None
+        tile_cond_strength: float | None = None
+        adain_factor: float | None = None
+        prompts: list | None = None
+        prompt_schedule: Any = None
+
+        @classmethod
+        def video_request_extra_fields(cls) -> frozenset[str]:
+            return frozenset(LONG_VIDEO_FIELDS)
 
     class LTX2TPGenerateStage(PipelineStage):
         """Runs one of our pipelines for the request and returns the written MP4 to sglang."""
@@ -186,17 +200,20 @@ def request_from_sglang(batch, cap=None) -> GenerationRequest:
         video_path=first(getattr(batch, "video_path", None)),  # sglang's field: the retake source
         **{f: getattr(batch, f) for f in SGLANG_EXTRA_FIELDS if getattr(batch, f, None) is not None},
     )
-    req.validate(spatial_multiple=32)  # the pipeline checks its own size rule when it runs
+    # the pipeline checks its own size rule and frame limit (a tiled long video takes more) when it runs
+    req.validate(max_frames=TILED_MAX_FRAMES, spatial_multiple=32)
     if cap is not None:
-        cap.check(req.width, req.height, req.num_frames, req.fps, "num_frames")
+        cap.check(req.width, req.height, memory_frames(req), req.fps, "num_frames")
     return req
 
 
+LONG_VIDEO_FIELDS = ("long_video_mode", "tile_frames", "tile_overlap_frames", "tile_cond_strength", "adain_factor",
+                     "prompts", "prompt_schedule")
 # our request fields sglang passes through when its request carries them (ltx-pipelines' names)
 SGLANG_EXTRA_FIELDS = ("video_stg_guidance_scale", "video_rescale_scale", "video_stg_blocks", "a2v_guidance_scale",
                        "video_skip_step", "audio_cfg_guidance_scale", "audio_stg_guidance_scale", "audio_rescale_scale",
                        "audio_stg_blocks", "v2a_guidance_scale", "audio_skip_step", "start_time", "end_time",
-                       "audio_path", "audio_start_time", "audio_max_duration")
+                       "audio_path", "audio_start_time", "audio_max_duration", *LONG_VIDEO_FIELDS)
 
 
 def output_path_from_sglang(batch) -> str:

@@ -15,7 +15,7 @@ from ltx2_tp.pipelines import approximations, stages
 from ltx2_tp.pipelines.components import LTX2Components
 from ltx2_tp.pipelines.decode import STREAM, decode_and_write
 from ltx2_tp.pipelines.guidance import check_stg_blocks, default_params, request_guidance
-from ltx2_tp.pipelines.request import TWO_STAGE_SPATIAL_MULTIPLE, GenerationRequest, RequestError
+from ltx2_tp.pipelines.request import MAX_FRAMES, TWO_STAGE_SPATIAL_MULTIPLE, GenerationRequest, RequestError
 
 
 @dataclass
@@ -28,6 +28,7 @@ class GenerationResult:
     audio_samples: int
     stage_times: dict[str, float]
     approximations: dict = field(default_factory=dict)  # what the request's opt-in approximations did
+    tile_seconds: list[float] = field(default_factory=list)  # a tiled long video: wall time per tile
 
 
 @dataclass
@@ -42,6 +43,7 @@ class Run:
     progress: stages.Progress | None
     source_audio: object = None  # A2Vid: the input audio, written as it is
     approximations: dict = field(default_factory=dict)  # their report (pipelines/approximations.py)
+    tile: object = None  # a tiled long video's tile (long_video.TileRun); None: the whole request
 
 
 class LTX2PipelineBase:
@@ -59,6 +61,7 @@ class LTX2PipelineBase:
     fixed_steps: int | None = None  # a pipeline whose sigmas are fixed (distilled: 8) ignores num_inference_steps
     # request fields the pipeline needs beyond the prompt (the server refuses those it cannot fill)
     inputs: tuple[str, ...] = ()
+    tiles = False  # makes temporal tiles (long_video_mode, per-tile prompts): LTX2LongVideo
 
     def __init__(self, components: LTX2Components, params=None):
         self.c = components
@@ -75,7 +78,12 @@ class LTX2PipelineBase:
     def check_request(cls, req: GenerationRequest, num_layers: int) -> None:
         """Everything about the request this pipeline needs that the model does not decide (the CLI
         calls it before anything is built; `num_layers`: the DiT's blocks, for the STG blocks)."""
-        req.validate(spatial_multiple=cls.spatial_multiple)
+        req.validate(max_frames=cls.max_frames(req), spatial_multiple=cls.spatial_multiple)
+        if not cls.tiles:
+            for name, given in (("long_video_mode", req.long_video_mode == "tiled"), ("prompts", req.prompts),
+                                ("prompt_schedule", req.prompt_schedule)):
+                if given:
+                    raise RequestError(name, f"only LTX2LongVideo makes tiled long videos, not {cls.name}")
         if req.image_path and not Path(req.image_path).is_file():
             raise RequestError("image_path", f"no such file: {req.image_path}")
         for img in req.images:
@@ -92,6 +100,11 @@ class LTX2PipelineBase:
         cls.check_request(req, c.transformer.cfg.num_layers)
         if cls.upsamples:
             stages.check_upsampler_input(c, req.num_frames, req.height, req.width)
+
+    @classmethod
+    def max_frames(cls, req: GenerationRequest) -> int:
+        """The most frames this pipeline takes for `req`."""
+        return MAX_FRAMES
 
     def check(self, req: GenerationRequest) -> None:
         """Before anything runs: the request, then what this pipeline instance adds."""

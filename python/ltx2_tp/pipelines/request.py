@@ -8,6 +8,11 @@ from dataclasses import dataclass, field
 from ltx2_tp.latent_grid import SPATIAL_SCALE, TEMPORAL_SCALE, LatentGrid
 
 OUTPUT_FORMATS = ("mp4", "webm", "gif")
+MAX_FRAMES = 2001  # one piece (dense): what every pipeline accepts
+# A tiled long video (LTX2LongVideo) holds one tile in memory however long it is: the cap only keeps
+# a typo from queueing a day of work (an hour at 24 fps).
+TILED_MAX_FRAMES = 86401
+LONG_VIDEO_MODES = ("auto", "dense", "tiled")
 # What a pipeline whose first stage runs at half size needs (LTX2TwoStagePipeline and its
 # subclasses): the half size must itself be a multiple of the DiT's 32. Pipelines carry their own
 # `spatial_multiple`; this is the default for callers that validate before choosing one.
@@ -73,8 +78,17 @@ class GenerationRequest:
     attention_window_frames: int | None = None  # video self-attention sees latent frames within K (None: all)
     keyframe_stride: int = 1  # stage 1 denoises every S-th latent frame and the last, the rest interpolated
     step_cache_threshold: float = 0.0  # reuse a step's DiT output while its input moved less than T (0: off)
+    # LTX2LongVideo: one piece or temporal tiles (pipelines/tiling.py). Tile and overlap are in
+    # ComfyUI LTXVLoopingSampler's units (frames, multiples of 8; its defaults 80 / 24).
+    long_video_mode: str = "auto"  # auto | dense | tiled
+    tile_frames: int = 80
+    tile_overlap_frames: int = 24
+    tile_cond_strength: float = 0.5  # the previous tile's overlap held at this strength (1: kept as is)
+    adain_factor: float = 0.0  # each tile's latent statistics pulled this far toward the first tile's
+    prompts: list[str] = field(default_factory=list)  # per tile, in order (the last repeats); []: prompt
+    prompt_schedule: list = field(default_factory=list)  # [(seconds, prompt)]: the prompt in force by time
 
-    def validate(self, max_frames: int = 2001, max_side: int = 4096,
+    def validate(self, max_frames: int = MAX_FRAMES, max_side: int = 4096,
                  spatial_multiple: int = TWO_STAGE_SPATIAL_MULTIPLE) -> "GenerationRequest":
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise RequestError("prompt", "must be a non-empty string")
@@ -90,6 +104,7 @@ class GenerationRequest:
         _check_guidance(self)
         _check_inputs(self)
         _check_approximations(self)
+        _check_tiling(self)
         if self.output_format not in OUTPUT_FORMATS:
             raise RequestError("output_format", f"must be one of {OUTPUT_FORMATS}, got {self.output_format!r}")
         return self
@@ -187,3 +202,65 @@ def _check_inputs(r: GenerationRequest) -> None:
         raise RequestError("audio_start_time", f"must be >= 0, got {r.audio_start_time}")
     if r.audio_max_duration is not None and r.audio_max_duration <= 0:
         raise RequestError("audio_max_duration", f"must be > 0, got {r.audio_max_duration}")
+
+
+def _check_tiling(r: GenerationRequest) -> None:
+    """Ranges of the long-video fields (ComfyUI's looping sampler's, in frames: tiles 24-1000 and
+    overlaps from 16, multiples of 8; each tile adds at least 8 new frames)."""
+    if r.long_video_mode not in LONG_VIDEO_MODES:
+        raise RequestError("long_video_mode", f"must be one of {', '.join(LONG_VIDEO_MODES)}, got {r.long_video_mode!r}")
+    t, o = r.tile_frames, r.tile_overlap_frames
+    if not (isinstance(t, int) and 24 <= t <= 1000 and t % TEMPORAL_SCALE == 0):
+        raise RequestError("tile_frames", f"must be a multiple of 8 between 24 and 1000, got {t}")
+    if not (isinstance(o, int) and 16 <= o <= t - 8 and o % TEMPORAL_SCALE == 0):
+        raise RequestError("tile_overlap_frames", f"must be a multiple of 8 between 16 and tile_frames - 8 "
+                           f"({t - 8}), got {o}")
+    for name in ("tile_cond_strength", "adain_factor"):
+        v = getattr(r, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0:
+            raise RequestError(name, f"must be between 0 and 1, got {v!r}")
+    if not isinstance(r.prompts, (list, tuple)) or not all(isinstance(p, str) and p.strip() for p in r.prompts):
+        raise RequestError("prompts", "must be a list of non-empty strings (one per tile)")
+    if r.prompts and r.prompt_schedule:
+        raise RequestError("prompts", "give per-tile prompts or a prompt schedule, not both")
+    r.prompt_schedule = parse_prompt_schedule(r.prompt_schedule)
+
+
+def parse_prompt_schedule(schedule) -> list[tuple[float, str]]:
+    """A schedule by time, as text "0:a fox in the snow|12.5:the fox runs" (one "SECONDS:prompt" per
+    "|" or line) or as [(seconds, prompt), ...] -> [(seconds, prompt)], times strictly increasing
+    from >= 0. The prompt in force at time t is the last entry at or before t (before the first: `prompt`)."""
+    if not schedule:
+        return []
+    if isinstance(schedule, str):
+        entries = []
+        for part in (p for line in schedule.splitlines() for p in line.split("|")):
+            if not part.strip():
+                continue
+            time, sep, text = part.partition(":")
+            try:
+                entries.append((float(time), text.strip()) if sep else None)
+            except ValueError:
+                entries.append(None)
+            if entries[-1] is None:
+                raise RequestError("prompt_schedule", f"each entry must be SECONDS:prompt (e.g. '0:a fox|12.5:a wolf'), "
+                                   f"got {part.strip()!r}")
+    elif isinstance(schedule, (list, tuple)):
+        entries = []
+        for e in schedule:
+            ok = isinstance(e, (list, tuple)) and len(e) == 2 and isinstance(e[1], str)
+            try:
+                entries.append((float(e[0]), e[1].strip()) if ok and not isinstance(e[0], bool) else None)
+            except (TypeError, ValueError):
+                entries.append(None)
+            if entries[-1] is None:
+                raise RequestError("prompt_schedule", f"each entry must be [seconds, prompt], got {e!r}")
+    else:
+        raise RequestError("prompt_schedule", f"must be 'SECONDS:prompt|...' or a list of [seconds, prompt], "
+                           f"got {type(schedule).__name__}")
+    times = [t for t, _ in entries]
+    if any(not (t >= 0 and t < float("inf")) for t in times) or any(b <= a for a, b in zip(times, times[1:])):
+        raise RequestError("prompt_schedule", f"times must be finite, >= 0 and increasing, got {times}")
+    if any(not text for _, text in entries):
+        raise RequestError("prompt_schedule", "every entry needs a non-empty prompt")
+    return entries

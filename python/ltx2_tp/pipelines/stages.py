@@ -92,15 +92,18 @@ def encode_text(c: LTX2Components, prompt: str, negative_prompt: str):
 def prepare_latents(c: LTX2Components, shape: VideoPixelShape, generator: torch.Generator, conditionings=(),
                     noise_scale: float = 1.0, initial_video: torch.Tensor | None = None,
                     initial_audio: torch.Tensor | None = None, audio_conditionings=(),
-                    audio_noise_scale: float | None = None) -> Streams:
+                    audio_noise_scale: float | None = None, audio_frames: int | None = None) -> Streams:
     """Noised video and audio latent states (patchified), as ltx-pipelines' denoise_audio_video
     (`audio_noise_scale` 0: the audio is kept as given, as its denoise_video_only; noise is drawn
-    for it all the same, as there)."""
+    for it all the same, as there). `audio_frames`: audio latent frames other than the video's
+    duration gives (a tile of a long video: its share of the whole video's audio)."""
     noiser = GaussianNoiser(generator=generator)
     vshape = VideoLatentShape.from_pixel_shape(shape=shape, latent_channels=c.video_latent_channels,
                                                scale_factors=VIDEO_SCALE_FACTORS)
     vtools = VideoLatentTools(VideoLatentPatchifier(patch_size=1), vshape, shape.fps)
     ashape = AudioLatentShape.from_video_pixel_shape(shape, channels=c.audio_latent_channels, mel_bins=c.audio_mel_bins)
+    if audio_frames is not None:
+        ashape = ashape._replace(frames=audio_frames)
     atools = AudioLatentTools(AudioPatchifier(patch_size=1), ashape)
     common = dict(noiser=noiser, dtype=c.dtype, device=c.device)
     video = create_noised_state(tools=vtools, conditionings=list(conditionings), initial_latent=initial_video,

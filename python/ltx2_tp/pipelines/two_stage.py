@@ -29,14 +29,26 @@ class LTX2TwoStagePipeline(LTX2PipelineBase):
         video_guidance, audio_guidance = self.guidance(req)
         half = pixel_shape(req, 2)
         with t("latent_preparation"):
-            conds = self.image_conditionings(req, half.height, half.width, self.keyframes)
-            s = stages.prepare_latents(c, half, run.generator, conds)
+            conds, audio_conds, audio_frames = self.stage_inputs(run, half, "stage1")
+            s = stages.prepare_latents(c, half, run.generator, conds, audio_conditionings=audio_conds,
+                                       audio_frames=audio_frames)
         with t("stage1_denoise"):
             loop = keyframe_stride.strided(stages.denoise, req.keyframe_stride, run.approximations)
             s = loop(c, s, stages.stage1_sigmas(req.num_inference_steps, c.device),
                      guided_denoise_fn(c, run.pos, run.neg, video_guidance, audio_guidance), "stage1", run.progress)
-            video_latent, audio_latent = stages.unpatchify(s)
+            video_latent, audio_latent = self.stage_output(run, "stage1", *stages.unpatchify(s))
         return self.refine(run, video_latent, audio_latent, stages.stage2_weights(c))
+
+    def stage_inputs(self, run: Run, shape, stage: str):
+        """What `stage` ("stage1" at half size, "stage2" at full) conditions on: (video items, audio
+        items, audio latent frames or None for the request's duration). Here the request's images;
+        a tiled long video adds the previous tile's overlap."""
+        return self.image_conditionings(run.req, shape.height, shape.width, self.keyframes), [], None
+
+    def stage_output(self, run: Run, stage: str, video_latent, audio_latent):
+        """A stage's (video, audio) latents as what follows takes them (a tiled long video: AdaIN,
+        and the overlap kept for the next tile)."""
+        return video_latent, audio_latent
 
     def refine(self, run: Run, video_latent, audio_latent, weights=None, loop=stages.denoise):
         """ltx-pipelines' stage 2: x2 latent upsampler, then the distilled sigmas at full size on
@@ -48,9 +60,10 @@ class LTX2TwoStagePipeline(LTX2PipelineBase):
         full = pixel_shape(req)
         sig2 = stages.stage2_sigmas(c.device)
         with t("stage2_refine"):
-            conditionings = self.image_conditionings(req, full.height, full.width, self.keyframes)
-            s = stages.prepare_latents(c, full, run.generator, conditionings, noise_scale=float(sig2[0]),
-                                       initial_video=up, initial_audio=audio_latent)
+            conds, audio_conds, audio_frames = self.stage_inputs(run, full, "stage2")
+            s = stages.prepare_latents(c, full, run.generator, conds, noise_scale=float(sig2[0]),
+                                       initial_video=up, initial_audio=audio_latent, audio_conditionings=audio_conds,
+                                       audio_frames=audio_frames)
             with weights or nullcontext():
                 s = loop(c, s, sig2, stages.stage2_denoise_fn(c, run.pos), "stage2", run.progress)
-            return stages.unpatchify(s)
+            return self.stage_output(run, "stage2", *stages.unpatchify(s))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gc
 import math
+import re
 import shutil
 import threading
 import time
@@ -38,6 +39,7 @@ from ltx2_tp.serving.store import JobStore
 
 # progress 0-100: stage 1 is most of the work, stage 2 a few steps, decoding the rest
 PROGRESS_SPANS = {"stage1": (0, 80), "stage2": (80, 95)}
+TILE_RE = re.compile(r"^tile (\d+)/(\d+) (.+)$")  # a tiled long video's stages: "tile 3/10 stage1"
 RESTARTED = {"code": "server_restarted",
              "message": "the server stopped while this job was running; submit it again"}
 
@@ -237,10 +239,9 @@ class JobManager:
         def progress(stage: str, done: int, total: int) -> None:
             now = time.perf_counter()
             if done > 0 and stage in last:
-                self.metrics.step_seconds.labels(stage).observe(now - last[stage])
+                self.metrics.step_seconds.labels(stage_kind(stage)).observe(now - last[stage])
             last[stage] = now
-            lo, hi = PROGRESS_SPANS.get(stage, (95, 99))
-            p = max(shown[0], int(lo + (hi - lo) * done / max(total, 1)))
+            p = max(shown[0], progress_percent(stage, done, total))
             if p != shown[0] or done == 0:
                 shown[0] = p
                 if not self.store.set_progress(job.id, p):  # deleted elsewhere (another server process)
@@ -249,10 +250,22 @@ class JobManager:
 
         return progress
 
+    def _mode(self, req) -> dict:
+        """LTX2LongVideo's choice for `req` ({"long_video_mode": dense | tiled, ...}) for the job's log."""
+        choose = getattr(self.pipeline, "choose_mode", None)
+        if not callable(choose):
+            return {}
+        try:
+            choice = choose(req)
+        except Exception:  # noqa: BLE001 - a bad request fails in the pipeline, with its own message
+            return {}
+        extra = {"tiles": len(choice.tiles)} if choice.tiles else {}
+        return {"long_video_mode": choice.mode, "mode_reason": choice.reason, **extra}
+
     def _run(self, job: Job, token: CancelToken) -> None:
         t0 = time.time()
-        log_job(job.id, "in_progress", waited_s=round(t0 - job.created_at, 3))
         req = job.request
+        log_job(job.id, "in_progress", waited_s=round(t0 - job.created_at, 3), **self._mode(req))
         if req.image_path:  # one place says where the upload is, wherever the output dir now lives
             req.image_path = str(self.files.upload(job.id))
         staging = self.files.staging_dir(job.id)
@@ -305,6 +318,23 @@ class JobManager:
         if fatal is not None and self.on_fatal is not None:
             self._stopping = True
             self.on_fatal(fatal)
+
+
+def stage_kind(stage: str) -> str:
+    """"tile 3/10 stage1" -> "stage1" (the metrics' stage label stays one of a few)."""
+    m = TILE_RE.match(stage)
+    return m.group(3) if m else stage
+
+
+def progress_percent(stage: str, done: int, total: int) -> int:
+    """0-100 for a progress call: PROGRESS_SPANS within a request, or within its tile's share of a tiled one."""
+    m = TILE_RE.match(stage)
+    lo, hi = PROGRESS_SPANS.get(stage_kind(stage), (95, 99))
+    p = lo + (hi - lo) * done / max(total, 1)
+    if m:  # tile k of n: its own 0-100 scaled into [k-1, k) / n of 99
+        k, n = int(m.group(1)), int(m.group(2))
+        return int(99 * (k - 1 + p / 100) / max(n, 1))
+    return int(p)
 
 
 def _error(e: BaseException) -> dict:

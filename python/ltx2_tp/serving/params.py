@@ -3,26 +3,32 @@
 OpenAI's fields: prompt, model, seconds, size (input_reference: serving/uploads.py). Through the
 client's `extra_body`: num_frames, fps, seed, num_inference_steps (or steps), guidance_scale (or
 guidance), negative_prompt, width, height, pipeline, the guidance fields under the CLI's names
-(request.GUIDANCE_FIELDS), and the opt-in approximations attention_window_frames, keyframe_stride,
-step_cache_threshold. `model` or `pipeline` picks the pipeline (serving/pipelines.py); its own
-checks apply (size multiple, needed inputs, the upsampler's smallest input), and its default steps
-(distilled: its fixed 8; other steps for it are a 400, as are guidance fields: it has none).
-`size` "WxH" is rounded to multiples of 64 (the two-stage pipeline's grid: 1280x720 -> 1280x704;
-13x70 -> 64x64); width / height override it; the job reports as `size` what is generated. `seconds`
-becomes the nearest 8k+1 frame count. Under serve --max-gpu-memory a request over the plan is a 400
-naming num_frames (or seconds) and the largest count that fits.
+(request.GUIDANCE_FIELDS), the opt-in approximations attention_window_frames, keyframe_stride,
+step_cache_threshold, and LTX2LongVideo's long_video_mode (auto | dense | tiled), tile_frames,
+tile_overlap_frames, tile_cond_strength, adain_factor, prompts (one per tile: a list, or its JSON
+text in a form) and prompt_schedule ("0:a fox|12.5:a wolf"). `model` or `pipeline` picks the
+pipeline (serving/pipelines.py); its own checks apply (size multiple, needed inputs, the
+upsampler's smallest input), and its default steps (distilled: its fixed 8; other steps for it are
+a 400, as are guidance fields: it has none). `size` "WxH" is rounded to multiples of 64 (the
+two-stage pipeline's grid: 1280x720 -> 1280x704; 13x70 -> 64x64); width / height override it; the
+job reports as `size` what is generated. `seconds` becomes the nearest 8k+1 frame count. Under
+serve --max-gpu-memory a request over the plan is a 400 naming num_frames (or seconds) and the
+largest count that fits (a tiled request: its first tile is what must fit).
 Numbers arrive as form strings or JSON numbers: booleans, non-finite values (inf, nan, 1e400) and
 non-integers where an integer is needed are refused.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
 
+from ltx2_tp.latent_grid import LatentGrid
 from ltx2_tp.pipelines.planning import CapCheck
 from ltx2_tp.pipelines.request import GUIDANCE_FIELDS, GenerationRequest, RequestError
+from ltx2_tp.pipelines.tiling import memory_frames
 from ltx2_tp.serving.errors import ApiError
 
 SIZE_RE = re.compile(r"^(\d{2,5})x(\d{2,5})$")
@@ -148,23 +154,61 @@ def video_request(fields: dict, limits: Limits, pipelines) -> tuple[GenerationRe
                             # opt-in approximations (README "Approximations"), off unless given
                             attention_window_frames=number(fields, "attention_window_frames", None, integer=True),
                             keyframe_stride=number(fields, "keyframe_stride", 1, integer=True),
-                            step_cache_threshold=number(fields, "step_cache_threshold", 0.0), **extra)
+                            step_cache_threshold=number(fields, "step_cache_threshold", 0.0), **extra,
+                            **tiling(fields, limits))
     try:
         req.validate(max_frames=limits.max_frames, spatial_multiple=cls.spatial_multiple)
-        if req.video_tokens > limits.max_video_tokens:
-            raise ApiError(400, f"num_frames x size needs {req.video_tokens} video tokens; this server's memory plan "
-                                f"allows at most {limits.max_video_tokens} (lower num_frames, seconds or size)",
-                           "num_frames")
         pipelines.check(req)
     except RequestError as e:
         raise ApiError(400, str(e), _param(e.field, fields)) from None
+    frames = memory_frames(req)  # a tiled video holds one tile at a time
+    tokens = LatentGrid(frames, req.height, req.width).video_tokens
+    what = "num_frames x size" if frames == req.num_frames else "a tile (tile_frames x size)"
+    if tokens > limits.max_video_tokens:
+        raise ApiError(400, f"{what} needs {tokens} video tokens; this server's memory plan "
+                            f"allows at most {limits.max_video_tokens} (lower num_frames, seconds or size)", "num_frames")
     if limits.cap is not None:
         field = "num_frames" if fields.get("num_frames") not in (None, "") else "seconds"
         try:
-            limits.cap.check(req.width, req.height, req.num_frames, req.fps, field)
+            limits.cap.check(req.width, req.height, frames, req.fps, field)
         except RequestError as e:
             raise ApiError(400, str(e), e.field) from None
     return req, str(seconds), f"{req.width}x{req.height}"
+
+
+def tiling(fields: dict, limits: Limits) -> dict:
+    """LTX2LongVideo's fields, those given (the request's defaults otherwise; ranges: request.py)."""
+    out = {}
+    mode = text(fields, "long_video_mode", 16)
+    if mode:
+        out["long_video_mode"] = mode
+    for name in ("tile_frames", "tile_overlap_frames"):
+        v = number(fields, name, integer=True)
+        if v is not None:
+            out[name] = v
+    for name in ("tile_cond_strength", "adain_factor"):
+        v = number(fields, name)
+        if v is not None:
+            out[name] = v
+    prompts = fields.get("prompts")
+    if isinstance(prompts, str) and prompts.strip():  # a form field: its JSON text
+        try:
+            prompts = json.loads(prompts)
+        except ValueError:
+            raise ApiError(400, "prompts must be a list of strings (JSON in a form field)", "prompts") from None
+    if prompts is not None and prompts != "":
+        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+            raise ApiError(400, "prompts must be a list of strings", "prompts")
+        if sum(len(p) for p in prompts) > limits.max_prompt_chars:
+            raise ApiError(400, f"prompts have more than {limits.max_prompt_chars} characters", "prompts",
+                           "string_above_max_length")
+        out["prompts"] = prompts
+    schedule = fields.get("prompt_schedule")
+    if schedule is not None and schedule != "":
+        if isinstance(schedule, str):
+            schedule = text(fields, "prompt_schedule", limits.max_prompt_chars)
+        out["prompt_schedule"] = schedule
+    return out
 
 
 def _param(field: str, fields: dict) -> str:

@@ -254,7 +254,8 @@ class LeaderPipeline:
         if callable(check):
             check(req)
         else:
-            req.validate()
+            limit = getattr(self.pipeline, "max_frames", None)  # a tiled long video takes more frames
+            req.validate(**({"max_frames": limit(req)} if limit else {}))
         self._send((_RUN, asdict(req), str(output_path)))
         return self.sync.run(self.pipeline, req, output_path, report=progress)
 
