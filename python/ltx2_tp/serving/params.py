@@ -112,9 +112,14 @@ def guidance_fields(fields: dict) -> dict:
     return out
 
 
-def video_request(fields: dict, limits: Limits, pipelines) -> tuple[GenerationRequest, str, str]:
+def video_request(fields: dict, limits: Limits, pipelines=None) -> tuple[GenerationRequest, str, str]:
     """(request, seconds as given, size as generated). `pipelines`: serving/pipelines.py's
-    ServedPipelines (which pipeline, its default steps, its checks)."""
+    ServedPipelines (which pipeline, its default steps, its checks); None: one pipeline under
+    limits.model_name with the generic checks (SinglePipeline)."""
+    if pipelines is None:
+        from ltx2_tp.serving.pipelines import SinglePipeline
+
+        pipelines = SinglePipeline(limits.model_name, limits.default_steps)
     name = pipelines.resolve(text(fields, "model", 200), text(fields, "pipeline", 200))
     cls = pipelines.pipeline_class(name)
     prompt = text(fields, "prompt", limits.max_prompt_chars)
