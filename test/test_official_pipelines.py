@@ -173,9 +173,6 @@ def test_long_video_on_two_stage(ours, official_two_stage, monkeypatch):
         def for_step(self, *args, **kwargs):  # PlanRule's entry point since the activation budget (was plan)
             return ExecutionPlan(4, 4, cache_rope=False)
 
-        def for_step(self, *args, **kwargs):  # the model asks the rule through for_step since actmem
-            return self.plan()
-
     rule = ours.transformer.plan_rule
     pipe = get_pipeline_class("LTX2LongVideo")(ours)
     ours.transformer.plan_rule = FourTokenChunks()
