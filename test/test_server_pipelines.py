@@ -246,3 +246,29 @@ def test_two_ranks_run_the_pipeline_the_job_names(tmp_path):
     assert r0["bad"][0] == "failed" and r0["bad"][1]["code"] == "invalid_request" and "128x64" in r0["bad"][1]["message"]
     assert r0["good"] == "completed"
     assert r0["built"] == r1 == ["LTX2DistilledPipeline"]
+
+
+def test_the_memory_cap_checks_the_pipeline_a_request_picks(components):
+    """serve --max-gpu-memory: a request is planned as the pipeline it names runs (stages, guidance
+    passes), not as the server's default: the distilled pipeline fits more frames than LTX2LongVideo."""
+    from ltx2_tp.memory.planner import Layout, PlanError
+    from ltx2_tp.models.ltx2.config import get_config
+    from ltx2_tp.pipelines.planning import CapCheck
+    from ltx2_tp.pipelines.registry import get_pipeline_class
+    from ltx2_tp.serving.errors import ApiError
+    from ltx2_tp.serving.params import Limits, video_request
+
+    cfg = get_config("tiny")
+    cap = CapCheck(cfg, get_pipeline_class("LTX2DistilledPipeline"), 4 * 2**20, Layout(), None, 0, "tiny", 4)
+    limits = Limits(max_frames=2001, cap=cap)
+    pipes = ServedPipelines(components, "LTX2DistilledPipeline", "ltx-2-tiny")
+    long_cap = CapCheck(cfg, get_pipeline_class("LTX2LongVideo"), 4 * 2**20, Layout(), None, 0, "tiny", 4)
+    with pytest.raises(PlanError) as e:
+        long_cap.plan(128, 128, 2001, 24.0)
+    frames = e.value.largest_frames
+    cap.plan(128, 128, frames + 8, 24.0)  # the distilled plan takes more at this cap
+    fields = {"prompt": "x", "size": "128x128", "num_frames": frames + 8}
+    video_request(fields, limits, pipes)  # as the default (distilled): fits
+    with pytest.raises(ApiError) as err:
+        video_request({**fields, "pipeline": "LTX2LongVideo", "long_video_mode": "dense"}, limits, pipes)
+    assert err.value.param == "num_frames" and str(frames) in err.value.message

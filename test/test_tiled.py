@@ -525,3 +525,19 @@ def test_sglang_request_carries_the_tiling_fields():
                             tile_frames=80, tile_overlap_frames=24, prompts=["a fox", "a wolf"], adain_factor=0.2)
     req = request_from_sglang(batch)
     assert (req.num_frames, req.long_video_mode, req.prompts, req.adain_factor) == (2881, "tiled", ["a fox", "a wolf"], 0.2)
+
+
+def test_memory_frames_counts_one_tile_when_surely_tiled():
+    """The server's and sglang's memory checks plan one tile for a request that will surely be tiled
+    (tiled, or auto past one piece's frame limit or with per-tile prompts), all frames otherwise."""
+    from ltx2_tp.pipelines.request import MAX_FRAMES, GenerationRequest
+    from ltx2_tp.pipelines.tiling import memory_frames
+
+    def req(**kw):
+        return GenerationRequest(prompt="x", width=128, height=128, **kw)
+
+    assert memory_frames(req(num_frames=193, long_video_mode="auto")) == 193
+    assert memory_frames(req(num_frames=193, long_video_mode="dense")) == 193
+    assert memory_frames(req(num_frames=193, long_video_mode="tiled")) == 73
+    assert memory_frames(req(num_frames=MAX_FRAMES + 400, long_video_mode="auto")) == 73
+    assert memory_frames(req(num_frames=193, long_video_mode="auto", prompts=["a", "b"])) == 73

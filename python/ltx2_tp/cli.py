@@ -95,10 +95,13 @@ def cmd_plan(args) -> int:
     from ltx2_tp.pipelines.registry import get_pipeline_class, pipeline_names
     from ltx2_tp.pipelines.request import GenerationRequest, RequestError
 
-    if args.pipeline_class_name not in pipeline_names():
+    from ltx2_tp.pipelines.registry import resolve_pipeline_name
+
+    name = resolve_pipeline_name(args.pipeline_class_name)
+    if name is None:
         raise UsageError(f"--pipeline-class-name: unknown pipeline {args.pipeline_class_name!r}; "
                          f"allowed: {', '.join(pipeline_names())}")
-    cls = get_pipeline_class(args.pipeline_class_name)
+    cls = get_pipeline_class(name)
     cfg = get_config(args.model)
     try:  # the pipeline's own size checks (two-stage: multiples of 64, stage 1 runs at half size)
         cls.check_request(GenerationRequest(prompt="plan", width=args.width, height=args.height,
@@ -261,9 +264,10 @@ def cmd_serve(args) -> int:
         from ltx2_tp.serving.warmup import warmup_requests
 
         limits = Limits(model_name=args.served_model_name, default_steps=args.num_inference_steps,
-                        max_video_tokens=args.max_video_tokens, max_prompt_chars=args.max_prompt_chars)
-        try:
-            warmup = warmup_requests(args.warmup, limits)
+                        max_frames=args.max_frames, max_video_tokens=args.max_video_tokens,
+                        max_prompt_chars=args.max_prompt_chars)
+        try:  # the generic checks before anything is built; the served pipeline's own once it is
+            warmup = warmup_requests(args.warmup, limits, spatial_multiple=get_pipeline_class(default).spatial_multiple)
         except ValueError as e:
             raise UsageError(f"--warmup: {e}") from None
     if args.compile_cache_dir is None:  # beside the jobs, so a restarted server finds its compiled graphs
@@ -284,6 +288,17 @@ def cmd_serve(args) -> int:
         apply_plan(cap.plan(64, 64, 1, 24.0), comps)  # the budget depends on the weights only
     pipe = ServedPipelines(comps, default, args.served_model_name, args.num_inference_steps, encoder,
                            stream_decode=stream, fixed_plan_rule=cap is not None)
+    if args.warmup:  # again, as the API checks them: the served pipeline's size rule, the cap, --max-frames
+        from ltx2_tp.serving.params import Limits
+        from ltx2_tp.serving.warmup import warmup_requests
+
+        limits = Limits(model_name=args.served_model_name, default_steps=args.num_inference_steps,
+                        max_frames=args.max_frames, max_video_tokens=args.max_video_tokens,
+                        max_prompt_chars=args.max_prompt_chars, cap=cap)
+        try:
+            warmup = warmup_requests(args.warmup, limits, pipe)
+        except ValueError as e:
+            raise UsageError(f"--warmup: {e}") from None
     if torch.distributed.is_initialized():  # one worker drives every rank: rank 0 serves HTTP, the others follow
         channel = ControlChannel()
         sync = RankSync(channel, pipe.c.ctx, pipe.c.device, args.collective_timeout_s)
@@ -555,7 +570,9 @@ def _request_plan(args, cfg, cls, req):
     from ltx2_tp.pipelines.planning import plan_pipeline
 
     try:
-        return plan_pipeline(cfg, cls, width=req.width, height=req.height, num_frames=req.num_frames, fps=req.fps,
+        from ltx2_tp.pipelines.tiling import memory_frames
+
+        return plan_pipeline(cfg, cls, width=req.width, height=req.height, num_frames=memory_frames(req), fps=req.fps,
                              cap=args.max_gpu_memory, layout=Layout(args.tp_size, args.ulysses_size, args.ring_size),
                              storage=args.quantization,
                              resident_blocks=None if isinstance(args.resident_blocks, str) else args.resident_blocks,

@@ -87,11 +87,21 @@ def plan_tiles(num_frames: int, fps: float, tile_frames: int, overlap_frames: in
     return tiles
 
 
+def surely_tiled(req) -> bool:
+    """Tiled whatever memory says: long_video_mode tiled, or auto past one piece's frame limit or
+    with per-tile prompts (LTX2LongVideo.choose_mode's sure cases)."""
+    from ltx2_tp.pipelines.request import MAX_FRAMES
+
+    mode = getattr(req, "long_video_mode", "dense")
+    return mode == "tiled" or (mode == "auto" and (req.num_frames > MAX_FRAMES or bool(req.prompts)
+                                                   or bool(req.prompt_schedule)))
+
+
 def memory_frames(req) -> int:
-    """The frames a request holds in memory at once: its first tile's when it is surely tiled
-    (long_video_mode tiled), else all of them (auto decides later; a dense request that does not
-    fit is refused by the memory checks before it runs)."""
-    if getattr(req, "long_video_mode", "dense") != "tiled":
+    """The frames a request holds in memory at once: its first tile's when it is surely tiled, else
+    all of them (auto's other choices come later; a dense request that does not fit is refused by
+    the memory checks before it runs)."""
+    if not surely_tiled(req):
         return req.num_frames
     return plan_tiles(req.num_frames, req.fps, req.tile_frames, req.tile_overlap_frames)[0].frames
 

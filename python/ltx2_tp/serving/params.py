@@ -20,6 +20,8 @@ non-integers where an integer is needed are refused.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 import re
@@ -172,10 +174,13 @@ def video_request(fields: dict, limits: Limits, pipelines=None) -> tuple[Generat
     if tokens > limits.max_video_tokens:
         raise ApiError(400, f"{what} needs {tokens} video tokens; this server's memory plan "
                             f"allows at most {limits.max_video_tokens} (lower num_frames, seconds or size)", "num_frames")
-    if limits.cap is not None:
+    if limits.cap is not None:  # the plan of the pipeline this request runs (stages, guidance passes)
         field = "num_frames" if fields.get("num_frames") not in (None, "") else "seconds"
+        if frames != req.num_frames:  # tiled: what must fit is one tile
+            field = "tile_frames"
         try:
-            limits.cap.check(req.width, req.height, frames, req.fps, field)
+            cap = limits.cap if name is None else dataclasses.replace(limits.cap, pipeline_cls=cls)
+            cap.check(req.width, req.height, frames, req.fps, field)
         except RequestError as e:
             raise ApiError(400, str(e), e.field) from None
     return req, str(seconds), f"{req.width}x{req.height}"

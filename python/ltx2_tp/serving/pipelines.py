@@ -104,7 +104,14 @@ class ServedPipelines:
     def check(self, req: GenerationRequest) -> None:
         """The pipeline's own checks (size multiple, inputs, guidance blocks, the upsampler's smallest
         input): a RequestError naming the field."""
+        from ltx2_tp.pipelines import approximations
+
         self.pipeline_class(req.pipeline).check_with(req, self.c)
+        approximations.check_layout(req, self.c.ctx.ring_size)
+
+    def choose_mode(self, req: GenerationRequest):
+        """LTX2LongVideo's dense / tiled choice for the job log (AttributeError for other pipelines)."""
+        return self.pipeline(req.pipeline).choose_mode(req)
 
     # ---- running ----------------------------------------------------------------------------
     def pipeline(self, name: str | None):
@@ -137,8 +144,8 @@ class SinglePipeline:
     """A server around one pipeline object it was given (tests wrap one): only the served model
     name, the generic request checks, and the server's default steps."""
 
-    def __init__(self, model_name: str, steps: int):
-        self.model_name, self.steps = model_name, steps
+    def __init__(self, model_name: str, steps: int, spatial_multiple: int = 64):
+        self.model_name, self.steps, self.spatial_multiple = model_name, steps, spatial_multiple
 
     def models(self) -> list[dict]:
         return [{"id": self.model_name, "pipeline": None, "aliases": []}]
@@ -155,11 +162,13 @@ class SinglePipeline:
     def pipeline_class(self, name):
         from ltx2_tp.pipelines.base import LTX2PipelineBase
 
-        return LTX2PipelineBase
+        if self.spatial_multiple == LTX2PipelineBase.spatial_multiple:
+            return LTX2PipelineBase
+        return type("ServedPipeline", (LTX2PipelineBase,), {"spatial_multiple": self.spatial_multiple})
 
     def default_steps(self, name) -> int:
         return self.steps
 
     def check(self, req: GenerationRequest) -> None:
-        req.validate()
+        req.validate(spatial_multiple=self.spatial_multiple)
 

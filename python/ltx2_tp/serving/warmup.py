@@ -22,13 +22,14 @@ WARMUP_STEPS = 2
 SHAPE_RE = re.compile(r"^(\d+)x(\d+)x(\d+)$")
 
 
-def warmup_requests(text: str, limits: Limits, pipelines=None) -> list[GenerationRequest]:
+def warmup_requests(text: str, limits: Limits, pipelines=None, spatial_multiple: int = 64) -> list[GenerationRequest]:
     """'768x512x121,1280x704x121' -> one request per shape, checked as the API checks a request
     (`pipelines`: serving/pipelines.py's ServedPipelines; None: the generic checks only, the server's
     default pipeline). Raises ValueError naming the bad shape."""
     from ltx2_tp.serving.pipelines import SinglePipeline
 
-    pipelines = pipelines if pipelines is not None else SinglePipeline(limits.model_name, WARMUP_STEPS)
+    pipelines = pipelines if pipelines is not None else SinglePipeline(limits.model_name, WARMUP_STEPS,
+                                                                       spatial_multiple)
     out = []
     for item in (s.strip() for s in text.split(",")):
         m = SHAPE_RE.match(item)
