@@ -40,6 +40,7 @@ from ltx2_tp.memory.estimate import StepShape, estimate_activations  # noqa: E40
 from ltx2_tp.memory.plan import ExecutionPlan, plan_for, plan_within  # noqa: E402
 from ltx2_tp.memory.swap import build_swapped_model  # noqa: E402
 from ltx2_tp.models.ltx2.config import get_config  # noqa: E402
+from ltx2_tp.pipelines.planning import cap_fraction  # noqa: E402
 from ltx2_tp.step_inputs import synthetic_step_inputs  # noqa: E402
 
 GIB = 2**30
@@ -82,7 +83,7 @@ def main():
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
     if args.memory_fraction is not None and cuda:
-        torch.cuda.set_per_process_memory_fraction(args.memory_fraction, torch.cuda.current_device() if dev.index is None else dev.index)
+        cap_fraction(args.memory_fraction, dev)
     cfg = get_config(args.model)
     if args.layers:
         cfg = cfg.replace(num_layers=args.layers)

@@ -40,6 +40,7 @@ from ltx2_tp.memory.swap import (HostBuffer, block_nbytes, build_swapped_model, 
 from ltx2_tp.models.ltx2.config import get_config  # noqa: E402
 from ltx2_tp.models.ltx2.model import LTX2Model  # noqa: E402
 from ltx2_tp.models.ltx2.weights import build_model  # noqa: E402
+from ltx2_tp.pipelines.planning import cap_fraction  # noqa: E402
 from ltx2_tp.step_inputs import synthetic_step_inputs  # noqa: E402
 
 
@@ -91,7 +92,7 @@ def main():
 
     dev = torch.device(args.device)
     if args.memory_fraction is not None and dev.type == "cuda":
-        torch.cuda.set_per_process_memory_fraction(args.memory_fraction, torch.cuda.current_device() if dev.index is None else dev.index)
+        cap_fraction(args.memory_fraction, dev)
     dtype = torch.bfloat16
     cfg = get_config(args.model)
     if args.layers:

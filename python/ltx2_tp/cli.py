@@ -263,11 +263,12 @@ def cmd_serve(args) -> int:
         from ltx2_tp.serving.params import Limits
         from ltx2_tp.serving.warmup import warmup_requests
 
-        limits = Limits(model_name=args.served_model_name, default_steps=args.num_inference_steps,
-                        max_frames=args.max_frames, max_video_tokens=args.max_video_tokens,
-                        max_prompt_chars=args.max_prompt_chars)
+        warmup_limits = Limits(model_name=args.served_model_name, default_steps=args.num_inference_steps,
+                               max_frames=args.max_frames, max_video_tokens=args.max_video_tokens,
+                               max_prompt_chars=args.max_prompt_chars)
         try:  # the generic checks before anything is built; the served pipeline's own once it is
-            warmup = warmup_requests(args.warmup, limits, spatial_multiple=get_pipeline_class(default).spatial_multiple)
+            warmup = warmup_requests(args.warmup, warmup_limits,
+                                     spatial_multiple=get_pipeline_class(default).spatial_multiple)
         except ValueError as e:
             raise UsageError(f"--warmup: {e}") from None
     if args.compile_cache_dir is None:  # beside the jobs, so a restarted server finds its compiled graphs
@@ -288,15 +289,13 @@ def cmd_serve(args) -> int:
         apply_plan(cap.plan(64, 64, 1, 24.0), comps)  # the budget depends on the weights only
     pipe = ServedPipelines(comps, default, args.served_model_name, args.num_inference_steps, encoder,
                            stream_decode=stream, fixed_plan_rule=cap is not None)
-    if args.warmup:  # again, as the API checks them: the served pipeline's size rule, the cap, --max-frames
-        from ltx2_tp.serving.params import Limits
+    if args.warmup:  # again, as the API checks them: the served pipeline's size rule, the cap
+        import dataclasses
+
         from ltx2_tp.serving.warmup import warmup_requests
 
-        limits = Limits(model_name=args.served_model_name, default_steps=args.num_inference_steps,
-                        max_frames=args.max_frames, max_video_tokens=args.max_video_tokens,
-                        max_prompt_chars=args.max_prompt_chars, cap=cap)
         try:
-            warmup = warmup_requests(args.warmup, limits, pipe)
+            warmup = warmup_requests(args.warmup, dataclasses.replace(warmup_limits, cap=cap), pipe)
         except ValueError as e:
             raise UsageError(f"--warmup: {e}") from None
     if torch.distributed.is_initialized():  # one worker drives every rank: rank 0 serves HTTP, the others follow

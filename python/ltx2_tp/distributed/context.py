@@ -13,6 +13,7 @@ its place in every guidance group) moves one latent-sized all-gather per step (~
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
 
@@ -90,42 +91,31 @@ def build_groups(tp_size: int, ulysses_size: int, ring_size: int, guidance_size:
     uly_idx = (rank // tp_size) % ulysses_size
     ring_idx = (rank // (tp_size * ulysses_size)) % ring_size
     g_idx = rank // (tp_size * ulysses_size * ring_size)
-    G, R, U, T = range(guidance_size), range(ring_size), range(ulysses_size), range(tp_size)
+    sizes = (guidance_size, ring_size, ulysses_size, tp_size)  # outermost first: rank order
+    mine = (g_idx, ring_idx, uly_idx, tp_idx)
 
-    def rank_of(g, r, u, t):
-        return ((g * ring_size + r) * ulysses_size + u) * tp_size + t
+    def group(*axes: int):
+        """This rank's group: the ranks that differ from it only along `axes` (0 guidance, 1 ring,
+        2 Ulysses, 3 TP). new_group must be called by every rank for every group, in the same order."""
+        def others(coords):
+            return tuple(v for i, v in enumerate(coords) if i not in axes)
 
-    # new_group must be called by every rank for every group, in the same order.
-    for g in G:
-        for r in R:
-            for u in U:
-                pg = dist.new_group([rank_of(g, r, u, t) for t in T])
-                if (g, r, u) == (g_idx, ring_idx, uly_idx):
-                    ctx.tp_group, ctx.tp_rank = pg, tp_idx
-    for g in G:
-        for r in R:
-            for t in T:
-                pg = dist.new_group([rank_of(g, r, u, t) for u in U])
-                if (g, r, t) == (g_idx, ring_idx, tp_idx):
-                    ctx.ulysses_group, ctx.ulysses_rank = pg, uly_idx
-    for g in G:
-        for u in U:
-            for t in T:
-                pg = dist.new_group([rank_of(g, r, u, t) for r in R])
-                if (g, u, t) == (g_idx, uly_idx, tp_idx):
-                    ctx.ring_group, ctx.ring_rank = pg, ring_idx
-    for g in G:
-        for t in T:
-            pg = dist.new_group([rank_of(g, r, u, t) for r in R for u in U])
-            if (g, t) == (g_idx, tp_idx):
-                ctx.sp_group = pg
+        members: dict[tuple, list[int]] = {}
+        for r, coords in enumerate(itertools.product(*map(range, sizes))):  # r = ((g*R + r)*U + u)*T + t
+            members.setdefault(others(coords), []).append(r)
+        ours = None
+        for key, ranks in members.items():
+            pg = dist.new_group(ranks)
+            if key == others(mine):
+                ours = pg
+        return ours
+
+    ctx.tp_group, ctx.tp_rank = group(3), tp_idx
+    ctx.ulysses_group, ctx.ulysses_rank = group(2), uly_idx
+    ctx.ring_group, ctx.ring_rank = group(1), ring_idx
+    ctx.sp_group = group(1, 2)
     if guidance_size > 1:
-        for r in R:
-            for u in U:
-                for t in T:
-                    pg = dist.new_group([rank_of(g, r, u, t) for g in G])
-                    if (r, u, t) == (ring_idx, uly_idx, tp_idx):
-                        ctx.guidance_group, ctx.guidance_rank = pg, g_idx
+        ctx.guidance_group, ctx.guidance_rank = group(0), g_idx
     return ctx
 
 

@@ -86,9 +86,15 @@ def apply_plan(plan: RequestPlan | None, comps) -> None:
 
 def hard_cap(cap_bytes: float, device) -> int:
     """Limit this process's allocations on `device` to `cap_bytes` (an allocation past it raises
-    OutOfMemoryError); returns the device's total memory. torch 2.11 wants an index, not 'cuda'."""
+    OutOfMemoryError); returns the device's total memory."""
+    return cap_fraction(None, device, cap_bytes)
+
+
+def cap_fraction(fraction: float | None, device, cap_bytes: float | None = None) -> int:
+    """torch.cuda.set_per_process_memory_fraction for `device` (torch 2.11 wants an index, not
+    'cuda'), given as a fraction or as bytes; returns the device's total memory."""
     device = torch.device(device)
     index = torch.cuda.current_device() if device.index is None else device.index
     total = torch.cuda.get_device_properties(index).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_bytes / total), index)
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_bytes / total if fraction is None else fraction), index)
     return total
