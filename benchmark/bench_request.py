@@ -82,7 +82,9 @@ class RandomContext(torch.nn.Module):
         return self.v, self.a
 
 
-def build_full_size(model: str, device, dtype, ctx, seed: int = 0, layers: int | None = None):
+def build_full_size(model: str, device, dtype, ctx, seed: int = 0, layers: int | None = None, plan=None):
+    """`plan` (capped_plan's RequestPlan): the transformer in the plan's storage with its resident
+    blocks (the others streamed from pinned host memory), as generate builds it under --max-gpu-memory."""
     from ltx_core.model.audio_vae import AudioDecoderConfigurator, VocoderConfigurator
     from ltx_core.model.upsampler import LatentUpsamplerConfigurator
     from ltx_core.model.video_vae import VideoDecoderConfigurator, VideoEncoderConfigurator
@@ -105,10 +107,46 @@ def build_full_size(model: str, device, dtype, ctx, seed: int = 0, layers: int |
     ctx_dims = (cfg.caption_channels, cfg.caption_channels) if cfg.caption_projection else (cfg.inner_dim,
                                                                                             cfg.audio_inner_dim)
     text = RandomContext(*ctx_dims).to(device)
-    transformer = build_model(cfg, ctx, device=device, dtype=dtype, seed=seed)
+    if plan is None:
+        transformer = build_model(cfg, ctx, device=device, dtype=dtype, seed=seed)
+    else:
+        from ltx2_tp.models.ltx2.quantization import build_transformer
+
+        transformer = build_transformer(cfg, ctx, device=device, dtype=dtype, seed=seed, plan_rule=plan.plan_rule(),
+                                        quantization=None if plan.storage == "bf16" else plan.storage,
+                                        resident_blocks=plan.resident_blocks if plan.streamed_blocks else None)
     return LTX2Components(transformer=transformer, text_encoder=text, video_latent_channels=128,
                           audio_latent_channels=8, audio_mel_bins=16, device=torch.device(device), dtype=dtype,
                           name=f"{model}-random", **parts)
+
+
+def add_cap_args(p) -> None:
+    """--max-gpu-memory / --quantization / --resident-blocks: generate's flags, for the benchmarks."""
+    from ltx2_tp.memory.weights_estimate import STORAGES
+
+    p.add_argument("--max-gpu-memory", default=None, metavar="SIZE",
+                   help="plan the request under this cap per GPU (memory/planner.py: resident / streamed blocks, "
+                        "activation plan) and enforce it (set_per_process_memory_fraction), e.g. 24GiB")
+    p.add_argument("--quantization", default="bf16", choices=STORAGES, help="weight storage (with --max-gpu-memory)")
+    p.add_argument("--resident-blocks", type=int, default=None, help="with --max-gpu-memory; default: the planner's")
+
+
+def capped_plan(a, pipeline_cls, num_frames: int, fps: float = 24.0):
+    """The planner's plan of this request under --max-gpu-memory (None without it), printed; on CUDA
+    the cap is enforced from here on, so the build runs under it too."""
+    if a.max_gpu_memory is None:
+        return None
+    from ltx2_tp.memory.planner import parse_bytes
+    from ltx2_tp.models.ltx2.config import get_config
+    from ltx2_tp.pipelines.planning import hard_cap, plan_pipeline
+
+    cap = parse_bytes(a.max_gpu_memory)
+    plan = plan_pipeline(get_config(a.model), pipeline_cls, width=a.width, height=a.height, num_frames=num_frames,
+                         fps=fps, cap=cap, storage=a.quantization, resident_blocks=a.resident_blocks, model=a.model)
+    print(plan.table(), flush=True)
+    if str(a.device).startswith("cuda"):
+        hard_cap(cap, torch.device(a.device))
+    return plan
 
 
 def main() -> int:
@@ -137,7 +175,10 @@ def main() -> int:
     p.add_argument("--official-tiling", choices=["default", "none"], default="default",
                    help="its VAE decode tiling: its entry point's TilingConfig.default(), or none (as ours)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--long-video-mode", choices=["auto", "dense", "tiled"], default="auto",
+                   help="LTX2LongVideo's mode (dense: one piece however long)")
     p.add_argument("--json", default=None)
+    add_cap_args(p)
     from ltx2_tp.cli import _add_encoder_args, _add_guidance_parallel_args, _decode_settings, _resolve_cfg_parallel
 
     _add_encoder_args(p)  # --video-encoder-preset / -crf / -frame-threads, --video-convert
@@ -146,6 +187,7 @@ def main() -> int:
     _resolve_cfg_parallel(a)
 
     from ltx2_tp.distributed.context import init_parallel
+    from ltx2_tp.pipelines.planning import apply_plan
     from ltx2_tp.pipelines.registry import get_pipeline_class
 
     ctx = init_parallel(a.tp_size, a.ulysses_size, a.ring_size, guidance_size=a.guidance_parallel_size)
@@ -153,13 +195,16 @@ def main() -> int:
         p.error("--official runs on one rank (ltx-pipelines has no parallel layout)")
     device = f"cuda:{torch.cuda.current_device()}" if a.device == "cuda" else a.device
     dtype = torch.bfloat16 if a.device == "cuda" else torch.float32
+    if a.max_gpu_memory is not None and (a.model == "tiny" or ctx.is_parallel):
+        p.error("--max-gpu-memory: the full-size model on one rank")
+    plan = capped_plan(a, get_pipeline_class(a.pipeline_class_name.split(",")[0]), a.num_frames)
     t0 = time.perf_counter()
     if a.model == "tiny":
         from ltx2_tp.pipelines.tiny import build_tiny_components
 
         comps = build_tiny_components(0, device=device, dtype=dtype, ctx=ctx)
     else:
-        comps = build_full_size(a.model, device, dtype, ctx)
+        comps = build_full_size(a.model, device, dtype, ctx, plan=plan)
     if a.compile:
         from ltx2_tp.compile import compile_blocks, use_compile_cache
 
@@ -176,6 +221,7 @@ def main() -> int:
     for name in a.pipeline_class_name.split(","):
         pipe = get_pipeline_class(name)(comps)
         pipe.stream_decode, pipe.encoder_options = _decode_settings(a)  # --decode-mode, as generate / serve
+        apply_plan(plan, comps)  # after the pipeline set its own rule, as generate does
         results[name] = bench_pipeline(a, pipe, comps, ctx, rank0)
     official = bench_official(a, comps) if a.official else None
     if rank0:
@@ -198,7 +244,9 @@ def main() -> int:
             cache = compile_cache_stats()  # restart with a warm cache: no fx_graph_cache_misses
             print(f"compile cache {a.compile_cache_dir or '(torch default)'}: {cache}")
         if a.device == "cuda":
-            print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+            print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB allocated, "
+                  f"{torch.cuda.max_memory_reserved() / 2**30:.2f} GiB reserved"
+                  + (f" (cap {plan.cap / 2**30:.2f} GiB, predicted DiT peak {plan.peak / 2**30:.2f})" if plan else ""))
         if a.json:
             Path(a.json).parent.mkdir(parents=True, exist_ok=True)
             Path(a.json).write_text(json.dumps({
@@ -207,6 +255,11 @@ def main() -> int:
                 "guidance_parallel_size": a.guidance_parallel_size, "compile_cache": cache, "pipelines": results,
                 "ltx_pipelines": official,
                 "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if a.device == "cuda" else None,
+                "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if a.device == "cuda" else None,
+                "max_gpu_memory": a.max_gpu_memory, "quantization": a.quantization,
+                "plan": None if plan is None else {"resident_blocks": plan.resident_blocks,
+                                                   "streamed_blocks": plan.streamed_blocks,
+                                                   "predicted_dit_peak_gib": plan.peak / 2**30, "table": plan.table()},
             }, indent=1))
     return 0
 
@@ -229,7 +282,7 @@ def make_request(a, steps: int, seed: int):
                         audio_rescale_scale=0.0, v2a_guidance_scale=1.0)
     return GenerationRequest(prompt="SpongeBob talking with patrick", width=a.width, height=a.height,
                              num_frames=a.num_frames, num_inference_steps=steps, guidance_scale=a.guidance_scale,
-                             seed=seed, **guidance)
+                             seed=seed, long_video_mode=getattr(a, "long_video_mode", "auto"), **guidance)
 
 
 def _mean(xs):

@@ -84,7 +84,6 @@ def main() -> int:
     p.add_argument("--adain-factor", type=float, default=0.0)
     p.add_argument("--compile", action="store_true", help="torch.compile each DiT block (compiles per tile shape)")
     p.add_argument("--fp8", action="store_true", help="fp8 block linears")
-    p.add_argument("--memory-cap-gib", type=float, default=None, help="torch.cuda.set_per_process_memory_fraction")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--output", default="/tmp/ltx2_tp_bench_tiled.mp4")
     p.add_argument("--estimate", action="store_true", help="print the H100 time estimate and stop")
@@ -92,7 +91,12 @@ def main() -> int:
     from ltx2_tp.cli import _add_encoder_args, _decode_settings
 
     _add_encoder_args(p)  # --decode-mode fast (default: streamed VAE, x264 ultrafast, frame threads) | exact
+    from bench_request import add_cap_args
+
+    add_cap_args(p)  # --max-gpu-memory (the planner's plan of one tile, enforced), --quantization, --resident-blocks
     a = p.parse_args()
+    if a.fp8 and a.max_gpu_memory is not None:
+        p.error("--fp8 quantizes after the build; with --max-gpu-memory use --quantization")
 
     from ltx2_tp.pipelines.request import GenerationRequest
     from ltx2_tp.pipelines.tiling import plan_tiles
@@ -104,25 +108,26 @@ def main() -> int:
     if a.estimate:
         return 0
 
-    from bench_request import build_full_size
+    from bench_request import build_full_size, capped_plan
 
     from ltx2_tp.distributed.context import SINGLE
+    from ltx2_tp.pipelines.planning import apply_plan
     from ltx2_tp.pipelines.registry import get_pipeline_class
     from ltx2_tp.pipelines.stages import StageTimer
 
     cuda = a.device.startswith("cuda")
     device = f"cuda:{torch.cuda.current_device()}" if a.device == "cuda" else a.device
     dtype = torch.bfloat16 if cuda else torch.float32
-    if a.memory_cap_gib and cuda:
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, a.memory_cap_gib * 2**30 / total), device)
+    if a.max_gpu_memory is not None and a.model == "tiny":
+        p.error("--max-gpu-memory: the full-size model")
+    plan = capped_plan(a, get_pipeline_class("LTX2LongVideo"), tiles[0].frames, a.fps)  # one tile's memory
     t0 = time.perf_counter()
     if a.model == "tiny":
         from ltx2_tp.pipelines.tiny import build_tiny_components
 
         comps = build_tiny_components(0, device=device, dtype=dtype)
     else:
-        comps = build_full_size(a.model, device, dtype, SINGLE)
+        comps = build_full_size(a.model, device, dtype, SINGLE, plan=plan)
     if a.fp8:
         from ltx2_tp.layers.fp8 import quantize_fp8
 
@@ -138,6 +143,7 @@ def main() -> int:
 
     pipe = get_pipeline_class("LTX2LongVideo")(comps)
     pipe.stream_decode, pipe.encoder_options = _decode_settings(a)  # the same decode settings as generate / serve
+    apply_plan(plan, comps)
     req = GenerationRequest(prompt="a long walk along a river at dusk", width=a.width, height=a.height,
                             num_frames=a.num_frames, fps=a.fps, num_inference_steps=a.steps, seed=0,
                             long_video_mode="tiled", tile_frames=a.tile_frames, tile_overlap_frames=a.tile_overlap_frames,
@@ -183,7 +189,9 @@ def main() -> int:
              f"{mean(res.tile_seconds[1:]):.2f} / {max(res.tile_seconds):.2f} s"),
             ("stage-1 step (mean)", f"{mean(steps['stage1']):.3f} s"), ("stage-2 step (mean)", f"{mean(steps['stage2']):.3f} s"),
             *((k, f"{v:.1f} s") for k, v in timer.times.items()),
-            ("peak GPU memory", f"{peak:.2f} GiB" if peak is not None else "-"),
+            ("peak GPU memory (allocated / reserved)", f"{peak:.2f} / {torch.cuda.max_memory_reserved() / 2**30:.2f} GiB"
+             if peak is not None else "-"),
+            ("cap (planner's predicted DiT peak)", f"{plan.cap / 2**30:.2f} GiB ({plan.peak / 2**30:.2f})" if plan else "-"),
             ("estimate (H100, eager)", f"{est:.0f} s"),
             ("read back: frames", f"{back['frames']} (asked {a.num_frames})"),
             ("read back: video duration", f"{back['video_duration_s']} s"),
@@ -199,7 +207,11 @@ def main() -> int:
             "tile_frames": a.tile_frames, "tile_overlap_frames": a.tile_overlap_frames, "build_s": build_s,
             "wall_s": wall, "tile_seconds": res.tile_seconds, "stage_times": timer.times, "stage_parts": timer.parts,
             "stage1_step_s": mean(steps["stage1"]), "stage2_step_s": mean(steps["stage2"]), "peak_gib": peak,
-            "estimate_s": est, "written_audio_samples": res.audio_samples, "read_back": back}, indent=1))
+            "estimate_s": est, "written_audio_samples": res.audio_samples, "read_back": back,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
+            "max_gpu_memory": a.max_gpu_memory, "quantization": a.quantization,
+            "plan": None if plan is None else {"resident_blocks": plan.resident_blocks, "table": plan.table(),
+                                               "predicted_dit_peak_gib": plan.peak / 2**30}}, indent=1))
     return 0 if back["frames"] == a.num_frames else 1
 
 

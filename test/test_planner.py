@@ -124,7 +124,7 @@ def test_cli_plan_table_and_exit_code(capsys):
     for s in ("stage1", "stage2", "text_encoder", "vae_decode", "resident", "streamed", "peak/rank", "960x544x1441",
               "369240"):
         assert s in out, s
-    assert main(["plan", "--width", "1920", "--height", "1088", "--num-frames", "1441", "--max-gpu-memory", "3GiB"]) == 1
+    assert main(["plan", "--width", "1920", "--height", "1088", "--num-frames", "1441", "--max-gpu-memory", "5GiB"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--num-frames" in err and "smallest change" in err
     for flags, msg in ((["--max-gpu-memory", "24x"], "--max-gpu-memory: expected a size"),

@@ -6,8 +6,8 @@ with, and predicts its peak. Nothing here is a second formula: block weights are
 weights_estimate.py's (the meta-device blocks swap lays out), the device share of the blocks is
 swap.py's blocks_device_nbytes, activations are estimate.py's through plan.py's plan_within.
 
-Predicted peak per rank = (resident blocks + swap slots + non-block weights + fp8-cast's upcast
-weight + the activation peak) x (1 + FRAGMENTATION). The CUDA context (~0.5 GiB, outside torch's
+Predicted peak per rank = (resident blocks + swap slots + non-block weights + the pipeline's other
+models (COMPANION_BYTES) + fp8-cast's upcast weight + the activation peak) x (1 + FRAGMENTATION). The CUDA context (~0.5 GiB, outside torch's
 allocator, not limited by set_per_process_memory_fraction) is not counted.
 
 Rules, in order:
@@ -42,6 +42,11 @@ TEXT_TOKENS = 1024  # prompt tokens the DiT attends to (an upper bound: text ter
 CFG_BATCH_MAX_TOKENS = 16384
 GUIDANCE_PASSES = 4  # cond, uncond, STG, modality isolation: the most a guided step batches
 GEMMA3_12B_BYTES = 24_400_000_000  # the text encoder of ltx-2 / 2.3 in bf16 (12.2B parameters)
+# The pipeline's other models, on the device for the whole request beside the DiT, bf16: video VAE
+# decoder 528.4M + x2 upsampler 126.3M + audio VAE decoder 31.9M + vocoder 55.6M parameters (the
+# real LTX-2 sizes: benchmark/bench_request.py's configs). The video encoder (image conditioning)
+# is not counted: the benchmarks build it empty.
+COMPANION_BYTES = 2 * (528_380_720 + 126_250_624 + 31_915_138 + 55_592_802)
 
 
 class PlanError(ValueError):
@@ -219,10 +224,11 @@ def _stage_shapes(cfg, width, height, num_frames, fps, two_stage, guided, layout
     return out
 
 
-def _fit(cfg, cap, storage, layout, shapes, resident_blocks, dtype_bytes):
+def _fit(cfg, cap, storage, layout, shapes, resident_blocks, dtype_bytes, companion_bytes):
     """(RequestPlan-ish fields, fits) for one layout: see the module docstring's rules."""
     sizes = model_block_bytes(cfg, storage, layout.tp)
-    fixed = non_block_weight_bytes(cfg, layout.tp, dtype_bytes) + _transient(cfg, storage, layout.tp)
+    fixed = (non_block_weight_bytes(cfg, layout.tp, dtype_bytes) + _transient(cfg, storage, layout.tp)
+             + companion_bytes)
     usable = cap / (1 + FRAGMENTATION)
     streamed_all = blocks_device_nbytes(sizes, 0, SLOTS)
     budget0 = usable - fixed - streamed_all
@@ -248,6 +254,7 @@ def _fit(cfg, cap, storage, layout, shapes, resident_blocks, dtype_bytes):
 def plan_request(cfg, *, width: int, height: int, num_frames: int, max_gpu_memory_bytes: int, fps: float = 24.0,
                  two_stage: bool = True, guided: bool = True, num_gpus: int = 1, storage: str = "bf16",
                  layout: Layout | None = None, resident_blocks: int | None = None, text_encoder_bytes: int = 0,
+                 companion_bytes: int = 0,
                  dtype_bytes: int = 2, text_tokens: int = TEXT_TOKENS, per_token_timesteps: bool = True,
                  pipeline: str = "", model: str = "", explain: bool = True) -> RequestPlan:
     """The plan of one request under `max_gpu_memory_bytes` per GPU (module docstring), or PlanError
@@ -262,7 +269,7 @@ def plan_request(cfg, *, width: int, height: int, num_frames: int, max_gpu_memor
     for lay in candidates:  # every layout: the first that fits is used, the least required is reported
         shapes = _stage_shapes(cfg, width, height, num_frames, fps, two_stage, guided, lay, dtype_bytes, text_tokens,
                                per_token_timesteps)
-        tried.append((lay, _fit(cfg, cap, storage, lay, shapes, resident_blocks, dtype_bytes), shapes))
+        tried.append((lay, _fit(cfg, cap, storage, lay, shapes, resident_blocks, dtype_bytes, companion_bytes), shapes))
     fitting = [t for t in tried if t[1]["fits"]]
     least = min(tried, key=lambda t: t[1]["required"])
     lay, f, shapes = fitting[0] if fitting else least
@@ -295,7 +302,7 @@ def plan_request(cfg, *, width: int, height: int, num_frames: int, max_gpu_memor
                                       guided=guided, num_gpus=num_gpus, storage=storage, layout=layout,
                                       resident_blocks=resident_blocks, dtype_bytes=dtype_bytes,
                                       text_tokens=text_tokens, per_token_timesteps=per_token_timesteps,
-                                      text_encoder_bytes=text_encoder_bytes))
+                                      text_encoder_bytes=text_encoder_bytes, companion_bytes=companion_bytes))
 
 
 def fits(cfg, **kw) -> bool:

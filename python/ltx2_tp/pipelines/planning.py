@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ltx2_tp.memory.planner import GEMMA3_12B_BYTES, Layout, PlanError, RequestPlan, plan_request
+from ltx2_tp.memory.planner import COMPANION_BYTES, GEMMA3_12B_BYTES, Layout, PlanError, RequestPlan, plan_request
 from ltx2_tp.pipelines.request import RequestError
 
 
@@ -29,7 +29,8 @@ def plan_pipeline(cfg, pipeline_cls, *, width: int, height: int, num_frames: int
     return plan_request(cfg, width=width, height=height, num_frames=num_frames, fps=fps, max_gpu_memory_bytes=cap,
                         two_stage=issubclass(pipeline_cls, LTX2TwoStagePipeline), guided=pipeline_cls.guided,
                         num_gpus=num_gpus, layout=layout, storage=storage or "bf16", resident_blocks=resident_blocks,
-                        text_encoder_bytes=text_encoder_bytes(model), pipeline=pipeline_cls.name, model=model,
+                        text_encoder_bytes=text_encoder_bytes(model),
+                        companion_bytes=0 if model == "tiny" else COMPANION_BYTES, pipeline=pipeline_cls.name, model=model,
                         dtype_bytes=dtype_bytes)
 
 
