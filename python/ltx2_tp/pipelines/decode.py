@@ -40,6 +40,8 @@ FRAMES_PER_COPY = 8  # device->host copy granularity: 8 x 6 MiB at 1080p, well a
 # the GPU's peak over this estimate.
 DECODER_PEAK_COPIES = 8
 MEMORY_SAFETY = 0.8  # of the free memory
+STREAM_FRAME_COST = 1.6  # a streamed piece's frame / a whole decode's frame (plan_stream_chunk)
+STREAM_FIXED_FRAMES = 7
 TILE_OVERLAP = 8  # frames, as LTX2LongVideo always used
 
 
@@ -54,9 +56,15 @@ def decoder_bytes(decoder, frames: int, height: int, width: int, dtype: torch.dt
 
 
 def free_bytes(device: torch.device) -> int:
+    """What this process may still allocate: the device's free memory plus the allocator's cached
+    blocks, within the per-process cap (--max-gpu-memory sets it; the device's free memory alone
+    over-reports it: 54.8 GiB free on an H100 under a 24 GiB cap, and the decode ran out)."""
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        free, total = torch.cuda.mem_get_info(device)
+        allocated = torch.cuda.memory_allocated(device)
+        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(device)
+        allowed = int(total * fraction) - allocated
+        return min(free + torch.cuda.memory_reserved(device) - allocated, allowed)
     try:
         with open("/proc/meminfo") as f:
             info = dict(line.split(":", 1) for line in f)
@@ -80,10 +88,16 @@ def plan_temporal_tile(decoder, latent_shape, dtype: torch.dtype, free: int) -> 
 
 def plan_stream_chunk(decoder, latent_shape, dtype: torch.dtype, free: int) -> int:
     """Output frames per streamed piece: CHUNK_FRAMES, fewer where that does not fit in
-    MEMORY_SAFETY x `free` bytes (the same estimate as a tile's), at least 1."""
+    MEMORY_SAFETY x `free` bytes, at least 1. Cost, in units of a whole decode's frame
+    (decoder_bytes of 1 frame: 0.30 GiB at 1920x1088), from bench_decode on an H100 (2026-11-23,
+    streamed pieces of 8 / 16 / 32 at 768x512: 1.2 / 1.8 / 3.2 GiB; 16 at 1920x1088: 9.1 GiB):
+    STREAM_FRAME_COST per piece frame (0.46 GiB at 1080p) and STREAM_FIXED_FRAMES for the frames
+    each convolution carries and the latent-level stages (2.1 GiB). Sizing a piece as a whole
+    decode's frames ran out of memory under a 24 GiB cap (1920x1088 tiles, 2026-11-24)."""
     h, w = latent_shape[3] * 32, latent_shape[4] * 32
-    per_frame = decoder_bytes(decoder, 1, h, w, dtype)
-    return max(1, min(CHUNK_FRAMES, int(MEMORY_SAFETY * free // per_frame)))
+    unit = decoder_bytes(decoder, 1, h, w, dtype)
+    room = MEMORY_SAFETY * free - STREAM_FIXED_FRAMES * unit
+    return max(1, min(CHUNK_FRAMES, int(room // (STREAM_FRAME_COST * unit))))
 
 
 def resolve_tile(c, video_latent: torch.Tensor, tile_frames):
