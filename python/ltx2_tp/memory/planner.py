@@ -46,11 +46,13 @@ GEMMA3_12B_BYTES = 24_400_000_000  # the text encoder of ltx-2 / 2.3 in bf16 (12
 
 class PlanError(ValueError):
     """Nothing fits; `change` is the smallest change that would (one line), `largest_frames` the
-    most frames that fit at this size (None: not even one latent frame)."""
+    most frames that fit at this size (None: not even one latent frame), `plan` the plan that was
+    over (its `peak`: what the request needs as asked, with the smallest activation plans)."""
 
-    def __init__(self, message: str, change: str = "", largest_frames: int | None = None):
+    def __init__(self, message: str, change: str = "", largest_frames: int | None = None,
+                 plan: "RequestPlan | None" = None):
         super().__init__(message)
-        self.change, self.largest_frames = change, largest_frames
+        self.change, self.largest_frames, self.plan = change, largest_frames, plan
 
 
 def parse_bytes(text: str | int, flag: str = "--max-gpu-memory") -> int:
@@ -290,7 +292,7 @@ def plan_request(cfg, *, width: int, height: int, num_frames: int, max_gpu_memor
     if f["fits"]:
         return rp
     if not explain:
-        raise PlanError(f"{width}x{height}x{num_frames} does not fit {gib(cap)} per GPU")
+        raise PlanError(f"{width}x{height}x{num_frames} does not fit {gib(cap)} per GPU", plan=rp)
     raise _refusal(cfg, cap, rp, dict(width=width, height=height, num_frames=num_frames, fps=fps, two_stage=two_stage,
                                       guided=guided, num_gpus=num_gpus, storage=storage, layout=layout,
                                       resident_blocks=resident_blocks, dtype_bytes=dtype_bytes,
@@ -339,4 +341,4 @@ def _refusal(cfg, cap, rp: RequestPlan, kw) -> PlanError:
     change = "; or ".join(changes)
     msg = (f"{size}x{kw['num_frames']} does not fit {gib(cap)} per GPU (needs {gib(over)} with every block "
            f"streamed, {rp.layout.describe()}); the smallest change: {change}")
-    return PlanError(msg, change, frames)
+    return PlanError(msg, change, frames, rp)
