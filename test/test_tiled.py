@@ -199,10 +199,12 @@ def test_sequence_parallel_tiles_equal_one_process(comps, tmp_path):
     from dist_utils import run_distributed
     from reference import TOL, rel_err
 
+    from ltx2_tp.memory.plan import PlanRule
     from ltx2_tp.memory.planner import Layout
 
-    need = _one_piece_need(comps, 121, layout=Layout(1, 2, 1))
-    assert _one_piece_need(comps, 121) > need + 64  # dense at need + 64 only when planned in the ranks' layout
+    rule = PlanRule(budget_bytes=2 * 2**30)  # the workers' LTX2LongVideo's
+    need = _one_piece_need(comps, 121, layout=Layout(1, 2, 1), plan_rule=rule)
+    assert _one_piece_need(comps, 121, plan_rule=rule) > need + 64  # dense at need + 64 only in the ranks' layout
     one = _tiled_latents(0, 1, tmp_path)
     ranks = run_distributed(_tiled_latents, 2, str(tmp_path), (need - 64, need + 64))
     assert ranks[0][1] == ranks[1][1] and [c.split(" (")[0] for c in ranks[0][1]] == [
@@ -401,7 +403,7 @@ def test_auto_chooses_dense_within_the_trained_length(pipe, monkeypatch, tmp_pat
         get_pipeline_class("LTX2LongVideo").check_request(replace(late_image, long_video_mode="tiled"), 2)
 
 
-def _one_piece_need(comps, frames, width=64, height=64, layout=None):
+def _one_piece_need(comps, frames, width=64, height=64, layout=None, plan_rule=None):
     """The planner's bytes for one piece of the tiny model as built (all blocks resident, fp32)."""
     from ltx2_tp.memory.planner import Layout, PlanError
     from ltx2_tp.pipelines.planning import plan_pipeline
@@ -409,7 +411,7 @@ def _one_piece_need(comps, frames, width=64, height=64, layout=None):
     with pytest.raises(PlanError) as e:
         plan_pipeline(comps.transformer.cfg, get_pipeline_class("LTX2LongVideo"), width=width, height=height,
                       num_frames=frames, fps=24.0, cap=1, layout=layout or Layout(), resident_blocks=2, model="tiny",
-                      dtype_bytes=4, explain=False)
+                      dtype_bytes=4, explain=False, plan_rule=plan_rule)
     return e.value.plan.peak
 
 
@@ -420,12 +422,14 @@ def test_auto_asks_the_planner(pipe, monkeypatch):
     from ltx2_tp.pipelines.planning import plan_pipeline
 
     req = GenerationRequest(prompt="x", num_frames=121, **SMALL)
-    need = _one_piece_need(pipe.c, 121)
+    rule = pipe.c.transformer.plan_rule  # LTX2LongVideo's chunk budget: no plan applied
+    need = _one_piece_need(pipe.c, 121, plan_rule=rule)
 
     def planner_fits(cap):
         try:
             plan_pipeline(pipe.c.transformer.cfg, type(pipe), width=64, height=64, num_frames=121, fps=24.0, cap=cap,
-                          layout=Layout(), storage="bf16", resident_blocks=2, model="tiny", dtype_bytes=4)
+                          layout=Layout(), storage="bf16", resident_blocks=2, model="tiny", dtype_bytes=4,
+                          plan_rule=rule)
             return True
         except PlanError:
             return False
@@ -443,7 +447,7 @@ def test_auto_asks_the_planner(pipe, monkeypatch):
     assert pipe.choose_mode(req).reason == f"auto: one piece needs {gib(need)} (planner), cap {gib(lo - 1)} -> tiled"
     monkeypatch.setattr(pipe.c, "max_gpu_memory", 4 << 20)
     peak = plan_pipeline(pipe.c.transformer.cfg, type(pipe), width=64, height=64, num_frames=121, fps=24.0,
-                         cap=4 << 20, resident_blocks=2, model="tiny", dtype_bytes=4).peak
+                         cap=4 << 20, resident_blocks=2, model="tiny", dtype_bytes=4, plan_rule=rule).peak
     assert pipe.choose_mode(req).reason == f"auto: 5.0 s in one piece fits: predicted {gib(peak)} of 4.00 MiB (planner) -> dense"
 
 
@@ -461,13 +465,15 @@ def test_auto_plans_the_components_as_built(monkeypatch):
         ram = int(next(line for line in f if line.startswith("MemTotal:")).split()[1]) * 1024
     assert device_bytes(torch.device("cpu")) == ram
     check = CapCheck.built(c, cls)
-    assert (check.cap, check.layout, check.storage, check.resident_blocks, check.model, check.dtype_bytes) == (
-        ram, Layout(1, 1, 1), "bf16", 2, "tiny", 4)
+    assert (check.cap, check.layout, check.storage, check.resident_blocks, check.model, check.dtype_bytes,
+            check.plan_rule) == (ram, Layout(1, 1, 1), "bf16", 2, "tiny", 4, c.transformer.plan_rule)
     quantize_model(c.transformer, "fp8-cast")
     enable_block_swap(c.transformer, 1, "host", device=c.device)
-    apply_plan(replace(check, cap=64 << 20).plan(64, 64, 9, 24.0), c)  # what generate --max-gpu-memory does
+    plan = replace(check, cap=64 << 20, plan_rule=None).plan(64, 64, 9, 24.0)
+    apply_plan(plan, c)  # what generate --max-gpu-memory does
     built = CapCheck.built(c, cls)
     assert (built.cap, built.storage, built.resident_blocks) == (64 << 20, "fp8-cast", 1)
+    assert built.plan_rule.activation_budget_bytes == plan.activation_budget  # the planner's rule: its plans
     assert built.plan(64, 64, 121, 24.0).table() == plan_pipeline(
         c.transformer.cfg, cls, width=64, height=64, num_frames=121, fps=24.0, cap=64 << 20, storage="fp8-cast",
         resident_blocks=1, model="tiny", dtype_bytes=4).table()

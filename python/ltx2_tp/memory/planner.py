@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass, field
 
 from ltx2_tp.latent_grid import LatentGrid, tokens_per_rank
-from ltx2_tp.memory.estimate import StepShape
+from ltx2_tp.memory.estimate import StepShape, activation_bytes
 from ltx2_tp.memory.plan import ExecutionPlan, PlanRule, plan_within
 from ltx2_tp.memory.swap import blocks_device_nbytes
 from ltx2_tp.memory.weights_estimate import STORAGES, model_block_bytes, non_block_weight_bytes
@@ -221,7 +221,18 @@ def _stage_shapes(cfg, width, height, num_frames, fps, two_stage, guided, layout
     return out
 
 
-def _fit(cfg, cap, storage, layout, shapes, resident_blocks, dtype_bytes):
+def _stage_plan(cfg, shape: StepShape, budget: float, rule: PlanRule | None):
+    """(plan, activation bytes, fits) of one DiT stage: the fastest plan within `budget`
+    (plan_within), or, given the rule a built model runs with, the plan that rule picks (a model
+    with no plan applied chunks by LTX2LongVideo's fixed budget, whatever memory is left)."""
+    if rule is None:
+        return plan_within(cfg, shape, budget)
+    plan = rule.for_step(cfg, shape)
+    act = activation_bytes(cfg, plan, shape)
+    return plan, act, act <= budget
+
+
+def _fit(cfg, cap, storage, layout, shapes, resident_blocks, dtype_bytes, rule=None):
     """(RequestPlan-ish fields, fits) for one layout: see the module docstring's rules."""
     sizes = model_block_bytes(cfg, storage, layout.tp)
     fixed = non_block_weight_bytes(cfg, layout.tp, dtype_bytes) + _transient(cfg, storage, layout.tp)
@@ -230,7 +241,7 @@ def _fit(cfg, cap, storage, layout, shapes, resident_blocks, dtype_bytes):
     budget0 = usable - fixed - streamed_all
     acts, fits = [], True
     for _, _, shape in shapes:
-        plan, act, ok = plan_within(cfg, shape, budget0)
+        plan, act, ok = _stage_plan(cfg, shape, budget0, rule)
         acts.append(act)
         fits &= ok
     least = max(plan_within(cfg, shape, 0)[1] for _, _, shape in shapes)  # the smallest plan of each stage
@@ -241,7 +252,7 @@ def _fit(cfg, cap, storage, layout, shapes, resident_blocks, dtype_bytes):
         resident_blocks = max(ok_k) if ok_k else 0
     block_dev = blocks_device_nbytes(sizes, resident_blocks, SLOTS)
     budget = int(usable - fixed - block_dev)
-    plans = [plan_within(cfg, shape, budget) for _, _, shape in shapes]
+    plans = [_stage_plan(cfg, shape, budget, rule) for _, _, shape in shapes]
     fits = fits and all(ok for _, _, ok in plans)
     return dict(resident_blocks=resident_blocks, budget=budget, weights=fixed + block_dev, plans=plans,
                 required=required, fits=fits)
@@ -251,9 +262,12 @@ def plan_request(cfg, *, width: int, height: int, num_frames: int, max_gpu_memor
                  two_stage: bool = True, guided: bool = True, num_gpus: int = 1, storage: str = "bf16",
                  layout: Layout | None = None, resident_blocks: int | None = None, text_encoder_bytes: int = 0,
                  dtype_bytes: int = 2, text_tokens: int = TEXT_TOKENS, per_token_timesteps: bool = True,
-                 pipeline: str = "", model: str = "", explain: bool = True) -> RequestPlan:
+                 pipeline: str = "", model: str = "", explain: bool = True,
+                 plan_rule: PlanRule | None = None) -> RequestPlan:
     """The plan of one request under `max_gpu_memory_bytes` per GPU (module docstring), or PlanError
-    naming the smallest change that fits (fewer frames, fp8 storage, more GPUs, a larger cap)."""
+    naming the smallest change that fits (fewer frames, fp8 storage, more GPUs, a larger cap).
+    `plan_rule`: the rule a built model already runs with (its activation plans are then that
+    rule's, not chosen here)."""
     if storage not in STORAGES:
         raise ValueError(f"--quantization: storage must be one of {STORAGES}, got {storage!r}")
     if resident_blocks is not None and not 0 <= resident_blocks <= cfg.num_layers:
@@ -264,7 +278,7 @@ def plan_request(cfg, *, width: int, height: int, num_frames: int, max_gpu_memor
     for lay in candidates:  # every layout: the first that fits is used, the least required is reported
         shapes = _stage_shapes(cfg, width, height, num_frames, fps, two_stage, guided, lay, dtype_bytes, text_tokens,
                                per_token_timesteps)
-        tried.append((lay, _fit(cfg, cap, storage, lay, shapes, resident_blocks, dtype_bytes), shapes))
+        tried.append((lay, _fit(cfg, cap, storage, lay, shapes, resident_blocks, dtype_bytes, plan_rule), shapes))
     fitting = [t for t in tried if t[1]["fits"]]
     least = min(tried, key=lambda t: t[1]["required"])
     lay, f, shapes = fitting[0] if fitting else least
@@ -297,7 +311,7 @@ def plan_request(cfg, *, width: int, height: int, num_frames: int, max_gpu_memor
                                       guided=guided, num_gpus=num_gpus, storage=storage, layout=layout,
                                       resident_blocks=resident_blocks, dtype_bytes=dtype_bytes,
                                       text_tokens=text_tokens, per_token_timesteps=per_token_timesteps,
-                                      text_encoder_bytes=text_encoder_bytes))
+                                      text_encoder_bytes=text_encoder_bytes, plan_rule=plan_rule))
 
 
 def fits(cfg, **kw) -> bool:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ltx2_tp.memory.plan import PlanRule
 from ltx2_tp.memory.planner import GEMMA3_12B_BYTES, Layout, PlanError, RequestPlan, plan_request
 from ltx2_tp.pipelines.request import RequestError
 
@@ -27,16 +28,16 @@ def text_encoder_bytes(model: str) -> int:
 def plan_pipeline(cfg, pipeline_cls, *, width: int, height: int, num_frames: int, fps: float, cap: int,
                   num_gpus: int = 1, layout: Layout | None = None, storage: str | None = None,
                   resident_blocks: int | None = None, model: str = "", dtype_bytes: int = 2,
-                  explain: bool = True) -> RequestPlan:
+                  explain: bool = True, plan_rule: PlanRule | None = None) -> RequestPlan:
     """The planner's plan of one request of `pipeline_cls`, or PlanError (explain=False: without
-    searching for the smallest change that would fit)."""
+    searching for the smallest change that would fit; plan_rule: a built model's, plan_request's)."""
     from ltx2_tp.pipelines.two_stage import LTX2TwoStagePipeline
 
     return plan_request(cfg, width=width, height=height, num_frames=num_frames, fps=fps, max_gpu_memory_bytes=cap,
                         two_stage=issubclass(pipeline_cls, LTX2TwoStagePipeline), guided=pipeline_cls.guided,
                         num_gpus=num_gpus, layout=layout, storage=storage or "bf16", resident_blocks=resident_blocks,
                         text_encoder_bytes=text_encoder_bytes(model), pipeline=pipeline_cls.name, model=model,
-                        dtype_bytes=dtype_bytes, explain=explain)
+                        dtype_bytes=dtype_bytes, explain=explain, plan_rule=plan_rule)
 
 
 def device_bytes(device) -> int:
@@ -74,24 +75,26 @@ class CapCheck:
     resident_blocks: int
     model: str = ""
     dtype_bytes: int = 2
+    plan_rule: PlanRule | None = None  # the built model's (its activation plans); None: the planner's choice
 
     @classmethod
     def built(cls, comps, pipeline_cls) -> "CapCheck":
         """The components as built: this rank's layout (the transformer's ParallelContext), its
         blocks' storage (bf16 or the fp8 format), its resident blocks (all without block swap), the
-        model dtype, under the process's cap (process_cap). Static sizes only: the same on every rank."""
+        model dtype and PlanRule (its activation plans: the pipeline's chunk budget, or apply_plan's),
+        under the process's cap (process_cap). Static sizes only: the same on every rank."""
         from ltx2_tp.memory.swap import resident_blocks
         from ltx2_tp.models.ltx2.quantization import storage
 
         model, ctx = comps.transformer, comps.ctx
         return cls(model.cfg, pipeline_cls, process_cap(comps), Layout(ctx.tp_size, ctx.ulysses_size, ctx.ring_size),
-                   storage(model), resident_blocks(model), comps.name, comps.dtype.itemsize)
+                   storage(model), resident_blocks(model), comps.name, comps.dtype.itemsize, model.plan_rule)
 
     def plan(self, width: int, height: int, num_frames: int, fps: float, explain: bool = True) -> RequestPlan:
         return plan_pipeline(self.cfg, self.pipeline_cls, width=width, height=height, num_frames=num_frames, fps=fps,
                              cap=self.cap, layout=self.layout, storage=self.storage,
                              resident_blocks=self.resident_blocks, model=self.model, dtype_bytes=self.dtype_bytes,
-                             explain=explain)
+                             explain=explain, plan_rule=self.plan_rule)
 
     def check(self, width: int, height: int, num_frames: int, fps: float, field: str = "num_frames") -> None:
         """RequestError(field) when the request does not fit, with the largest value that does:
