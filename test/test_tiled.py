@@ -448,7 +448,8 @@ def test_auto_asks_the_planner(pipe, monkeypatch):
     monkeypatch.setattr(pipe.c, "max_gpu_memory", 4 << 20)
     peak = plan_pipeline(pipe.c.transformer.cfg, type(pipe), width=64, height=64, num_frames=121, fps=24.0,
                          cap=4 << 20, resident_blocks=2, model="tiny", dtype_bytes=4, plan_rule=rule).peak
-    assert pipe.choose_mode(req).reason == f"auto: 5.0 s in one piece fits: predicted {gib(peak)} of 4.00 MiB (planner) -> dense"
+    assert pipe.choose_mode(req).reason == (f"auto: 5.0 s in one piece fits: predicted {gib(peak)} of 4.00 MiB "
+                                            "(planner) -> dense")
 
 
 def test_auto_plans_the_components_as_built(monkeypatch):

@@ -19,9 +19,10 @@ rank holds (memory/plan.py). TP/SP come from the components' parallel context (t
   Memory is one tile's however long the video is.
 - auto: dense while the video is within the model's trained length (TRAINED_SECONDS), no per-tile
   prompts are given and the memory planner says one piece fits (`decide`): the request planned as
-  the components were built (layout, block storage, resident blocks, dtype: planning.CapCheck.built)
-  under the process's cap (--max-gpu-memory, else the device's memory x its per-process fraction);
-  tiled otherwise. Static sizes only, so every rank chooses the same.
+  the components were built (layout, block storage, resident blocks, dtype and the PlanRule that
+  picks the activation plans: planning.CapCheck.built) under the process's cap (--max-gpu-memory,
+  else the device's memory x its per-process fraction); tiled otherwise. Static sizes only, so
+  every rank chooses the same.
 """
 
 from __future__ import annotations

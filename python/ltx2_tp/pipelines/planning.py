@@ -118,9 +118,10 @@ class CapCheck:
 
 
 def apply_plan(plan: RequestPlan | None, comps) -> None:
-    """The plan's cap on the components, its activation budget as the model's PlanRule (after the pipeline set its own), and on
-    CUDA the cap as a hard limit (set_per_process_memory_fraction: an allocation past it raises
-    OutOfMemoryError). The resident blocks were chosen when the transformer was built."""
+    """The plan's cap recorded on the components, its activation budget as the model's PlanRule
+    (after the pipeline set its own), and on CUDA the cap as a hard limit
+    (set_per_process_memory_fraction: an allocation past it raises OutOfMemoryError). The resident
+    blocks were chosen when the transformer was built."""
     if plan is None:
         return
     comps.max_gpu_memory = plan.cap  # what LTX2LongVideo's auto mode plans one piece under
