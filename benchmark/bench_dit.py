@@ -17,6 +17,8 @@ resident blocks, activation plan), the transformer built with that resident set 
 the hard cap (set_per_process_memory_fraction(cap / total) before building), then s/step and
 predicted vs measured peak (max_memory_allocated). With --layers L it also prints the prediction
 for the full depth (activations do not depend on depth; weights: more streamed blocks at 48).
+--chunk-rule 2 runs (and predicts) LTX2LongVideo's fixed 2 GiB chunk rule instead: what long-video
+auto plans one piece with when no cap is given (a large cap stands for the whole GPU).
 
   python benchmark/bench_dit.py --max-gpu-memory 24GiB --cases 1920x1088x121 --repeat 2 --out x.json
 """
@@ -143,6 +145,9 @@ def main():
     ap.add_argument("--capped-warmup", type=int, default=1, metavar="N",
                     help="with --max-gpu-memory: untimed steps first (0: time the first step; a 48-block 1441-frame "
                          "step takes ~210 s, so warm-up + step does not fit one 600 s device call)")
+    ap.add_argument("--chunk-rule", type=float, default=None, metavar="GIB",
+                    help="with --max-gpu-memory: run LTX2LongVideo's fixed chunk rule (PlanRule(budget_bytes=GIB), "
+                         "what long-video auto plans with when no cap is given) instead of the planner's plans")
     args = ap.parse_args()
     args.fp8 = args.fp8 or args.quantization is not None
     if args.max_gpu_memory is not None:
@@ -349,6 +354,11 @@ def capped(args) -> None:
     # one unguided DiT step as the synthetic inputs have it: 256 text tokens, one timestep per sample
     kw = dict(max_gpu_memory_bytes=cap, two_stage=False, guided=False, storage=storage, layout=Layout(),
               text_tokens=256, per_token_timesteps=False)
+    if args.chunk_rule is not None:  # the pipeline's own rule: the planner counts its plans (memory/planner.py)
+        from ltx2_tp.memory.plan import PlanRule
+
+        kw["plan_rule"] = PlanRule(budget_bytes=args.chunk_rule * 2**30)
+        results["chunk_rule_gib"] = args.chunk_rule
     rows = []
     for w, h, f in cases_of(args):
         try:
@@ -368,7 +378,7 @@ def capped(args) -> None:
             except PlanError as e:
                 r["full_depth_error"] = str(e)
         t0 = time.perf_counter()
-        model = build_transformer(cfg, device=dev, dtype=dtype, seed=0, plan_rule=plan.plan_rule(),
+        model = build_transformer(cfg, device=dev, dtype=dtype, seed=0, plan_rule=kw.get("plan_rule", plan.plan_rule()),
                                   quantization=None if storage == "bf16" else storage,
                                   resident_blocks=plan.resident_blocks if plan.streamed_blocks else None)
         r["build_s"] = time.perf_counter() - t0

@@ -118,6 +118,39 @@ def test_refusal_names_the_largest_frames_that_fit():
         plan_request(BIG, num_frames=1441, **FHD, max_gpu_memory_bytes=4 * GIB)
 
 
+def test_refusal_carries_the_plan_and_a_fixed_rule_is_counted():
+    """A refusal's plan peaks at what the request needs as asked (weights + the smallest activation
+    plans); given a built model's PlanRule, the activations counted are that rule's plans (the
+    pipeline's fixed chunk budget: 10.4 GiB at 1920x1088x481 stage 2 against 1.9 with offload)."""
+    from ltx2_tp.memory.plan import PlanRule, plan_within
+
+    kw = dict(num_frames=481, **FHD, resident_blocks=BIG.num_layers)
+    with pytest.raises(PlanError) as e:
+        plan_request(BIG, max_gpu_memory_bytes=GIB, explain=False, **kw)
+    rp = e.value.plan
+    weights = non_block_weight_bytes(BIG) + sum(model_block_bytes(BIG))
+    least = max(plan_within(BIG, _shape(p), 0)[1] for p in rp.dit_phases)
+    assert rp.peak == math.ceil((weights + least) * (1 + FRAGMENTATION)) > GIB
+    rule = PlanRule(budget_bytes=2 * GIB)
+    with pytest.raises(PlanError) as e:
+        plan_request(BIG, max_gpu_memory_bytes=GIB, explain=False, plan_rule=rule, **kw)
+    fixed = e.value.plan
+    for p in fixed.dit_phases:
+        assert p.plan == rule.for_step(BIG, _shape(p)) and p.activations == activation_bytes(BIG, p.plan, _shape(p))
+    assert fixed.peak > rp.peak + 8 * GIB
+    plan_request(BIG, max_gpu_memory_bytes=44 * GIB, **kw)  # the planner's own plans fit 44 GiB, the rule's do not
+    with pytest.raises(PlanError):
+        plan_request(BIG, max_gpu_memory_bytes=44 * GIB, plan_rule=rule, **kw)
+
+
+def _shape(phase):
+    """The StepShape the planner gave a DiT phase (one 19B GPU, bf16)."""
+    from ltx2_tp.memory.estimate import StepShape
+    from ltx2_tp.memory.planner import TEXT_TOKENS
+
+    return StepShape(phase.tokens_per_rank, phase.audio_tokens, TEXT_TOKENS, phase.batch)
+
+
 def test_cli_plan_table_and_exit_code(capsys):
     assert main(["plan", "--width", "1920", "--height", "1088", "--num-frames", "1441", "--max-gpu-memory", "24GiB"]) == 0
     out = capsys.readouterr().out

@@ -165,13 +165,19 @@ def test_first_tile_is_the_two_stage_pipeline(comps, pipe, tmp_path, monkeypatch
         assert torch.equal(out[(0, stage)][0], ref[stage][0]) and torch.equal(out[(0, stage)][1], ref[stage][1])
 
 
-def _tiled_latents(rank, world, outdir):
-    """Rank `rank` of Ulysses SP=`world` (1: one process) runs a 2-tile video: every tile's stage outputs."""
+def _tiled_latents(rank, world, outdir, caps=()):
+    """Rank `rank` of Ulysses SP=`world` (1: one process) runs a 2-tile video: every tile's stage
+    outputs, and auto's choice for 64x64x121 under each of `caps`."""
     from ltx2_tp.distributed.context import SINGLE, build_groups
 
     torch.set_num_threads(1)
     ctx = build_groups(1, world, 1) if world > 1 else SINGLE
     pipe = get_pipeline_class("LTX2LongVideo")(build_tiny_components(0, ctx=ctx))
+    choices = []
+    for cap in caps:
+        pipe.c.max_gpu_memory = cap
+        choices.append(pipe.choose_mode(GenerationRequest(prompt="x", num_frames=121, **SMALL)).describe())
+    pipe.c.max_gpu_memory = None
     pipe.encoder_options = EncoderOptions(preset="ultrafast")
     out = {}
     original = pipe.stage_output
@@ -183,17 +189,27 @@ def _tiled_latents(rank, world, outdir):
 
     pipe.stage_output = record
     pipe(tiled(25, adain_factor=0.3), f"{outdir}/sp{world}_rank{rank}.mp4")
-    return out
+    return out if not caps else (out, choices)
 
 
-def test_sequence_parallel_tiles_equal_one_process(tmp_path):
+def test_sequence_parallel_tiles_equal_one_process(comps, tmp_path):
     """Ulysses SP=2 over gloo (2 processes) runs the same tiles as one process: every tile's latents
-    at both stages within 1e-5 (the DiT's parallel arithmetic differs in the last bits)."""
+    at both stages within 1e-5 (the DiT's parallel arithmetic differs in the last bits). Both ranks
+    make auto's choice alike, on either side of the planner's need in their layout (Ulysses 2)."""
     from dist_utils import run_distributed
     from reference import TOL, rel_err
 
+    from ltx2_tp.memory.plan import PlanRule
+    from ltx2_tp.memory.planner import Layout
+
+    rule = PlanRule(budget_bytes=2 * 2**30)  # the workers' LTX2LongVideo's
+    need = _one_piece_need(comps, 121, layout=Layout(1, 2, 1), plan_rule=rule)
+    assert _one_piece_need(comps, 121, plan_rule=rule) > need + 64  # dense at need + 64 only in the ranks' layout
     one = _tiled_latents(0, 1, tmp_path)
-    for rank_out in run_distributed(_tiled_latents, 2, str(tmp_path)):
+    ranks = run_distributed(_tiled_latents, 2, str(tmp_path), (need - 64, need + 64))
+    assert ranks[0][1] == ranks[1][1] and [c.split(" (")[0] for c in ranks[0][1]] == [
+        "long-video mode tiled", "long-video mode dense"], ranks[0][1]
+    for rank_out, _ in ranks:
         assert rank_out.keys() == one.keys() and len(one) == 4
         for k, (v, a) in one.items():
             assert rel_err(rank_out[k][0], v) <= TOL and rel_err(rank_out[k][1], a) <= TOL, k
@@ -373,8 +389,9 @@ def test_auto_chooses_dense_within_the_trained_length(pipe, monkeypatch, tmp_pat
     choice = pipe.choose_mode(replace(short, num_frames=489))
     assert choice.mode == "tiled" and "trained 20 s" in choice.reason and len(choice.tiles) == 9
     assert pipe.choose_mode(replace(short, num_frames=121, prompts=["a", "b"])).mode == "tiled"
-    monkeypatch.setattr(long_video, "fits_dense", lambda c, req: False)
-    assert pipe.choose_mode(replace(short, num_frames=121)).reason == "auto: one piece does not fit this device"
+    monkeypatch.setattr(pipe.c, "max_gpu_memory", 1 << 20)  # 1 MiB: the tiny model's weights alone are 2.7
+    reason = pipe.choose_mode(replace(short, num_frames=121)).reason
+    assert reason.startswith("auto: one piece needs ") and reason.endswith(" MiB (planner), cap 1.00 MiB -> tiled")
     assert pipe.choose_mode(replace(short, num_frames=121, long_video_mode="dense")).mode == "dense"
     assert pipe.choose_mode(replace(short, num_frames=721, output_format="webm")).mode == "dense"  # as before
     from PIL import Image
@@ -386,21 +403,81 @@ def test_auto_chooses_dense_within_the_trained_length(pipe, monkeypatch, tmp_pat
         get_pipeline_class("LTX2LongVideo").check_request(replace(late_image, long_video_mode="tiled"), 2)
 
 
-def test_fits_dense_counts_weights_and_activations(comps):
-    from ltx2_tp.memory import fits
+def _one_piece_need(comps, frames, width=64, height=64, layout=None, plan_rule=None):
+    """The planner's bytes for one piece of the tiny model as built (all blocks resident, fp32)."""
+    from ltx2_tp.memory.planner import Layout, PlanError
+    from ltx2_tp.pipelines.planning import plan_pipeline
 
-    req = GenerationRequest(prompt="x", width=768, height=512, num_frames=121)
-    assert fits.fits_dense(comps, req)
-    assert fits.resident_bytes(comps) == sum(t.numel() * t.element_size() for m in (
-        comps.transformer, comps.video_encoder, comps.video_decoder, comps.upsampler, comps.audio_decoder,
-        comps.vocoder, comps.text_encoder) for t in list(m.parameters()) + list(m.buffers()))
-    # 19B at 1920x1088x1441 (anchors.md: 53.9 GiB peak with 35.2 GiB of weights): 18.7 GiB of activations
-    cfg = SimpleNamespace(inner_dim=4096)
-    big = SimpleNamespace(transformer=SimpleNamespace(cfg=cfg, ctx=SimpleNamespace(sp_size=1),
-                                                      plan_rule=SimpleNamespace(budget_bytes=2 * 2**30)),
-                          dtype=torch.bfloat16)
-    act = fits.dense_activation_bytes(big, GenerationRequest(prompt="x", width=1920, height=1088, num_frames=1441))
-    assert 17.5 * 2**30 < act < 20 * 2**30
+    with pytest.raises(PlanError) as e:
+        plan_pipeline(comps.transformer.cfg, get_pipeline_class("LTX2LongVideo"), width=width, height=height,
+                      num_frames=frames, fps=24.0, cap=1, layout=layout or Layout(), resident_blocks=2, model="tiny",
+                      dtype_bytes=4, explain=False, plan_rule=plan_rule)
+    return e.value.plan.peak
+
+
+def test_auto_asks_the_planner(pipe, monkeypatch):
+    """auto is dense exactly where plan_pipeline plans one piece on the same inputs (the components
+    as built, the cap), tiled one byte below; the printed reason gives the planner's numbers."""
+    from ltx2_tp.memory.planner import Layout, PlanError, gib
+    from ltx2_tp.pipelines.planning import plan_pipeline
+
+    req = GenerationRequest(prompt="x", num_frames=121, **SMALL)
+    rule = pipe.c.transformer.plan_rule  # LTX2LongVideo's chunk budget: no plan applied
+    need = _one_piece_need(pipe.c, 121, plan_rule=rule)
+
+    def planner_fits(cap):
+        try:
+            plan_pipeline(pipe.c.transformer.cfg, type(pipe), width=64, height=64, num_frames=121, fps=24.0, cap=cap,
+                          layout=Layout(), storage="bf16", resident_blocks=2, model="tiny", dtype_bytes=4,
+                          plan_rule=rule)
+            return True
+        except PlanError:
+            return False
+
+    lo, hi = need // 2, 2 * need  # the smallest cap plan_pipeline plans one piece under
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if planner_fits(mid) else (mid + 1, hi)
+    assert abs(lo - need) <= 1  # the figure the reason prints is the boundary
+    for cap in (lo - 1, lo, lo + 1, need - 1000, need + 1000):
+        monkeypatch.setattr(pipe.c, "max_gpu_memory", cap)
+        choice = pipe.choose_mode(req)
+        assert choice.mode == ("dense" if planner_fits(cap) else "tiled"), cap
+    monkeypatch.setattr(pipe.c, "max_gpu_memory", lo - 1)
+    assert pipe.choose_mode(req).reason == f"auto: one piece needs {gib(need)} (planner), cap {gib(lo - 1)} -> tiled"
+    monkeypatch.setattr(pipe.c, "max_gpu_memory", 4 << 20)
+    peak = plan_pipeline(pipe.c.transformer.cfg, type(pipe), width=64, height=64, num_frames=121, fps=24.0,
+                         cap=4 << 20, resident_blocks=2, model="tiny", dtype_bytes=4, plan_rule=rule).peak
+    assert pipe.choose_mode(req).reason == (f"auto: 5.0 s in one piece fits: predicted {gib(peak)} of 4.00 MiB "
+                                            "(planner) -> dense")
+
+
+def test_auto_plans_the_components_as_built(monkeypatch):
+    """The planner's inputs come off the components: storage, resident blocks, layout, dtype, and
+    the cap (--max-gpu-memory's through apply_plan, else the host's RAM on the CPU)."""
+    from ltx2_tp.memory.planner import Layout
+    from ltx2_tp.memory.swap import enable_block_swap
+    from ltx2_tp.models.ltx2.quantization import quantize_model
+    from ltx2_tp.pipelines.planning import CapCheck, apply_plan, device_bytes, plan_pipeline
+
+    c = build_tiny_components(0)
+    cls = get_pipeline_class("LTX2LongVideo")
+    with open("/proc/meminfo") as f:
+        ram = int(next(line for line in f if line.startswith("MemTotal:")).split()[1]) * 1024
+    assert device_bytes(torch.device("cpu")) == ram
+    check = CapCheck.built(c, cls)
+    assert (check.cap, check.layout, check.storage, check.resident_blocks, check.model, check.dtype_bytes,
+            check.plan_rule) == (ram, Layout(1, 1, 1), "bf16", 2, "tiny", 4, c.transformer.plan_rule)
+    quantize_model(c.transformer, "fp8-cast")
+    enable_block_swap(c.transformer, 1, "host", device=c.device)
+    plan = replace(check, cap=64 << 20, plan_rule=None).plan(64, 64, 9, 24.0)
+    apply_plan(plan, c)  # what generate --max-gpu-memory does
+    built = CapCheck.built(c, cls)
+    assert (built.cap, built.storage, built.resident_blocks) == (64 << 20, "fp8-cast", 1)
+    assert built.plan_rule.activation_budget_bytes == plan.activation_budget  # the planner's rule: its plans
+    assert built.plan(64, 64, 121, 24.0).table() == plan_pipeline(
+        c.transformer.cfg, cls, width=64, height=64, num_frames=121, fps=24.0, cap=64 << 20, storage="fp8-cast",
+        resident_blocks=1, model="tiny", dtype_bytes=4).table()
 
 
 @pytest.mark.parametrize("kw,field", [
@@ -487,6 +564,24 @@ def test_cli_tiled_prints_the_choice(tmp_path, capsys):
     rc = main(["generate", "--model", "tiny", "--prompt", "a", "--prompt", "b", "--long-video-mode", "dense",
                "--output-path", str(out)])
     assert rc == 2 and "--prompt: per-tile prompts need long_video_mode tiled or auto" in capsys.readouterr().err
+
+
+def test_cli_auto_tiles_what_does_not_fit_the_cap(tmp_path, capsys, comps):
+    """generate --long-video-mode auto --max-gpu-memory below one piece's need but above one tile's:
+    planned as one tile, run tiled, the reason printed with the planner's numbers."""
+    from ltx2_tp.cli import main
+    from ltx2_tp.memory.planner import gib
+
+    one_tile, whole = _one_piece_need(comps, 17), _one_piece_need(comps, 25)
+    cap = (one_tile + whole) // 2
+    out = tmp_path / "auto.mp4"
+    rc = main(["generate", "--model", "tiny", "--prompt", "a fox", "--num-frames", "25", "--width", "64", "--height",
+               "64", "--num-inference-steps", "1", "--tile-frames", "24", "--tile-overlap-frames", "16",
+               "--long-video-mode", "auto", "--max-gpu-memory", str(cap), "--output-path", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0 and (f"long-video mode tiled (auto: one piece needs {gib(whole)} (planner), cap {gib(cap)} -> "
+                        "tiled): 2 tiles of 17 frames") in printed, printed
+    assert read_back(out)[0] == 25
 
 
 def test_server_fields_and_progress():

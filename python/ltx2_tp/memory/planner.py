@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass, field
 
 from ltx2_tp.latent_grid import LatentGrid, tokens_per_rank
-from ltx2_tp.memory.estimate import StepShape
+from ltx2_tp.memory.estimate import StepShape, activation_bytes
 from ltx2_tp.memory.plan import ExecutionPlan, PlanRule, plan_within
 from ltx2_tp.memory.swap import blocks_device_nbytes
 from ltx2_tp.memory.weights_estimate import STORAGES, model_block_bytes, non_block_weight_bytes
@@ -51,11 +51,13 @@ COMPANION_BYTES = 2 * (528_380_720 + 126_250_624 + 31_915_138 + 55_592_802)
 
 class PlanError(ValueError):
     """Nothing fits; `change` is the smallest change that would (one line), `largest_frames` the
-    most frames that fit at this size (None: not even one latent frame)."""
+    most frames that fit at this size (None: not even one latent frame), `plan` the plan that was
+    over (its `peak`: what the request needs as asked, with the smallest activation plans)."""
 
-    def __init__(self, message: str, change: str = "", largest_frames: int | None = None):
+    def __init__(self, message: str, change: str = "", largest_frames: int | None = None,
+                 plan: "RequestPlan | None" = None):
         super().__init__(message)
-        self.change, self.largest_frames = change, largest_frames
+        self.change, self.largest_frames, self.plan = change, largest_frames, plan
 
 
 def parse_bytes(text: str | int, flag: str = "--max-gpu-memory") -> int:
@@ -224,7 +226,18 @@ def _stage_shapes(cfg, width, height, num_frames, fps, two_stage, guided, layout
     return out
 
 
-def _fit(cfg, cap, storage, layout, shapes, resident_blocks, dtype_bytes, companion_bytes):
+def _stage_plan(cfg, shape: StepShape, budget: float, rule: PlanRule | None):
+    """(plan, activation bytes, fits) of one DiT stage: the fastest plan within `budget`
+    (plan_within), or, given the rule a built model runs with, the plan that rule picks (a model
+    with no plan applied chunks by LTX2LongVideo's fixed budget, whatever memory is left)."""
+    if rule is None:
+        return plan_within(cfg, shape, budget)
+    plan = rule.for_step(cfg, shape)
+    act = activation_bytes(cfg, plan, shape)
+    return plan, act, act <= budget
+
+
+def _fit(cfg, cap, storage, layout, shapes, resident_blocks, dtype_bytes, companion_bytes=0, rule=None):
     """(RequestPlan-ish fields, fits) for one layout: see the module docstring's rules."""
     sizes = model_block_bytes(cfg, storage, layout.tp)
     fixed = (non_block_weight_bytes(cfg, layout.tp, dtype_bytes) + _transient(cfg, storage, layout.tp)
@@ -234,7 +247,7 @@ def _fit(cfg, cap, storage, layout, shapes, resident_blocks, dtype_bytes, compan
     budget0 = usable - fixed - streamed_all
     acts, fits = [], True
     for _, _, shape in shapes:
-        plan, act, ok = plan_within(cfg, shape, budget0)
+        plan, act, ok = _stage_plan(cfg, shape, budget0, rule)
         acts.append(act)
         fits &= ok
     least = max(plan_within(cfg, shape, 0)[1] for _, _, shape in shapes)  # the smallest plan of each stage
@@ -245,7 +258,7 @@ def _fit(cfg, cap, storage, layout, shapes, resident_blocks, dtype_bytes, compan
         resident_blocks = max(ok_k) if ok_k else 0
     block_dev = blocks_device_nbytes(sizes, resident_blocks, SLOTS)
     budget = int(usable - fixed - block_dev)
-    plans = [plan_within(cfg, shape, budget) for _, _, shape in shapes]
+    plans = [_stage_plan(cfg, shape, budget, rule) for _, _, shape in shapes]
     fits = fits and all(ok for _, _, ok in plans)
     return dict(resident_blocks=resident_blocks, budget=budget, weights=fixed + block_dev, plans=plans,
                 required=required, fits=fits)
@@ -256,9 +269,12 @@ def plan_request(cfg, *, width: int, height: int, num_frames: int, max_gpu_memor
                  layout: Layout | None = None, resident_blocks: int | None = None, text_encoder_bytes: int = 0,
                  companion_bytes: int = 0,
                  dtype_bytes: int = 2, text_tokens: int = TEXT_TOKENS, per_token_timesteps: bool = True,
-                 pipeline: str = "", model: str = "", explain: bool = True) -> RequestPlan:
+                 pipeline: str = "", model: str = "", explain: bool = True,
+                 plan_rule: PlanRule | None = None) -> RequestPlan:
     """The plan of one request under `max_gpu_memory_bytes` per GPU (module docstring), or PlanError
-    naming the smallest change that fits (fewer frames, fp8 storage, more GPUs, a larger cap)."""
+    naming the smallest change that fits (fewer frames, fp8 storage, more GPUs, a larger cap).
+    `plan_rule`: the rule a built model already runs with (its activation plans are then that
+    rule's, not chosen here)."""
     if storage not in STORAGES:
         raise ValueError(f"--quantization: storage must be one of {STORAGES}, got {storage!r}")
     if resident_blocks is not None and not 0 <= resident_blocks <= cfg.num_layers:
@@ -269,7 +285,8 @@ def plan_request(cfg, *, width: int, height: int, num_frames: int, max_gpu_memor
     for lay in candidates:  # every layout: the first that fits is used, the least required is reported
         shapes = _stage_shapes(cfg, width, height, num_frames, fps, two_stage, guided, lay, dtype_bytes, text_tokens,
                                per_token_timesteps)
-        tried.append((lay, _fit(cfg, cap, storage, lay, shapes, resident_blocks, dtype_bytes, companion_bytes), shapes))
+        fit = _fit(cfg, cap, storage, lay, shapes, resident_blocks, dtype_bytes, companion_bytes, plan_rule)
+        tried.append((lay, fit, shapes))
     fitting = [t for t in tried if t[1]["fits"]]
     least = min(tried, key=lambda t: t[1]["required"])
     lay, f, shapes = fitting[0] if fitting else least
@@ -297,12 +314,13 @@ def plan_request(cfg, *, width: int, height: int, num_frames: int, max_gpu_memor
     if f["fits"]:
         return rp
     if not explain:
-        raise PlanError(f"{width}x{height}x{num_frames} does not fit {gib(cap)} per GPU")
+        raise PlanError(f"{width}x{height}x{num_frames} does not fit {gib(cap)} per GPU", plan=rp)
     raise _refusal(cfg, cap, rp, dict(width=width, height=height, num_frames=num_frames, fps=fps, two_stage=two_stage,
                                       guided=guided, num_gpus=num_gpus, storage=storage, layout=layout,
                                       resident_blocks=resident_blocks, dtype_bytes=dtype_bytes,
                                       text_tokens=text_tokens, per_token_timesteps=per_token_timesteps,
-                                      text_encoder_bytes=text_encoder_bytes, companion_bytes=companion_bytes))
+                                      text_encoder_bytes=text_encoder_bytes, companion_bytes=companion_bytes,
+                                      plan_rule=plan_rule))
 
 
 def fits(cfg, **kw) -> bool:
@@ -346,4 +364,4 @@ def _refusal(cfg, cap, rp: RequestPlan, kw) -> PlanError:
     change = "; or ".join(changes)
     msg = (f"{size}x{kw['num_frames']} does not fit {gib(cap)} per GPU (needs {gib(over)} with every block "
            f"streamed, {rp.layout.describe()}); the smallest change: {change}")
-    return PlanError(msg, change, frames)
+    return PlanError(msg, change, frames, rp)

@@ -111,6 +111,14 @@ def device_nbytes(model: nn.Module, resident_blocks: int | Iterable[int], slots:
     return blocks_device_nbytes([block_nbytes(b) for b in model.transformer_blocks], resident_blocks, slots)
 
 
+def resident_blocks(model: nn.Module) -> int:
+    """How many of the model's blocks stay on the device: all of them without block swap. The planner
+    takes this count as the first K (what every builder here makes); only fp8-scaled-mm's bf16 blocks
+    (0, 43-47) make other choices of K blocks differ in bytes."""
+    swap = getattr(model, "residency", None)
+    return len(swap.resident) if isinstance(swap, BlockSwap) else len(model.transformer_blocks)
+
+
 def blocks_device_nbytes(sizes: list[int], resident_blocks: int | Iterable[int], slots: int = 2) -> int:
     """device_nbytes from each block's flat size (block_nbytes; the planner: weights_estimate.py):
     the resident blocks whole, plus `slots` buffers of the largest streamed block."""

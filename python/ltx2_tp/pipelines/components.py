@@ -32,6 +32,9 @@ class LTX2Components:
     name: str = "tiny"
     stage2_lora: "LoraWeights | None" = None  # the distilled LoRA, fused in place for stage 2 only
     checkpoint_path: str | None = None  # the official file the parts came from (defaults, audio encoder)
+    # --max-gpu-memory's cap in bytes (planning.apply_plan records it); None: what the device lets
+    # this process use (planning.device_bytes). LTX2LongVideo's auto mode plans one piece under it.
+    max_gpu_memory: int | None = None
 
     @property
     def ctx(self) -> ParallelContext:

@@ -17,8 +17,12 @@ rank holds (memory/plan.py). TP/SP come from the components' parallel context (t
   its prompt (tiling.tile_prompt); each tile is decoded (with the pipeline's decode settings) and
   written as it finishes, its overlap with the previous one cross-faded once (tile_writer.py).
   Memory is one tile's however long the video is.
-- auto: dense while the video is within the model's trained length (TRAINED_SECONDS), one piece
-  fits the device (memory/fits.py) and no per-tile prompts are given; tiled otherwise.
+- auto: dense while the video is within the model's trained length (TRAINED_SECONDS), no per-tile
+  prompts are given and the memory planner says one piece fits (`decide`): the request planned as
+  the components were built (layout, block storage, resident blocks, dtype and the PlanRule that
+  picks the activation plans: planning.CapCheck.built) under the process's cap (--max-gpu-memory,
+  else the device's memory x its per-process fraction); tiled otherwise. Static sizes only, so
+  every rank chooses the same.
 """
 
 from __future__ import annotations
@@ -28,15 +32,16 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ltx2_tp.memory.fits import fits_dense
 from ltx2_tp.memory.plan import PlanRule
+from ltx2_tp.memory.planner import PlanError, gib
 from ltx2_tp.pipelines import approximations, stages
 from ltx2_tp.pipelines.base import GenerationResult, Run
 from ltx2_tp.pipelines.decode import AUTO, STREAM
+from ltx2_tp.pipelines.planning import CapCheck
 from ltx2_tp.pipelines.request import MAX_FRAMES, TILED_MAX_FRAMES, GenerationRequest, RequestError
 from ltx2_tp.pipelines.tile_conditioning import ChannelStats, adain, channel_stats, overlap_conditionings
 from ltx2_tp.pipelines.tile_writer import TileWriter
-from ltx2_tp.pipelines.tiling import Tile, plan_tiles, tile_prompt
+from ltx2_tp.pipelines.tiling import Tile, memory_frames, plan_tiles, tile_prompt
 from ltx2_tp.pipelines.two_stage import LTX2TwoStagePipeline
 
 # LTX-2 is trained on clips of up to ~20 s and falls apart past ~25 s in one piece (Lightricks/LTX-2
@@ -97,7 +102,13 @@ class LTX2LongVideo(LTX2TwoStagePipeline):
             check_tiled(req)  # surely tiled; auto's other reasons are checked when it chooses
 
     def choose_mode(self, req: GenerationRequest) -> ModeChoice:
-        """dense or tiled for this request (the same on every rank: static sizes only)."""
+        """dense or tiled for this request on these components (the same on every rank: `decide`)."""
+        return self.decide(req, CapCheck.built(self.c, type(self)))
+
+    @classmethod
+    def decide(cls, req: GenerationRequest, check: CapCheck) -> ModeChoice:
+        """dense or tiled; auto asks the planner whether one piece fits under `check` (its inputs
+        and cap: static sizes only, so every rank decides the same)."""
         seconds = req.num_frames / float(req.fps)
         mode = req.long_video_mode
         if mode == "auto":
@@ -109,10 +120,14 @@ class LTX2LongVideo(LTX2TwoStagePipeline):
                 mode, reason = "dense", f"auto: {req.output_format} is written in one piece"
             elif req.num_frames > TRAINED_SECONDS * req.fps + 1:  # 481 frames = 20 s at 24 fps
                 mode, reason = "tiled", f"auto: {seconds:.1f} s is beyond the model's trained {TRAINED_SECONDS:g} s"
-            elif not fits_dense(self.c, req):
-                mode, reason = "tiled", "auto: one piece does not fit this device"
             else:
-                mode, reason = "dense", f"auto: {seconds:.1f} s in one piece fits"
+                try:
+                    plan = check.plan(req.width, req.height, memory_frames(req), req.fps, explain=False)
+                    mode, reason = "dense", (f"auto: {seconds:.1f} s in one piece fits: predicted {gib(plan.peak)} "
+                                             f"of {gib(check.cap)} (planner) -> dense")
+                except PlanError as e:
+                    mode, reason = "tiled", (f"auto: one piece needs {gib(e.plan.peak)} (planner), cap "
+                                             f"{gib(check.cap)} -> tiled")
         else:
             reason = "as asked"
         if mode == "dense":

@@ -1,9 +1,12 @@
-"""A pipeline's request under a GPU memory cap: the one helper generate, serve and sglang call.
+"""A pipeline's request under a GPU memory cap: the one helper generate, serve, sglang and
+LTX2LongVideo's `auto` mode call.
 
 `plan_pipeline` maps a pipeline class to the planner's stages (two-stage classes: stage 1 at half
 size, guided unless the class is not; stage 2 at full size) and plans the request
-(memory/planner.py). `check_fits` refuses a request over the cap as a RequestError naming the
-field the request used (`num_frames` or `seconds`) and the largest value that fits at its size.
+(memory/planner.py). `CapCheck` holds the planner's inputs that are fixed once the components are
+built (`CapCheck.built` reads them off the components, under the process's cap: `process_cap`);
+its `check` refuses a request over the cap as a RequestError naming the field the request used
+(`num_frames` or `seconds`) and the largest value that fits at its size.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ltx2_tp.memory.plan import PlanRule
 from ltx2_tp.memory.planner import COMPANION_BYTES, GEMMA3_12B_BYTES, Layout, PlanError, RequestPlan, plan_request
 from ltx2_tp.pipelines.request import RequestError
 
@@ -23,7 +27,10 @@ def text_encoder_bytes(model: str) -> int:
 
 def plan_pipeline(cfg, pipeline_cls, *, width: int, height: int, num_frames: int, fps: float, cap: int,
                   num_gpus: int = 1, layout: Layout | None = None, storage: str | None = None,
-                  resident_blocks: int | None = None, model: str = "", dtype_bytes: int = 2) -> RequestPlan:
+                  resident_blocks: int | None = None, model: str = "", dtype_bytes: int = 2,
+                  explain: bool = True, plan_rule: PlanRule | None = None) -> RequestPlan:
+    """The planner's plan of one request of `pipeline_cls`, or PlanError (explain=False: without
+    searching for the smallest change that would fit; plan_rule: a built model's, plan_request's)."""
     from ltx2_tp.pipelines.two_stage import LTX2TwoStagePipeline
 
     return plan_request(cfg, width=width, height=height, num_frames=num_frames, fps=fps, max_gpu_memory_bytes=cap,
@@ -31,12 +38,35 @@ def plan_pipeline(cfg, pipeline_cls, *, width: int, height: int, num_frames: int
                         num_gpus=num_gpus, layout=layout, storage=storage or "bf16", resident_blocks=resident_blocks,
                         text_encoder_bytes=text_encoder_bytes(model),
                         companion_bytes=0 if model == "tiny" else COMPANION_BYTES, pipeline=pipeline_cls.name, model=model,
-                        dtype_bytes=dtype_bytes)
+                        dtype_bytes=dtype_bytes, explain=explain, plan_rule=plan_rule)
+
+
+def device_bytes(device) -> int:
+    """The memory this process may use on `device`: CUDA total x its per-process fraction; host RAM
+    on the CPU. Static (not the free memory of the moment), so every rank reads the same."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = torch.cuda.current_device() if device.index is None else device.index
+        total = torch.cuda.get_device_properties(index).total_memory
+        return int(total * torch.cuda.get_per_process_memory_fraction(index))
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemTotal"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 1 << 62
+
+
+def process_cap(comps) -> int:
+    """The cap this process runs the components under: --max-gpu-memory's (apply_plan records it on
+    the components), else what the device lets it use (device_bytes)."""
+    return comps.max_gpu_memory if comps.max_gpu_memory is not None else device_bytes(comps.device)
 
 
 @dataclass
 class CapCheck:
-    """What a server fixed at start: the model, pipeline, cap, layout, storage and resident blocks."""
+    """The planner's inputs fixed before any request: the model, pipeline, cap, layout, storage and
+    resident blocks (a server's at start; `built`: the components' as they were built)."""
 
     cfg: object
     pipeline_cls: type
@@ -46,11 +76,26 @@ class CapCheck:
     resident_blocks: int
     model: str = ""
     dtype_bytes: int = 2
+    plan_rule: PlanRule | None = None  # the built model's (its activation plans); None: the planner's choice
 
-    def plan(self, width: int, height: int, num_frames: int, fps: float) -> RequestPlan:
+    @classmethod
+    def built(cls, comps, pipeline_cls) -> "CapCheck":
+        """The components as built: this rank's layout (the transformer's ParallelContext), its
+        blocks' storage (bf16 or the fp8 format), its resident blocks (all without block swap), the
+        model dtype and PlanRule (its activation plans: the pipeline's chunk budget, or apply_plan's),
+        under the process's cap (process_cap). Static sizes only: the same on every rank."""
+        from ltx2_tp.memory.swap import resident_blocks
+        from ltx2_tp.models.ltx2.quantization import storage
+
+        model, ctx = comps.transformer, comps.ctx
+        return cls(model.cfg, pipeline_cls, process_cap(comps), Layout(ctx.tp_size, ctx.ulysses_size, ctx.ring_size),
+                   storage(model), resident_blocks(model), comps.name, comps.dtype.itemsize, model.plan_rule)
+
+    def plan(self, width: int, height: int, num_frames: int, fps: float, explain: bool = True) -> RequestPlan:
         return plan_pipeline(self.cfg, self.pipeline_cls, width=width, height=height, num_frames=num_frames, fps=fps,
                              cap=self.cap, layout=self.layout, storage=self.storage,
-                             resident_blocks=self.resident_blocks, model=self.model, dtype_bytes=self.dtype_bytes)
+                             resident_blocks=self.resident_blocks, model=self.model, dtype_bytes=self.dtype_bytes,
+                             explain=explain, plan_rule=self.plan_rule)
 
     def check(self, width: int, height: int, num_frames: int, fps: float, field: str = "num_frames") -> None:
         """RequestError(field) when the request does not fit, with the largest value that does:
@@ -74,11 +119,13 @@ class CapCheck:
 
 
 def apply_plan(plan: RequestPlan | None, comps) -> None:
-    """The plan's activation budget as the model's PlanRule (after the pipeline set its own), and on
-    CUDA the cap as a hard limit (set_per_process_memory_fraction: an allocation past it raises
-    OutOfMemoryError). The resident blocks were chosen when the transformer was built."""
+    """The plan's cap recorded on the components, its activation budget as the model's PlanRule
+    (after the pipeline set its own), and on CUDA the cap as a hard limit
+    (set_per_process_memory_fraction: an allocation past it raises OutOfMemoryError). The resident
+    blocks were chosen when the transformer was built."""
     if plan is None:
         return
+    comps.max_gpu_memory = plan.cap  # what LTX2LongVideo's auto mode plans one piece under
     comps.transformer.plan_rule = plan.plan_rule()
     if comps.device.type == "cuda":
         hard_cap(plan.cap, comps.device)

@@ -198,6 +198,22 @@ def assign_checkpoint_methods(model: nn.Module, src: _Source, quantization: str 
     return n
 
 
+# the storage (memory/weights_estimate.py STORAGES, --quantization's names) each fp8 method holds
+STORAGE_OF_METHOD = ((FP8_CAST, "fp8-cast"), (FP8_CAST_SCALED, "fp8-cast"), (FP8_CAST_WEIGHT_SCALED, "fp8-cast"),
+                     (FP8_SCALED_MM, "fp8-scaled-mm"), (FP8_SCALED_MM_DYNAMIC, "fp8-scaled-mm"),
+                     (FP8_ROWWISE, "fp8-rowwise"))
+
+
+def storage(model: nn.Module) -> str:
+    """The blocks' storage as the planner names it: the fp8 format of the block linears (fp8-scaled-mm
+    keeps some bf16, as its files do), bf16 when none is fp8. One model holds one fp8 format."""
+    for _, layer in block_linears(model):
+        for method, name in STORAGE_OF_METHOD:
+            if layer.quant_method is method:
+                return name
+    return "bf16"
+
+
 def describe(model: nn.Module) -> str:
     """'<count> <method> ...' of the block linears, e.g. for the CLI's log line."""
     counts: dict[str, int] = {}
