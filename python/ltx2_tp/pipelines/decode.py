@@ -60,11 +60,11 @@ def free_bytes(device: torch.device) -> int:
     blocks, within the per-process cap (--max-gpu-memory sets it; the device's free memory alone
     over-reports it: 54.8 GiB free on an H100 under a 24 GiB cap, and the decode ran out)."""
     if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
+        from ltx2_tp.pipelines.planning import device_bytes
+
+        free, _ = torch.cuda.mem_get_info(device)
         allocated = torch.cuda.memory_allocated(device)
-        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(device)
-        allowed = int(total * fraction) - allocated
-        return min(free + torch.cuda.memory_reserved(device) - allocated, allowed)
+        return min(free + torch.cuda.memory_reserved(device) - allocated, device_bytes(device) - allocated)
     try:
         with open("/proc/meminfo") as f:
             info = dict(line.split(":", 1) for line in f)

@@ -48,7 +48,8 @@ def device_bytes(device) -> int:
     if device.type == "cuda":
         index = torch.cuda.current_device() if device.index is None else device.index
         total = torch.cuda.get_device_properties(index).total_memory
-        return int(total * torch.cuda.get_per_process_memory_fraction(index))
+        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda i: 1.0)(index)  # not in every torch
+        return int(total * fraction)
     try:
         with open("/proc/meminfo") as f:
             info = dict(line.split(":", 1) for line in f)
