@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import os
 import sys
 import time
 
@@ -167,7 +168,7 @@ def cmd_generate(args) -> int:
                             **({"prompt_schedule": schedule} if schedule else {}))
     if args.image_path:
         _check_image(args.image_path)
-    if args.lora and not _exists(args.lora[0]):
+    if args.lora and not os.path.isfile(args.lora[0]):
         raise UsageError(f"--lora: no such file {args.lora[0]!r}")
     try:  # every value checked before anything is built
         cls.check_request(req, cfg.num_layers)

@@ -116,7 +116,8 @@ def _save_media(src, dest: Path, field: UploadField, budget: int, limits: Upload
                 size += len(chunk)
                 if size > budget:
                     raise ApiError(413, f"{field.name}: the request's video and audio files together are larger than "
-                                        f"{limits.max_media_bytes} bytes", field.name, "file_too_large")
+                                        f"{limits.max_media_bytes} bytes (--max-media-upload-bytes)", field.name,
+                                   "file_too_large")
                 out.write(chunk)
         if size == 0:
             raise ApiError(400, f"{field.name} is empty", field.name, "invalid_media")
