@@ -191,6 +191,7 @@ def test_ic_lora_equals_generate_and_leaves_the_weights(server, components, medi
     distilled = _video(server, [], model="distilled", **SIZE)
     pose = _video(server, _files(video_conditioning=media["reference"]), model="LTX2ICLoraPipeline", ic_lora="pose",
                   **SIZE)
+    no_lora = _video(server, _files(video_conditioning=media["reference"]), model="LTX2ICLoraPipeline", **SIZE)
     after = components.transformer.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert depth == generated("--pipeline-class-name", "LTX2ICLoraPipeline", "--lora", str(media["depth"]), "0.8",
@@ -199,7 +200,9 @@ def test_ic_lora_equals_generate_and_leaves_the_weights(server, components, medi
     assert distilled == generated("--pipeline-class-name", "LTX2DistilledPipeline", *size)
     assert pose == generated("--pipeline-class-name", "LTX2ICLoraPipeline", "--lora", str(media["pose"]),
                              "--video-conditioning", str(media["reference"]), "1.0", *size)
-    assert pose != depth
+    assert pose != depth and no_lora != pose  # the LoRA is what changes the video
+    assert no_lora == generated("--pipeline-class-name", "LTX2ICLoraPipeline", "--video-conditioning",
+                                str(media["reference"]), "1.0", *size)
 
 
 def test_keyframes_take_input_reference(server, media, generated):
@@ -328,3 +331,68 @@ def test_delete_removes_a_jobs_uploads(server, media):
     while any((out / i).exists() or (out / ".tmp" / i).exists() for i in ids):  # a running one: once it stops
         assert time.time() - t < 60
         time.sleep(0.05)
+
+
+def test_probing_and_decoding_do_not_block_the_server(server, media, monkeypatch):
+    """A slow probe (a large upload) runs in a worker thread: /health answers meanwhile."""
+    import threading
+
+    import ltx2_tp.serving.uploads as uploads
+
+    http, manager, _ = server
+    real = uploads.probe
+
+    def slow(*a, **k):
+        time.sleep(1.5)
+        return real(*a, **k)
+
+    monkeypatch.setattr(uploads, "probe", slow)
+    done = []
+    th = threading.Thread(target=lambda: done.append(_post(http, _files(video_reference=media["source"]), model="retake",
+                                                           start_time="0", end_time="9")))
+    th.start()
+    time.sleep(0.3)
+    t = time.time()
+    assert http.get("/health").status_code == 200
+    assert time.time() - t < 1.0 and not done  # answered while the upload is probed
+    th.join()
+    assert done[0].status_code == 400 and done[0].json()["error"]["param"] == "end_time"
+
+
+def test_probe_reads_the_header_and_bounds_the_media(tmp_path, media):
+    """Frames and sides from the header (no decode), a WebM's frames counted (its header has no
+    count, as ltx-pipelines counts them), audio length; each bound a 400 naming the field."""
+    import av
+
+    from ltx2_tp.serving.errors import ApiError
+    from ltx2_tp.serving.media_probe import probe
+
+    info = probe(media["source"], "video_reference", "video", max_frames=9)
+    assert (info.frames, info.width, info.height, info.fps, info.seconds) == (9, 64, 64, 24.0, 0.375)
+    assert 0.3 < info.audio_seconds < 0.5
+    webm = tmp_path / "ref.webm"
+    with av.open(str(webm), "w") as f:
+        s = f.add_stream("libvpx", rate=24)
+        s.width = s.height = 64
+        s.pix_fmt = "yuv420p"
+        for i in range(9):
+            frame = av.VideoFrame.from_ndarray(np.full((64, 64, 3), 20 * i, np.uint8), format="rgb24")
+            for packet in s.encode(frame):
+                f.mux(packet)
+        for packet in s.encode(None):
+            f.mux(packet)
+    assert probe(webm, "video_conditioning", "video", max_frames=9).frames == 9
+    for path, kind, kw, says in ((media["source"], "video", dict(max_frames=8), "has 9 frames; at most 8"),
+                                 (webm, "video", dict(max_frames=8), "at most 8"),
+                                 (media["source"], "video", dict(max_frames=9, max_side=32), "64x64"),
+                                 (media["reference"], "audio", dict(max_frames=9), "no audio stream"),
+                                 (media["speech"], "video", dict(max_frames=9), "no video stream")):
+        with pytest.raises(ApiError) as e:
+            probe(path, "f", kind, **kw)
+        assert e.value.status == 400 and e.value.param == "f" and says in e.value.message, e.value.message
+    cut = tmp_path / "cut.mp4"  # the header, then not enough of the data to decode a frame
+    data = media["reference"].read_bytes()
+    cut.write_bytes(data[: len(data) // 3])
+    with pytest.raises(ApiError) as e:
+        probe(cut, "video_reference", "video", max_frames=9)
+    assert e.value.param == "video_reference"
