@@ -294,6 +294,24 @@ def test_json_bodies_and_framework_limits(server):
     assert r.status_code == 400 and r.json()["error"]["param"] == "audio_path"
 
 
+def test_serve_checks_its_ic_lora_files_before_building(tmp_path, media, capsys):
+    from safetensors.torch import save_file
+
+    from ltx2_tp.cli import main
+
+    not_lora = tmp_path / "weights.safetensors"
+    save_file({"w": torch.zeros(2)}, str(not_lora))
+    for flags, says in ((["--ic-lora", "depth"], "--ic-lora: expected NAME=PATH"),
+                        (["--ic-lora", f"depth={tmp_path / 'nope.safetensors'}"], "depth: no such file"),
+                        (["--ic-lora", f"depth={media['depth']}", "--ic-lora", f"depth={media['pose']}"], "given twice"),
+                        (["--ic-lora", f"w={not_lora}"], "no lora_A / lora_B weight pairs"),
+                        (["--ic-lora", f"x={media['image']}"], "not a safetensors file"),
+                        (["--max-media-upload-bytes", "0"], "--max-media-upload-bytes must be at least 1")):
+        capsys.readouterr()
+        assert main(["serve", "--output-dir", str(tmp_path / "srv"), *flags]) == 2, flags
+        assert says in capsys.readouterr().err, flags
+
+
 # ---- durable: a queued retake survives a restart; deleting removes the uploads -------------------------
 def test_restart_runs_a_queued_retake_with_its_upload(tmp_path, components, media, generated):
     out = tmp_path / "srv"
