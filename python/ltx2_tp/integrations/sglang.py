@@ -202,10 +202,10 @@ def sglang_cap(comps, pipeline_cls):
 def pipeline_options(cls, server_args) -> dict:
     """Constructor options from sglang's server arguments: the IC-LoRA is `--lora-path` at
     `--lora-scale` (as `ltx2-tp generate --lora PATH STRENGTH`)."""
-    import inspect
+    from ltx2_tp.serving.ic_loras import takes_lora
 
     lora = getattr(server_args, "lora_path", None)
-    if not lora or "lora_path" not in inspect.signature(cls.__init__).parameters:
+    if not lora or not takes_lora(cls):
         return {}
     return {"lora_path": lora, "lora_strength": float(getattr(server_args, "lora_scale", 1.0))}
 
