@@ -12,7 +12,6 @@ torchaudio's place, for the server and for `generate` alike (16 kHz audio: no re
 
 from __future__ import annotations
 
-import io
 import sys
 import time
 from pathlib import Path
