@@ -95,7 +95,7 @@ def test_models_lists_the_pipelines(server):
     assert list(models)[:2] == ["ltx-2-tiny", "LTX2LongVideo"]
     assert {"LTX2DistilledPipeline", "LTX2Pipeline", "LTX2TwoStagePipeline", "LTX2TwoStageHQPipeline",
             "LTX2KeyframeInterpolationPipeline"} <= set(models)
-    assert not {"LTX2RetakePipeline", "LTX2A2VidPipeline", "LTX2ICLoraPipeline"} & set(models)  # inputs it cannot take
+    assert {"LTX2RetakePipeline", "LTX2A2VidPipeline", "LTX2ICLoraPipeline"} <= set(models)  # their inputs are uploads
     assert models["ltx-2-tiny"].pipeline == "LTX2LongVideo" and "distilled" in models["LTX2DistilledPipeline"].aliases
 
 
@@ -103,8 +103,8 @@ def test_models_lists_the_pipelines(server):
     (dict(model="nope"), "model", "unknown model"),
     (dict(extra_body={"pipeline": "nope"}), "pipeline", "unknown pipeline"),
     (dict(model="LTX2Pipeline", extra_body={"pipeline": "distilled"}), "pipeline", "different pipelines"),
-    (dict(model="LTX2RetakePipeline"), "model", "does not take yet"),
-    (dict(extra_body={"pipeline": "a2vid_two_stage"}), "pipeline", "does not take yet"),
+    (dict(model="LTX2RetakePipeline"), "video_reference", "needs the retake pipeline's source video"),
+    (dict(extra_body={"pipeline": "a2vid_two_stage"}), "audio_path", "needs A2Vid's audio"),
     (dict(model="LTX2KeyframeInterpolationPipeline"), "input_reference", "at least one image"),
     (dict(extra_body={"video_rescale_scale": 2}), "video_rescale_scale", "between 0 and 1"),
     (dict(extra_body={"audio_cfg_guidance_scale": "inf"}), "audio_cfg_guidance_scale", "finite"),

@@ -5,6 +5,7 @@ whose video equals `ltx2-tp generate`'s. sglang 0.5.23 runs from a side environm
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -131,3 +132,108 @@ def test_register_without_sglang_says_so():
         pytest.skip("sglang is installed in the main environment")
     with pytest.raises(ImportError, match="sglang is not installed"):
         integ.register()
+
+
+# ---- retake, A2Vid, IC-LoRA through sglang's own fields --------------------------------------------
+def test_request_from_sglang_carries_the_pipelines_inputs():
+    """sglang's video_path (the retake source; its video API fills it from the video_reference
+    upload), the model-owned fields (retake region, A2Vid audio, IC-LoRA references) and sglang's
+    --lora-path / --lora-scale (the IC-LoRA) reach our request and pipeline (main environment:
+    sglang's Req stands in as a namespace with its fields)."""
+    from types import SimpleNamespace
+
+    from ltx2_tp.integrations.sglang import INPUT_FIELDS, SGLANG_EXTRA_FIELDS, pipeline_options, request_from_sglang
+    from ltx2_tp.pipelines.registry import get_pipeline_class
+
+    assert set(INPUT_FIELDS) <= set(SGLANG_EXTRA_FIELDS)
+    base = dict(prompt=["a fox"], negative_prompt=[""], width=128, height=128, num_frames=9, fps=24,
+                num_inference_steps=2, guidance_scale=3.0, seed=[0])
+    req = request_from_sglang(SimpleNamespace(**base, video_path=["src.mp4"], start_time=0.1, end_time=0.3))
+    assert (req.video_path, req.start_time, req.end_time) == ("src.mp4", 0.1, 0.3)
+    req = request_from_sglang(SimpleNamespace(**base, audio_path="speech.wav", audio_start_time=1.5,
+                                              audio_max_duration=2.0))
+    assert (req.audio_path, req.audio_start_time, req.audio_max_duration) == ("speech.wav", 1.5, 2.0)
+    req = request_from_sglang(SimpleNamespace(**base, video_conditioning=[["depth.mp4", 0.5], "pose.mp4"],
+                                              conditioning_attention_strength=0.5))
+    assert req.video_conditioning == [("depth.mp4", 0.5), ("pose.mp4", 1.0)] and req.conditioning_attention_strength == 0.5
+    args = SimpleNamespace(lora_path="ic.safetensors", lora_scale=0.8)
+    assert pipeline_options(get_pipeline_class("LTX2ICLoraPipeline"), args) == {"lora_path": "ic.safetensors",
+                                                                                 "lora_strength": 0.8}
+    assert pipeline_options(get_pipeline_class("LTX2TwoStagePipeline"), args) == {}
+
+
+SGLANG_INPUTS = """
+    import json
+    from sglang.multimodal_gen.registry import get_pipeline_config_classes
+    from sglang.multimodal_gen.runtime.entrypoints.openai.utils import get_sampling_request_extra_fields
+    params = get_pipeline_config_classes("LTX2RetakePipeline")[1]
+    print(json.dumps(sorted(get_sampling_request_extra_fields(params, "video"))))
+"""
+
+
+def _sglang_generate(env, out, *args):
+    r = subprocess.run([sys.executable, "-c", "import sys; from sglang.cli.main import main; sys.exit(main())",
+                        "generate", "--model-path", "ltx2-tp/tiny", "--output-path", str(out), *args],
+                       env={**env, "SGLANG_EXTERNAL_MODEL_PACKAGE": EXTERNAL}, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    videos = sorted(Path(out).glob("*.mp4"))
+    assert len(videos) == 1
+    return frames(videos[0])
+
+
+def _own_generate(path, *args):
+    r = subprocess.run([sys.executable, "-m", "ltx2_tp.cli", "generate", "--model", "tiny", "--output-path", str(path),
+                        *args], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return frames(path)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("LTX2_TP_SLOW"), reason="three sglang processes (~3 min): LTX2_TP_SLOW=1 "
+                    "python -m pytest -q test/test_sglang.py -k sglang_runs_retake")
+def test_sglang_runs_retake_and_ic_lora_with_its_own_fields(env, tmp_path):
+    """`sglang generate --pipeline-class-name LTX2RetakePipeline --video-path SRC` (the region from
+    --config) and LTX2ICLoraPipeline with `--lora-path ... --lora-scale 0.8` (the references from
+    --config) write the frames `ltx2-tp generate` writes; sglang's video API accepts the input fields.
+    The source has no sound (its retake would encode audio: torchaudio, not installed here)."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from ltx2_tp.models.ltx2.weights import official_state_dict
+    from ltx2_tp.pipelines.tiny import build_tiny_components  # (makes ltx-pipelines importable without torchaudio)
+    from ltx_pipelines.utils.media_io import encode_video
+
+    fields = json.loads(run_py(SGLANG_INPUTS, env, SGLANG_EXTERNAL_MODEL_PACKAGE=EXTERNAL).strip().splitlines()[-1])
+    assert {"start_time", "end_time", "audio_path", "audio_start_time", "video_conditioning"} <= set(fields)
+    src = tmp_path / "src.mp4"
+    rng = np.random.default_rng(0)
+    encode_video(iter([torch.from_numpy((rng.random((9, 64, 64, 3)) * 255).astype(np.uint8))]), 24, None, str(src), 1)
+    cfg = tmp_path / "retake.json"
+    cfg.write_text(json.dumps({"start_time": 0.1, "end_time": 0.3}))
+    common = ["--prompt", "a fox", "--seed", "0", "--num-inference-steps", "2"]
+    sg, size, _ = _sglang_generate(env, tmp_path / "sg_retake", "--pipeline-class-name", "LTX2RetakePipeline",
+                                   "--video-path", str(src), "--config", str(cfg), *common)
+    own = _own_generate(tmp_path / "retake.mp4", "--pipeline-class-name", "LTX2RetakePipeline", "--video-path",
+                        str(src), "--start-time", "0.1", "--end-time", "0.3", *common)[0]
+    assert size == (64, 64) and np.array_equal(sg, own)
+
+    lora = tmp_path / "ic.safetensors"
+    g = torch.Generator().manual_seed(1)
+    pairs = {}
+    for k, v in official_state_dict(build_tiny_components(0).transformer).items():
+        if v.ndim == 2 and k.startswith("transformer_blocks.") and k.endswith(".weight"):
+            base = "diffusion_model." + k[: -len(".weight")]
+            pairs[base + ".lora_A.weight"] = torch.randn(2, v.shape[1], generator=g) * 0.1
+            pairs[base + ".lora_B.weight"] = torch.randn(v.shape[0], 2, generator=g) * 0.1
+    save_file(pairs, str(lora))
+    cfg = tmp_path / "ic.json"
+    cfg.write_text(json.dumps({"video_conditioning": [[str(src), 1.0]], "conditioning_attention_strength": 0.5}))
+    size_flags = ["--width", "128", "--height", "128", "--num-frames", "9", "--prompt", "a fox", "--seed", "0"]
+    sg, _, _ = _sglang_generate(env, tmp_path / "sg_ic", "--pipeline-class-name", "LTX2ICLoraPipeline", "--lora-path",
+                                str(lora), "--lora-scale", "0.8", "--config", str(cfg), *size_flags)
+    own = _own_generate(tmp_path / "ic.mp4", "--pipeline-class-name", "LTX2ICLoraPipeline", "--lora", str(lora), "0.8",
+                        "--video-conditioning", str(src), "1.0", "--conditioning-attention-strength", "0.5",
+                        *size_flags)[0]
+    assert np.array_equal(sg, own)

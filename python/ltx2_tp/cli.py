@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import os
 import sys
 import time
 
@@ -167,7 +168,7 @@ def cmd_generate(args) -> int:
                             **({"prompt_schedule": schedule} if schedule else {}))
     if args.image_path:
         _check_image(args.image_path)
-    if args.lora and not _exists(args.lora[0]):
+    if args.lora and not os.path.isfile(args.lora[0]):
         raise UsageError(f"--lora: no such file {args.lora[0]!r}")
     try:  # every value checked before anything is built
         cls.check_request(req, cfg.num_layers)
@@ -247,6 +248,7 @@ def cmd_serve(args) -> int:
 
     for flag, v, lo in (("--max-queue", args.max_queue, 1), ("--ttl-s", args.ttl_s, 1),
                         ("--max-upload-bytes", args.max_upload_bytes, 1), ("--max-image-pixels", args.max_image_pixels, 1),
+                        ("--max-media-upload-bytes", args.max_media_upload_bytes, 1),
                         ("--max-prompt-chars", args.max_prompt_chars, 1), ("--max-video-tokens", args.max_video_tokens, 1),
                         ("--max-frames", args.max_frames, 1),
                         ("--collective-timeout-s", args.collective_timeout_s, 1), ("--port", args.port, 0)):
@@ -254,6 +256,12 @@ def cmd_serve(args) -> int:
             raise UsageError(f"{flag} must be at least {lo}, got {v}")
     if args.num_inference_steps is not None and not 1 <= args.num_inference_steps <= 200:
         raise UsageError(f"--num-inference-steps must be between 1 and 200, got {args.num_inference_steps}")
+    from ltx2_tp.serving.ic_loras import ICLoras
+
+    try:  # names and files checked before anything is built (the weights are read on first use)
+        ic_loras = ICLoras.parse(args.ic_lora)
+    except ValueError as e:
+        raise UsageError(f"--ic-lora: {e}") from None
     default = resolve_pipeline_name(args.pipeline_class_name)
     if default is None or unservable(get_pipeline_class(default)):
         raise UsageError(f"--pipeline-class-name: {args.pipeline_class_name!r} is not a pipeline this server runs; "
@@ -288,7 +296,7 @@ def cmd_serve(args) -> int:
     if cap is not None:  # before the pipelines are built: every job runs under the plan's activation budget
         apply_plan(cap.plan(64, 64, 1, 24.0), comps)  # the budget depends on the weights only
     pipe = ServedPipelines(comps, default, args.served_model_name, args.num_inference_steps, encoder,
-                           stream_decode=stream, fixed_plan_rule=cap is not None)
+                           stream_decode=stream, fixed_plan_rule=cap is not None, ic_loras=ic_loras)
     if args.warmup:  # again, as the API checks them: the served pipeline's size rule, the cap
         import dataclasses
 
@@ -315,6 +323,7 @@ def cmd_serve(args) -> int:
                      max_video_tokens=args.max_video_tokens, max_frames=args.max_frames,
                      max_upload_bytes=args.max_upload_bytes, max_prompt_chars=args.max_prompt_chars,
                      max_image_pixels=args.max_image_pixels, cap=cap,
+                     max_media_upload_bytes=args.max_media_upload_bytes,
                      pipelines=pipe.pipeline if isinstance(pipe, LeaderPipeline) else pipe)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"))
     status = [0]
@@ -977,6 +986,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-upload-bytes", type=int, default=10 * 2**20, help="input_reference larger than this: 413")
     sv.add_argument("--max-image-pixels", type=int, default=4096 * 4096,
                     help="input_reference with more pixels: 400 (read from the header, before decoding)")
+    sv.add_argument("--max-media-upload-bytes", type=int, default=256 * 2**20,
+                    help="a request's uploaded videos and audio (video_reference, audio_path, video_conditioning) "
+                    "together larger than this: 413")
+    sv.add_argument("--ic-lora", action="append", default=None, metavar="NAME=PATH",
+                    help="an IC-LoRA file requests may name (field ic_lora, with ic_lora_strength) for "
+                    "LTX2ICLoraPipeline; repeat for several (weights are never uploaded)")
     sv.add_argument("--max-prompt-chars", type=int, default=10_000, help="longer prompts: 400")
     sv.add_argument("--collective-timeout-s", type=float, default=600,
                     help="several ranks: a DiT collective whose peer failed gives up after this long")

@@ -20,6 +20,14 @@ place of sglang's own pipelines of the same names (`LTX2Pipeline`, `LTX2TwoStage
 The sglang pipeline is one stage that runs our pipeline end to end (text -> stage 1 -> upsample ->
 stage 2 -> decode -> MP4 with audio) on the DiT built over sglang's TP / Ulysses / ring groups
 (`parallel_context_from_sglang`), and hands sglang the written file.
+
+The pipelines' inputs, by sglang's own names where it has them: the retake source is sglang's
+`video_path` (its video API fills it from the multipart `video_reference` upload or a `video_path` /
+`video_url` field); the IC-LoRA file is sglang's server argument `--lora-path` at `--lora-scale`.
+The others are model-owned request fields (LTX2TPSamplingParams, accepted by sglang's video API and
+by `sglang generate --config FILE`) named as ltx-pipelines' arguments: start_time / end_time
+(retake), audio_path / audio_start_time / audio_max_duration (A2Vid), video_conditioning
+([[path, strength], ...]) and conditioning_attention_strength (IC-LoRA).
 """
 
 from __future__ import annotations
@@ -99,10 +107,19 @@ if HAVE_SGLANG:
         adain_factor: float | None = None
         prompts: list | None = None
         prompt_schedule: Any = None
+        # the other pipelines' inputs (ltx-pipelines' names; None: the request's default). The retake
+        # source is sglang's own `video_path`.
+        start_time: float | None = None
+        end_time: float | None = None
+        audio_path: str | None = None
+        audio_start_time: float | None = None
+        audio_max_duration: float | None = None
+        video_conditioning: list | None = None
+        conditioning_attention_strength: float | None = None
 
         @classmethod
         def video_request_extra_fields(cls) -> frozenset[str]:
-            return frozenset(LONG_VIDEO_FIELDS)
+            return frozenset((*LONG_VIDEO_FIELDS, *INPUT_FIELDS))
 
     class LTX2TPGenerateStage(PipelineStage):
         """Runs one of our pipelines for the request and returns the written MP4 to sglang."""
@@ -134,7 +151,7 @@ if HAVE_SGLANG:
 
             cls = get_pipeline_class(self.pipeline_name)  # ours under the same name
             comps = self.modules["ltx2_tp_components"]
-            pipe = cls(comps)
+            pipe = cls(comps, **pipeline_options(cls, server_args))
             cap = sglang_cap(comps, cls)
             if cap is not None:
                 from ltx2_tp.pipelines.planning import apply_plan
@@ -182,6 +199,17 @@ def sglang_cap(comps, pipeline_cls):
                     comps.name if comps.name == "tiny" else "", torch.empty((), dtype=comps.dtype).element_size())
 
 
+def pipeline_options(cls, server_args) -> dict:
+    """Constructor options from sglang's server arguments: the IC-LoRA is `--lora-path` at
+    `--lora-scale` (as `ltx2-tp generate --lora PATH STRENGTH`)."""
+    from ltx2_tp.serving.ic_loras import takes_lora
+
+    lora = getattr(server_args, "lora_path", None)
+    if not lora or not takes_lora(cls):
+        return {}
+    return {"lora_path": lora, "lora_strength": float(getattr(server_args, "lora_scale", 1.0))}
+
+
 def request_from_sglang(batch, cap=None) -> GenerationRequest:
     """sglang's Req (its SamplingParams fields) -> our GenerationRequest, validated (names the field);
     with a cap (`sglang_cap`), a request over the plan is refused naming num_frames and the most
@@ -200,6 +228,11 @@ def request_from_sglang(batch, cap=None) -> GenerationRequest:
         video_path=first(getattr(batch, "video_path", None)),  # sglang's field: the retake source
         **{f: getattr(batch, f) for f in SGLANG_EXTRA_FIELDS if getattr(batch, f, None) is not None},
     )
+    # IC-LoRA's references as JSON gives them: [[path, strength], ...] (or one path: strength 1)
+    refs = req.video_conditioning
+    if isinstance(refs, str):
+        refs = [refs]
+    req.video_conditioning = [(r, 1.0) if isinstance(r, str) else tuple(r) for r in refs]
     # the pipeline checks its own size rule and frame limit (a tiled long video takes more) when it runs
     req.validate(max_frames=TILED_MAX_FRAMES, spatial_multiple=32)
     if cap is not None:
@@ -209,11 +242,13 @@ def request_from_sglang(batch, cap=None) -> GenerationRequest:
 
 LONG_VIDEO_FIELDS = ("long_video_mode", "tile_frames", "tile_overlap_frames", "tile_cond_strength", "adain_factor",
                      "prompts", "prompt_schedule")
+# Retake's region, A2Vid's audio, IC-LoRA's references (the retake source is sglang's video_path)
+INPUT_FIELDS = ("start_time", "end_time", "audio_path", "audio_start_time", "audio_max_duration", "video_conditioning",
+                "conditioning_attention_strength")
 # our request fields sglang passes through when its request carries them (ltx-pipelines' names)
 SGLANG_EXTRA_FIELDS = ("video_stg_guidance_scale", "video_rescale_scale", "video_stg_blocks", "a2v_guidance_scale",
                        "video_skip_step", "audio_cfg_guidance_scale", "audio_stg_guidance_scale", "audio_rescale_scale",
-                       "audio_stg_blocks", "v2a_guidance_scale", "audio_skip_step", "start_time", "end_time",
-                       "audio_path", "audio_start_time", "audio_max_duration", *LONG_VIDEO_FIELDS)
+                       "audio_stg_blocks", "v2a_guidance_scale", "audio_skip_step", *INPUT_FIELDS, *LONG_VIDEO_FIELDS)
 
 
 def output_path_from_sglang(batch) -> str:

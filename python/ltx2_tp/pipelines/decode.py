@@ -201,12 +201,13 @@ def decode_and_write(c, video_latent: torch.Tensor, audio_latent: torch.Tensor, 
         return write_media(frames, chunks, fps, audio, path, fmt), int(audio.waveform.shape[-1])
 
     cuda = video_latent.device.type == "cuda"
-    if audio is not None:
+    if audio is not None:  # written at its own rate (A2Vid's input: 44.1 / 48 kHz files, not the vocoder's)
+        rate = int(audio.sampling_rate)
         audio = _ready(audio)
     else:
+        rate = getattr(c.vocoder, "output_sampling_rate", None)
         audio = decode_audio_async(c, audio_latent, cuda if concurrent_audio is None else concurrent_audio)
     height, width = video_latent.shape[3] * 32, video_latent.shape[4] * 32
-    rate = getattr(c.vocoder, "output_sampling_rate", None)
     if max_queue is None:  # room for a whole tile: the next tile decodes while the encoder works on this one
         frames = tile.chunk_frames if isinstance(tile, Streamed) else (tile or 0)
         max_queue = max(8, -(-frames // FRAMES_PER_COPY) + 1)

@@ -6,9 +6,15 @@ POST /v1/videos (multipart as the client sends it, or JSON) · GET /v1/videos/{i
 (Prometheus) · GET /health (200 {"status": "ok"}; 503 {"status": "warming_up"} while `serve --warmup`
 compiles, when POST /v1/videos is also a 503)
 
-Fields and their checks: serving/params.py; the uploaded image: serving/uploads.py. Every error is
-in OpenAI's shape {"error": {message, type, param, code}} (serving/errors.py); a full queue is a 429
-with Retry-After.
+Fields and their checks: serving/params.py; the uploads (input_reference, video_reference,
+audio_path, video_conditioning): serving/uploads.py; IC-LoRA files by name: serving/ic_loras.py.
+Every error is in OpenAI's shape {"error": {message, type, param, code}} (serving/errors.py); a
+full queue is a 429 with Retry-After.
+
+A request with uploads: the queue is checked first (nothing is read into a full queue), then each
+upload is checked and written into the job's directory, then the fields are checked with them (the
+pipeline reads them: a retake's size and length are its source's); any refusal removes the
+directory.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import time
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from ltx2_tp.serving.errors import ApiError, BodyLimit, error_response, install_error_handlers
@@ -24,7 +31,7 @@ from ltx2_tp.serving.job import Job
 from ltx2_tp.serving.jobs import JobManager, QueueFull
 from ltx2_tp.serving.params import Limits, video_request
 from ltx2_tp.serving.pipelines import SinglePipeline
-from ltx2_tp.serving.uploads import MAX_IMAGE_PIXELS, save_image
+from ltx2_tp.serving.uploads import MAX_IMAGE_PIXELS, MAX_MEDIA_BYTES, UPLOADS, UploadLimits, check_names, save_uploads
 
 MEDIA_TYPES = {"mp4": "video/mp4", "webm": "video/webm", "gif": "image/gif"}
 WARMING_UP_RETRY_S = 10
@@ -34,17 +41,20 @@ def create_app(manager: JobManager, model_name: str = "ltx-2-tiny", api_key: str
                max_upload_bytes: int = 10 * 2**20, max_video_tokens: int = 400_000, default_fps: float = 24.0,
                default_steps: int = 8, poll_after_ms: int = 500, max_frames: int = 2001,
                max_prompt_chars: int = 10_000, max_image_pixels: int = MAX_IMAGE_PIXELS, cap=None,
-               pipelines=None) -> FastAPI:
+               pipelines=None, max_media_upload_bytes: int = MAX_MEDIA_BYTES) -> FastAPI:
     """`pipelines`: the ServedPipelines a request picks from (serving/pipelines.py); None: the
-    manager's one pipeline under `model_name`. `cap`: the planner's CapCheck (serve --max-gpu-memory)."""
+    manager's one pipeline under `model_name`. `cap`: the planner's CapCheck (serve --max-gpu-memory).
+    `max_upload_bytes`: input_reference; `max_media_upload_bytes`: a request's videos and audio together."""
     app = FastAPI(title="ltx2_tp", version="0.1.0")
     limits = Limits(model_name, default_fps, default_steps, max_frames, max_video_tokens, max_prompt_chars, cap)
+    upload_limits = UploadLimits(max_upload_bytes, max_image_pixels, max_media_upload_bytes, max_frames)
     pipelines = pipelines if pipelines is not None else SinglePipeline(model_name, default_steps)
     created = int(time.time())
     poll = {"openai-poll-after-ms": str(poll_after_ms)}
     install_error_handlers(app)
-    # the upload, two prompts of up to 4 bytes a character, and the other fields
-    app.add_middleware(BodyLimit, max_bytes=max_upload_bytes + 8 * max_prompt_chars + 64 * 2**10)
+    # the image, two prompts of up to 4 bytes a character, and the other fields; a form also its videos and audio
+    body = max_upload_bytes + 8 * max_prompt_chars + 64 * 2**10
+    app.add_middleware(BodyLimit, max_bytes=body, multipart_max_bytes=body + max_media_upload_bytes)
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
@@ -53,13 +63,22 @@ def create_app(manager: JobManager, model_name: str = "ltx-2-tiny", api_key: str
         return await call_next(request)
 
     async def _parse(request: Request):
-        """(fields, upload, form or None): the caller closes the form (its spooled files)."""
+        """(fields, files {field: [UploadFile]}, form or None): the caller closes the form (its spooled files)."""
         ctype = request.headers.get("content-type", "")
         if ctype.startswith("multipart/form-data") or ctype.startswith("application/x-www-form-urlencoded"):
-            form = await request.form(max_files=1, max_fields=64, max_part_size=max(2**20, 4 * max_prompt_chars))
+            form = await request.form(max_files=sum(u.many for u in UPLOADS.values()), max_fields=64,
+                                      max_part_size=max(2**20, 4 * max_prompt_chars))
             fields = {k: v for k, v in form.items() if isinstance(v, str)}
-            upload = form.get("input_reference")
-            return fields, (upload if upload is not None and not isinstance(upload, str) else None), form
+            files: dict[str, list] = {}
+            for k, v in form.multi_items():
+                if not isinstance(v, str):
+                    files.setdefault(k, []).append(v)
+            try:
+                check_names(files)
+            except BaseException:
+                await form.close()
+                raise
+            return fields, files, form
         try:
             body = await request.json()
         except HTTPException:
@@ -68,9 +87,10 @@ def create_app(manager: JobManager, model_name: str = "ltx-2-tiny", api_key: str
             raise ApiError(400, "body must be multipart/form-data or JSON", None) from None
         if not isinstance(body, dict):
             raise ApiError(400, "JSON body must be an object", None)
-        if body.get("input_reference") is not None:
-            raise ApiError(400, "input_reference must be sent as a multipart file", "input_reference")
-        return body, None, None
+        for name in UPLOADS:
+            if body.get(name) is not None:
+                raise ApiError(400, f"{name} must be sent as a multipart file", name)
+        return body, {}, None
 
     def _queue_full() -> ApiError:
         return ApiError(429, "the job queue is full; retry later", None, "rate_limit_exceeded",
@@ -81,17 +101,19 @@ def create_app(manager: JobManager, model_name: str = "ltx-2-tiny", api_key: str
         if manager.warming_up:  # serve --warmup: compiling the listed shapes
             raise ApiError(503, "the server is warming up (compiling its --warmup shapes); retry later", None,
                            "warming_up", {"Retry-After": str(WARMING_UP_RETRY_S)})
-        fields, upload, form = await _parse(request)
+        fields, files, form = await _parse(request)
         try:
-            req, seconds, size = video_request(fields, limits, pipelines)
-            if manager.queue_full():  # before decoding any upload
-                raise _queue_full()
             job_id = manager.new_id()
             try:
-                if upload is not None:
-                    dest = manager.files.upload(job_id)
-                    await save_image(upload, dest, max_upload_bytes, max_image_pixels)
-                    req.image_path = str(dest)
+                inputs = {}
+                if files:
+                    if manager.queue_full():  # before reading any upload
+                        raise _queue_full()
+                    inputs = await save_uploads(files, manager.files.job_dir(job_id), upload_limits)
+                # the pipeline's checks read the uploads (a retake's source size): off the event loop
+                req, seconds, size = await run_in_threadpool(video_request, fields, limits, pipelines, inputs)
+                if manager.queue_full():
+                    raise _queue_full()
                 job = manager.submit(Job(id=job_id, request=req, model=fields.get("model") or model_name,
                                          seconds=seconds, size=size))
             except QueueFull:

@@ -60,8 +60,11 @@ class BodyLimit:
     streams in when there is none. An over-limit body is read and dropped up to `drain_bytes` so
     the client, still sending, gets the 413 instead of a reset connection."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, drain_bytes: int = 64 * 2**20):
+    def __init__(self, app: ASGIApp, max_bytes: int, multipart_max_bytes: int | None = None,
+                 drain_bytes: int = 64 * 2**20):
+        """`multipart_max_bytes`: a multipart form's limit (its uploads); other bodies: `max_bytes`."""
         self.app, self.max_bytes, self.drain_bytes = app, max_bytes, drain_bytes
+        self.multipart_max_bytes = multipart_max_bytes or max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -69,9 +72,12 @@ class BodyLimit:
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length", b"")
         multipart = headers.get(b"content-type", b"").startswith(b"multipart/")
-        param = "input_reference" if multipart else None  # an upload is what makes a form this large
-        message = f"request body is larger than {self.max_bytes} bytes"
-        if length.isdigit() and int(length) > self.max_bytes:
+        limit = self.multipart_max_bytes if multipart else self.max_bytes
+        param = None  # which upload made a form this large is not known before it is parsed
+        message = f"request body is larger than {limit} bytes" + (
+            " (the uploads' limits together: --max-upload-bytes for input_reference, --max-media-upload-bytes "
+            "for the videos and audio)" if multipart else "")
+        if length.isdigit() and int(length) > limit:
             if int(length) <= self.drain_bytes:
                 more = True
                 while more:
@@ -85,7 +91,7 @@ class BodyLimit:
             msg = await receive()
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
-                if seen > self.max_bytes:
+                if seen > limit:
                     e = HTTPException(413, message)
                     e.param = param
                     raise e

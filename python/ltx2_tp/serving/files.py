@@ -1,6 +1,8 @@
 """A job's files on disk, and the sweep that removes what no job owns.
 
-    output_dir/<id>/input_reference.png   the uploaded image, while the job is queued or running
+    output_dir/<id>/input_reference.png   the uploads (serving/uploads.py: also video_reference.*,
+                                          audio_path.*, video_conditioning_<i>.*), while the job is
+                                          queued or running; the request keeps their paths
     output_dir/<id>/video.<fmt>           once completed, with thumbnail.png
     output_dir/.tmp/<id>/                 where the worker writes; moved into <id>/ only if the
                                           job still exists when it finishes
@@ -16,9 +18,9 @@ import os
 import shutil
 from pathlib import Path
 
+from ltx2_tp.pipelines.request import GenerationRequest
 from ltx2_tp.serving.job import ID_RE, Job
 
-UPLOAD = "input_reference.png"
 THUMBNAIL = "thumbnail.png"
 STAGING = ".tmp"
 
@@ -39,8 +41,20 @@ class JobFiles:
     def staging_dir(self, job_id: str) -> Path:
         return self.root / STAGING / self.job_dir(job_id).name
 
-    def upload(self, job_id: str) -> Path:
-        return self.job_dir(job_id) / UPLOAD
+    @staticmethod
+    def input_names(req: GenerationRequest) -> set[str]:
+        """The names of the uploads a job's request reads (each in the job's directory)."""
+        paths = [req.image_path, req.video_path, req.audio_path, *(p for p, _ in req.video_conditioning)]
+        return {Path(p).name for p in paths if p}
+
+    def localize(self, job: Job) -> None:
+        """Point the request's upload paths into the job's directory as it is now (one place says
+        where the uploads are, wherever the output directory lives after a restart)."""
+        req, d = job.request, self.job_dir(job.id)
+        for f in ("image_path", "video_path", "audio_path"):
+            if getattr(req, f):
+                setattr(req, f, str(d / Path(getattr(req, f)).name))
+        req.video_conditioning = [(str(d / Path(p).name), s) for p, s in req.video_conditioning]
 
     @staticmethod
     def video_name(job: Job) -> str:
@@ -64,10 +78,12 @@ class JobFiles:
         shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
         shutil.rmtree(self.staging_dir(job_id), ignore_errors=True)
 
-    def remove_upload(self, job_id: str) -> None:
-        self.upload(job_id).unlink(missing_ok=True)
-        try:  # an image-to-video job that failed leaves no empty directory behind
-            self.job_dir(job_id).rmdir()
+    def remove_inputs(self, job: Job) -> None:
+        """A finished job's uploads (its video and thumbnail stay)."""
+        for name in self.input_names(job.request):
+            (self.job_dir(job.id) / name).unlink(missing_ok=True)
+        try:  # a job with uploads that failed leaves no empty directory behind
+            self.job_dir(job.id).rmdir()
         except OSError:
             pass
 

@@ -31,7 +31,7 @@ import torch
 from ltx2_tp.pipelines.request import RequestError
 from ltx2_tp.serving.cancel import CancelToken
 from ltx2_tp.serving.events import log_event, log_job
-from ltx2_tp.serving.files import STAGING, THUMBNAIL, UPLOAD, JobFiles
+from ltx2_tp.serving.files import STAGING, THUMBNAIL, JobFiles
 from ltx2_tp.serving.job import ID_RE, Job, new_job_id
 from ltx2_tp.serving.metrics import ServerMetrics, device_memory
 from ltx2_tp.serving.sqlite_store import SQLiteJobStore
@@ -163,8 +163,8 @@ class JobManager:
         for job in self.store.list():
             if job.status == "completed":
                 owned[job.id] = {self.files.video_name(job), THUMBNAIL}
-            elif job.status == "queued":
-                owned[job.id] = {UPLOAD}
+            elif job.status == "queued":  # its uploads, which it runs with
+                owned[job.id] = self.files.input_names(job.request)
         for p in self.files.sweep(owned):
             log_job(p.name if ID_RE.match(p.name) else "-", "swept", path=str(p))
 
@@ -266,8 +266,7 @@ class JobManager:
         t0 = time.time()
         req = job.request
         log_job(job.id, "in_progress", waited_s=round(t0 - job.created_at, 3), **self._mode(req))
-        if req.image_path:  # one place says where the upload is, wherever the output dir now lives
-            req.image_path = str(self.files.upload(job.id))
+        self.files.localize(job)
         staging = self.files.staging_dir(job.id)
         staging.mkdir(parents=True, exist_ok=True)
         video_name = self.files.video_name(job)
@@ -300,7 +299,7 @@ class JobManager:
             elif outcome == "failed" and not self.store.finish(job.id, "failed", now, now + self.ttl_s, error):
                 outcome = "cancelled"
         if outcome == "completed":
-            self.files.remove_upload(job.id)
+            self.files.remove_inputs(job)
             self._job_s = 0.8 * self._job_s + 0.2 * (time.time() - t0)
             for stage, s in result.stage_times.items():
                 self.metrics.stage_seconds.labels(stage).observe(s)

@@ -1,6 +1,7 @@
 """The fields of POST /v1/videos -> a GenerationRequest; every bad value is a 400 naming its field.
 
-OpenAI's fields: prompt, model, seconds, size (input_reference: serving/uploads.py). Through the
+OpenAI's fields: prompt, model, seconds, size (input_reference and the other uploads:
+serving/uploads.py; their companion fields: `pipeline_inputs` below). Through the
 client's `extra_body`: num_frames, fps, seed, num_inference_steps (or steps), guidance_scale (or
 guidance), negative_prompt, width, height, pipeline, the guidance fields under the CLI's names
 (request.GUIDANCE_FIELDS), the opt-in approximations attention_window_frames, keyframe_stride,
@@ -32,6 +33,8 @@ from ltx2_tp.pipelines.planning import CapCheck
 from ltx2_tp.pipelines.request import GUIDANCE_FIELDS, GenerationRequest, RequestError
 from ltx2_tp.pipelines.tiling import memory_frames
 from ltx2_tp.serving.errors import ApiError
+from ltx2_tp.serving.ic_loras import STRENGTH_RANGE, takes_lora
+from ltx2_tp.serving.uploads import BY_TARGET, UPLOADS
 
 SIZE_RE = re.compile(r"^(\d{2,5})x(\d{2,5})$")
 
@@ -114,10 +117,24 @@ def guidance_fields(fields: dict) -> dict:
     return out
 
 
-def video_request(fields: dict, limits: Limits, pipelines=None) -> tuple[GenerationRequest, str, str]:
+def number_list(fields: dict, name: str):
+    """A list of numbers: a JSON list, a JSON number, or a form string "0.5", "1,0.5" or "[1, 0.5]"."""
+    v = fields.get(name)
+    if v is None or v == "":
+        return None
+    if isinstance(v, str):
+        v = v.strip().strip("[]").replace(",", " ").split()
+    if not isinstance(v, list):
+        v = [v]
+    return [number({name: x}, name) for x in v]
+
+
+def video_request(fields: dict, limits: Limits, pipelines=None, inputs: dict | None = None
+                  ) -> tuple[GenerationRequest, str, str]:
     """(request, seconds as given, size as generated). `pipelines`: serving/pipelines.py's
     ServedPipelines (which pipeline, its default steps, its checks); None: one pipeline under
-    limits.model_name with the generic checks (SinglePipeline)."""
+    limits.model_name with the generic checks (SinglePipeline). `inputs`: the uploads, saved
+    (serving/uploads.py save_uploads: field -> [Saved]); the pipeline's checks read them."""
     if pipelines is None:
         from ltx2_tp.serving.pipelines import SinglePipeline
 
@@ -154,6 +171,7 @@ def video_request(fields: dict, limits: Limits, pipelines=None) -> tuple[Generat
     given = [f for f in ("guidance_scale", "guidance", *extra) if fields.get(f) not in (None, "")]
     if given and not cls.guided:
         raise ApiError(400, f"{name} runs without guidance; leave out {', '.join(given)}", given[0])
+    media, lora = pipeline_inputs(fields, inputs or {}, cls, name, pipelines)
     req = GenerationRequest(prompt=prompt, negative_prompt=negative, width=width, height=height, num_frames=frames,
                             fps=fps, seed=number(fields, "seed", 0, integer=True), guidance_scale=guidance,
                             num_inference_steps=pipelines.default_steps(name) if steps is None else steps,
@@ -162,7 +180,7 @@ def video_request(fields: dict, limits: Limits, pipelines=None) -> tuple[Generat
                             attention_window_frames=number(fields, "attention_window_frames", None, integer=True),
                             keyframe_stride=number(fields, "keyframe_stride", 1, integer=True),
                             step_cache_threshold=number(fields, "step_cache_threshold", 0.0), **extra,
-                            **tiling(fields, limits))
+                            **tiling(fields, limits), **media, extra=lora)
     try:
         req.validate(max_frames=limits.max_frames, spatial_multiple=cls.spatial_multiple)
         pipelines.check(req)
@@ -171,11 +189,13 @@ def video_request(fields: dict, limits: Limits, pipelines=None) -> tuple[Generat
     frames = memory_frames(req)  # a tiled video holds one tile at a time
     tokens = LatentGrid(frames, req.height, req.width).video_tokens
     what = "num_frames x size" if frames == req.num_frames else "a tile (tile_frames x size)"
+    source = BY_TARGET["video_path"].name if req.video_path else None  # a retake is its source's size
     if tokens > limits.max_video_tokens:
-        raise ApiError(400, f"{what} needs {tokens} video tokens; this server's memory plan "
-                            f"allows at most {limits.max_video_tokens} (lower num_frames, seconds or size)", "num_frames")
+        raise ApiError(400, f"{'the source video' if source else what} needs {tokens} video tokens; this server's "
+                            f"memory plan allows at most {limits.max_video_tokens} (lower num_frames, seconds or size)",
+                       source or "num_frames")
     if limits.cap is not None:  # the plan of the pipeline this request runs (stages, guidance passes)
-        field = "num_frames" if fields.get("num_frames") not in (None, "") else "seconds"
+        field = source or ("num_frames" if fields.get("num_frames") not in (None, "") else "seconds")
         if frames != req.num_frames:  # tiled: what must fit is one tile
             field = "tile_frames"
         try:
@@ -221,11 +241,127 @@ def tiling(fields: dict, limits: Limits) -> dict:
     return out
 
 
+# The request fields that hold paths: a client never gives them (the server reads no path a request
+# names); the uploads fill them. Given, each is a 400 saying which upload to send instead.
+PATH_FIELDS = ("image_path", "images", "video_path", "audio_path", "video_conditioning")
+# What only a pipeline reading an upload takes, by the request field the upload fills.
+COMPANIONS = {"video_path": ("start_time", "end_time"), "audio_path": ("audio_start_time", "audio_max_duration"),
+              "video_conditioning": ("video_conditioning_strength", "conditioning_attention_strength", "ic_lora",
+                                     "ic_lora_strength")}
+
+
+def pipeline_inputs(fields: dict, inputs: dict, cls, name: str | None, pipelines) -> tuple[dict, dict]:
+    """(the request fields the uploads fill, with their companions; GenerationRequest.extra: the
+    IC-LoRA). Each upload must be one the pipeline reads, each input it needs must be there, and the
+    companions are checked against what the upload holds (a retake's start/end within the source,
+    A2Vid's audio_start_time within the audio)."""
+    for f in (*PATH_FIELDS, *UPLOADS):
+        if fields.get(f) not in (None, ""):
+            up = UPLOADS.get(f) or BY_TARGET.get(f, UPLOADS["input_reference"])
+            raise ApiError(400, f"{f}: this server reads no file paths from a request; send the file as the "
+                                f"multipart file field {up.name!r} ({up.what})", f)
+    label = name or "this server's pipeline"
+    given = {UPLOADS[k].target: v for k, v in inputs.items()}
+    for target, companions in COMPANIONS.items():
+        if target in cls.inputs:
+            continue
+        up = BY_TARGET[target]
+        if target in given:
+            raise ApiError(400, f"{label} does not read {up.name} ({up.what})", up.name, "unsupported_input")
+        for f in companions:
+            if fields.get(f) not in (None, ""):
+                raise ApiError(400, f"{f} is for the pipeline reading {up.name} ({up.what}); {label} does not", f,
+                               "unsupported_input")
+    for target in cls.inputs:
+        up = BY_TARGET.get(target)
+        if target in COMPANIONS and target not in given:
+            raise ApiError(400, f"{label} needs {up.what}: send it as the multipart file field {up.name!r}",
+                           up.name, "missing_input")
+    out: dict = {}
+    if "image_path" in given:
+        out["image_path"] = str(given["image_path"][0].path)
+    if "video_path" in given:
+        out.update(_retake_fields(fields, given["video_path"][0]))
+    if "audio_path" in given:
+        out.update(_audio_fields(fields, given["audio_path"][0]))
+    if "video_conditioning" in given:
+        out.update(_reference_fields(fields, given["video_conditioning"]))
+    lora = {}
+    if takes_lora(cls):
+        lora = _ic_lora(fields, pipelines)
+    return out, lora
+
+
+def _retake_fields(fields: dict, src) -> dict:
+    """The source video and the region [start_time, end_time) to regenerate, within the source."""
+    up, length = BY_TARGET["video_path"].name, src.info.seconds
+    out = {"video_path": str(src.path)}
+    for f in ("start_time", "end_time"):
+        t = number(fields, f)
+        if t is not None and not 0 <= t <= length:
+            raise ApiError(400, f"{f} must be between 0 and {length:g} s ({up}: {src.info.frames} frames at "
+                                f"{src.info.fps:g} fps), got {t:g}", f)
+        out[f] = t
+    return out
+
+
+def _audio_fields(fields: dict, audio) -> dict:
+    """A2Vid's audio and where to read it from (audio_start_time within the audio)."""
+    up, length = BY_TARGET["audio_path"].name, audio.info.audio_seconds
+    start = number(fields, "audio_start_time", 0.0)
+    if length is not None and not 0 <= start < length:
+        raise ApiError(400, f"audio_start_time must be at least 0 and below {length:g} s ({up}'s length), "
+                            f"got {start:g}", "audio_start_time")
+    out = {"audio_path": str(audio.path), "audio_start_time": start}
+    duration = number(fields, "audio_max_duration")
+    if duration is not None:
+        out["audio_max_duration"] = duration
+    return out
+
+
+def _reference_fields(fields: dict, refs: list) -> dict:
+    """IC-LoRA's reference videos with their strengths (one for all, or one per file in order)."""
+    strengths = number_list(fields, "video_conditioning_strength") or [1.0]
+    if len(strengths) == 1:
+        strengths = strengths * len(refs)
+    if len(strengths) != len(refs):
+        raise ApiError(400, f"video_conditioning_strength: give one strength, or one per video_conditioning file "
+                            f"({len(refs)}), got {len(strengths)}", "video_conditioning_strength")
+    if not all(0.0 <= s <= 1.0 for s in strengths):
+        raise ApiError(400, f"video_conditioning_strength must be between 0 and 1, got {strengths}",
+                       "video_conditioning_strength")
+    out = {"video_conditioning": [(str(r.path), float(s)) for r, s in zip(refs, strengths)]}
+    cas = number(fields, "conditioning_attention_strength")
+    if cas is not None:
+        out["conditioning_attention_strength"] = cas
+    return out
+
+
+def _ic_lora(fields: dict, pipelines) -> dict:
+    """The IC-LoRA a request names (one of serve --ic-lora's) and its strength: GenerationRequest.extra."""
+    name = text(fields, "ic_lora", 64) or None
+    strength = number(fields, "ic_lora_strength")
+    if name is None:
+        if strength is not None:
+            raise ApiError(400, "ic_lora_strength needs ic_lora (the IC-LoRA it scales)", "ic_lora_strength")
+        return {}
+    try:
+        pipelines.ic_loras.check(name)
+    except RequestError as e:
+        raise ApiError(400, str(e), "ic_lora", "lora_not_found") from None
+    lo, hi = STRENGTH_RANGE
+    if strength is not None and not lo <= strength <= hi:
+        raise ApiError(400, f"ic_lora_strength must be between {lo:g} and {hi:g}, got {strength:g}", "ic_lora_strength")
+    return {"ic_lora": name, "ic_lora_strength": 1.0 if strength is None else float(strength)}
+
+
 def _param(field: str, fields: dict) -> str:
-    """The request field an error names, as the client sent it: the image is input_reference; a
-    width / height the client did not give came from size."""
-    if field in ("image_path", "images"):
-        return "input_reference"
+    """The request field an error names, as the client sent it: a path field is the upload that
+    fills it (the image: input_reference); a width / height the client did not give came from size."""
+    if field == "images":
+        return UPLOADS["input_reference"].name
+    if field in BY_TARGET:
+        return BY_TARGET[field].name
     if field in ("width", "height") and fields.get(field) in (None, ""):
         return "size"
     return field

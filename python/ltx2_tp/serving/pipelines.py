@@ -7,7 +7,8 @@ Pipelines are built on first use by the worker thread (every rank builds them in
 order: construction has no collective) and cached by class. A pipeline may set state on the shared
 transformer when it is built (LTX2LongVideo: its PlanRule); each one is built from the server's
 base state and its own state is put back before each of its jobs, so a job runs exactly as
-`ltx2-tp generate --pipeline-class-name X` runs it.
+`ltx2-tp generate --pipeline-class-name X` runs it. LTX2ICLoraPipeline gets the IC-LoRA its job
+names (serving/ic_loras.py) before each job, as `generate --lora` gives it at construction.
 """
 
 from __future__ import annotations
@@ -17,31 +18,33 @@ import threading
 from ltx2_tp.pipelines.registry import get_pipeline_class, pipeline_aliases, pipeline_names, resolve_pipeline_name
 from ltx2_tp.pipelines.request import GenerationRequest
 from ltx2_tp.serving.errors import ApiError
+from ltx2_tp.serving.ic_loras import ICLoras, takes_lora
+from ltx2_tp.serving.uploads import BY_TARGET
 
-# the request inputs POST /v1/videos can fill: input_reference is an image at frame 0 (image_path),
-# which is also what the keyframe pipeline needs at least of its `images`
-SERVER_INPUTS = ("images",)
-INPUT_WHAT = {"video_path": "a source video", "audio_path": "an audio file", "video_conditioning": "reference videos "
-              "and an IC-LoRA file"}
+# the request inputs POST /v1/videos can fill (serving/uploads.py): input_reference is an image at
+# frame 0 (image_path), which is also what the keyframe pipeline needs at least of its `images`
+SERVER_INPUTS = ("images", *BY_TARGET)
 
 
 def unservable(cls) -> str | None:
-    """Why the server cannot run this pipeline yet (None: it can)."""
+    """Why the server cannot run this pipeline (None: it can): a registered pipeline needing an
+    input no upload field fills."""
     missing = [f for f in cls.inputs if f not in SERVER_INPUTS]
     if not missing:
         return None
-    what = ", ".join(f"{f} ({INPUT_WHAT.get(f, 'an input')})" for f in missing)
-    return (f"{cls.name} needs {what}, which this server does not take yet; run it with "
+    return (f"{cls.name} needs {', '.join(missing)}, which this server does not take; run it with "
             f"`ltx2-tp generate --pipeline-class-name {cls.name}`")
 
 
 class ServedPipelines:
     def __init__(self, components, default: str = "LTX2LongVideo", model_name: str = "ltx-2-tiny",
                  steps: int | None = None, encoder_options=None, stream_decode: bool | None = None,
-                 fixed_plan_rule: bool = False):
+                 fixed_plan_rule: bool = False, ic_loras: ICLoras | None = None):
         """`steps`: the default num_inference_steps for every guided pipeline (serve
-        --num-inference-steps); None: each pipeline's own for the model (ltx-pipelines' PipelineParams)."""
+        --num-inference-steps); None: each pipeline's own for the model (ltx-pipelines' PipelineParams).
+        `ic_loras`: the IC-LoRA files requests may name (serve --ic-lora)."""
         self.c, self.model_name, self.steps, self.encoder_options = components, model_name, steps, encoder_options
+        self.ic_loras = ic_loras if ic_loras is not None else ICLoras()
         self.stream_decode = stream_decode  # --decode-mode (None: the pipeline's default)
         self.fixed_plan_rule = fixed_plan_rule  # serve --max-gpu-memory: the planner's rule for every pipeline
         name = resolve_pipeline_name(default)
@@ -106,7 +109,15 @@ class ServedPipelines:
         input): a RequestError naming the field."""
         from ltx2_tp.pipelines import approximations
 
-        self.pipeline_class(req.pipeline).check_with(req, self.c)
+        cls = self.pipeline_class(req.pipeline)
+        if takes_lora(cls):  # the instance's own check with the request's LoRA (its downscale factor)
+            name, _ = ICLoras.of(req)
+            self.ic_loras.check(name)
+            pipe = cls(self.c)  # no file is read: the factor is from the LoRA's metadata
+            pipe.reference_downscale_factor = self.ic_loras.reference_downscale_factor(name)
+            pipe.check(req)
+            return
+        cls.check_with(req, self.c)
         approximations.check_layout(req, self.c.ctx.ring_size)
 
     def choose_mode(self, req: GenerationRequest):
@@ -137,7 +148,10 @@ class ServedPipelines:
     def __call__(self, req: GenerationRequest, output_path, progress=None, timer=None):
         if req.pipeline is None:  # a job stored before requests named their pipeline
             req.pipeline = self.default
-        return self.pipeline(req.pipeline)(req, output_path, progress=progress, timer=timer)
+        pipe = self.pipeline(req.pipeline)
+        if takes_lora(type(pipe)):
+            self.ic_loras.bind(pipe, req)
+        return pipe(req, output_path, progress=progress, timer=timer)
 
 
 class SinglePipeline:
@@ -146,6 +160,7 @@ class SinglePipeline:
 
     def __init__(self, model_name: str, steps: int, spatial_multiple: int = 64):
         self.model_name, self.steps, self.spatial_multiple = model_name, steps, spatial_multiple
+        self.ic_loras = ICLoras()
 
     def models(self) -> list[dict]:
         return [{"id": self.model_name, "pipeline": None, "aliases": []}]
