@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from ltx2_tp.media import write_media
+from ltx2_tp.memory.device import device_bytes
 from ltx2_tp.media_stream import DEFAULT_OPTIONS, EncoderOptions, StreamingMP4Writer
 from ltx2_tp.models.vae_stream import CHUNK_FRAMES, Streamed, unsupported
 from ltx2_tp.pipelines import stages
@@ -60,8 +61,6 @@ def free_bytes(device: torch.device) -> int:
     blocks, within the per-process cap (--max-gpu-memory sets it; the device's free memory alone
     over-reports it: 54.8 GiB free on an H100 under a 24 GiB cap, and the decode ran out)."""
     if device.type == "cuda":
-        from ltx2_tp.pipelines.planning import device_bytes
-
         free, _ = torch.cuda.mem_get_info(device)
         allocated = torch.cuda.memory_allocated(device)
         return min(free + torch.cuda.memory_reserved(device) - allocated, device_bytes(device) - allocated)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ltx2_tp.memory.device import device_bytes
 from ltx2_tp.memory.plan import PlanRule
 from ltx2_tp.memory.planner import COMPANION_BYTES, GEMMA3_12B_BYTES, Layout, PlanError, RequestPlan, plan_request
 from ltx2_tp.pipelines.request import RequestError
@@ -39,23 +40,6 @@ def plan_pipeline(cfg, pipeline_cls, *, width: int, height: int, num_frames: int
                         text_encoder_bytes=text_encoder_bytes(model),
                         companion_bytes=0 if model == "tiny" else COMPANION_BYTES, pipeline=pipeline_cls.name, model=model,
                         dtype_bytes=dtype_bytes, explain=explain, plan_rule=plan_rule)
-
-
-def device_bytes(device) -> int:
-    """The memory this process may use on `device`: CUDA total x its per-process fraction; host RAM
-    on the CPU. Static (not the free memory of the moment), so every rank reads the same."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        index = torch.cuda.current_device() if device.index is None else device.index
-        total = torch.cuda.get_device_properties(index).total_memory
-        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda i: 1.0)(index)  # not in every torch
-        return int(total * fraction)
-    try:
-        with open("/proc/meminfo") as f:
-            info = dict(line.split(":", 1) for line in f)
-        return int(info["MemTotal"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return 1 << 62
 
 
 def process_cap(comps) -> int:

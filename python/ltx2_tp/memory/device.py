@@ -1,0 +1,22 @@
+"""The memory this process may use on a device (static: every rank reads the same)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def device_bytes(device) -> int:
+    """The memory this process may use on `device`: CUDA total x its per-process fraction; host RAM
+    on the CPU. Static (not the free memory of the moment), so every rank reads the same."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = torch.cuda.current_device() if device.index is None else device.index
+        total = torch.cuda.get_device_properties(index).total_memory
+        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda i: 1.0)(index)  # not in every torch
+        return int(total * fraction)
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemTotal"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 1 << 62
