@@ -213,14 +213,14 @@ def cmd_generate(args) -> int:
             bars[kind].set_description(stage)
         bars[kind].update(done - bars[kind].n)
 
-    timer = StageTimer(sync=comps.device.type == "cuda")
+    timer = StageTimer(sync=comps.device.type == "cuda", memory=comps.device.type == "cuda")
     try:
         result = run_on_rank(pipe, req, args.output_path, this_rank(), progress=progress, timer=timer)
     except RequestError as e:  # what only the built pipeline can check (it runs before anything else)
         raise _flag_error(e) from None
     for b in bars.values():
         b.close()
-    memory = _memory_report(plan, comps.device)
+    memory = _memory_report(plan, comps.device, timer)
     if result is None:  # not rank 0
         return 0
     print(timer.table())
@@ -616,24 +616,31 @@ def _server_cap(args, cfg, cls):
     return cap
 
 
-def _memory_report(plan, device) -> str:
-    """Predicted DiT peak per rank beside the measured one (CUDA: every rank's max_memory_allocated;
-    CPU: the prediction only). Collective on every rank."""
+def _memory_report(plan, device, timer) -> str:
+    """Every rank's memory per stage (CUDA: allocated when the stage starts, its peak: the timer's),
+    and with a plan its predicted DiT peak per rank beside the measured one. Collective on every rank."""
+    lines = []
+    if device.type == "cuda" and timer.mem:
+        names = list(timer.mem)
+        mine = torch.tensor([x for n in names for x in timer.mem[n]], dtype=torch.float64, device=device)
+        ranks = [mine]
+        if torch.distributed.is_initialized():  # every rank ran the same stages, in the same order
+            ranks = [torch.zeros_like(mine) for _ in range(torch.distributed.get_world_size())]
+            torch.distributed.all_gather(ranks, mine)
+        lines.append("memory per rank, GiB (allocated when the stage starts / peak inside it):")
+        for i, n in enumerate(names):
+            lines.append(f"  {n:<20} " + ", ".join(f"r{r}: {t[2 * i].item() / 2**30:.2f} / {t[2 * i + 1].item() / 2**30:.2f}"
+                                                    for r, t in enumerate(ranks)))
     if plan is None:
-        return ""
-    lines = [f"memory plan: {plan.layout.describe()}, {plan.resident_blocks} resident / {plan.streamed_blocks} "
-             f"streamed blocks, cap {plan.cap / 2**30:.2f} GiB per GPU"]
+        return "\n".join(lines)
+    lines.append(f"memory plan: {plan.layout.describe()}, {plan.resident_blocks} resident / {plan.streamed_blocks} "
+                 f"streamed blocks, cap {plan.cap / 2**30:.2f} GiB per GPU")
     for p in plan.dit_phases:
         lines.append(f"  {p.name}: predicted peak {p.peak / 2**30:.2f} GiB per rank")
-    if device.type == "cuda":
-        peak = torch.tensor([torch.cuda.max_memory_allocated(device)], dtype=torch.float64, device=device)
-        if torch.distributed.is_initialized():
-            peaks = [torch.zeros_like(peak) for _ in range(torch.distributed.get_world_size())]
-            torch.distributed.all_gather(peaks, peak)
-        else:
-            peaks = [peak]
-        lines.append("  measured peak per rank (max_memory_allocated, whole request): "
-                     + ", ".join(f"{x.item() / 2**30:.2f}" for x in peaks) + f" GiB; predicted {plan.peak / 2**30:.2f}")
+    if device.type == "cuda" and timer.mem:
+        peaks = [max(t[1::2].tolist()) for t in ranks]
+        lines.append("  measured peak per rank (whole request): " + ", ".join(f"{x / 2**30:.2f}" for x in peaks)
+                     + f" GiB; predicted {plan.peak / 2**30:.2f}")
     else:
         lines.append("  measured: not on CPU (prediction only)")
     return "\n".join(lines)

@@ -42,30 +42,48 @@ Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 @dataclass
 class StageTimer:
-    """Wall time per stage, in order, for the table the CLI prints and the server reports."""
+    """Wall time per stage, in order, for the table the CLI prints and the server reports; with
+    `memory` (CUDA), this rank's allocated bytes when each stage starts (inputs prepared) and its
+    peak inside the stage (the allocator's peak is reset at each stage: read `peak`, not
+    torch.cuda.max_memory_allocated, for the whole request's)."""
 
     times: dict[str, float] = field(default_factory=dict)
     sync: bool = False
     # "stage.part" -> seconds inside a stage; parts may overlap, so they are shown, not summed
     parts: dict[str, float] = field(default_factory=dict)
+    memory: bool = False
+    mem: dict[str, tuple[int, int]] = field(default_factory=dict)  # stage -> (bytes at start, peak), max over entries
 
     def part(self, name: str, seconds: float) -> None:
         self.parts[name] = self.parts.get(name, 0.0) + seconds
 
+    @property
+    def peak(self) -> int:
+        return max((p for _, p in self.mem.values()), default=0)
+
     @contextmanager
     def __call__(self, name: str):
+        track = self.memory and torch.cuda.is_available()
+        if track:
+            start = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         with nvtx_range(name):
             yield
             if self.sync and torch.cuda.is_available():
                 torch.cuda.synchronize()
         self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
+        if track:
+            was = self.mem.get(name, (0, 0))
+            self.mem[name] = (max(was[0], start), max(was[1], torch.cuda.max_memory_allocated()))
 
     def table(self) -> str:
         total = sum(self.times.values()) or 1.0
-        rows = [f"{'stage':<22} {'seconds':>9} {'share':>7}"]
+        g = (lambda n: f"{n / 2**30:>9.2f}")
+        mem = (lambda k: f" {g(self.mem[k][0])} {g(self.mem[k][1])}" if k in self.mem else "")
+        rows = [f"{'stage':<22} {'seconds':>9} {'share':>7}" + (f" {'GiB start':>9} {'GiB peak':>9}" if self.mem else "")]
         for k, v in self.times.items():
-            rows.append(f"{k:<22} {v:>9.3f} {v / total:>7.1%}")
+            rows.append(f"{k:<22} {v:>9.3f} {v / total:>7.1%}{mem(k)}")
             rows += [f"  {p[len(k) + 1:]:<20} {s:>9.3f}" for p, s in self.parts.items() if p.startswith(k + ".")]
         rows.append(f"{'total':<22} {total:>9.3f}")
         return "\n".join(rows)
