@@ -335,6 +335,7 @@ def test_sglang_request_over_the_cap_names_num_frames(monkeypatch):
     built (CapCheck.built) under the environment's cap; an auto request whose tile fits is taken and
     the pipeline then chooses tiled; one whose tile does not fit, or a dense one over the cap, is a
     RequestError naming tile_frames / num_frames with the largest value that fits."""
+    from dataclasses import replace
     from types import SimpleNamespace
 
     from ltx2_tp.integrations.sglang import MAX_GPU_MEMORY_ENV, request_from_sglang, sglang_cap
@@ -363,6 +364,11 @@ def test_sglang_request_over_the_cap_names_num_frames(monkeypatch):
     with pytest.raises(RequestError, match="tile_frames: one tile .25 frames: tile_frames 32.") as e:
         request_from_sglang(batch(41, tile_frames=32, tile_overlap_frames=16), check)
     assert str(e.value).endswith("the most that fits at this size: tile_frames 24")
+    with pytest.raises(RequestError) as e:  # the default overlap (24) does not leave a 24-frame tile 8 new frames
+        request_from_sglang(batch(41, tile_frames=32), check)
+    assert str(e.value).endswith("tile_frames 24 (with tile_overlap_frames at most 16)")
+    with pytest.raises(RequestError, match="at any tile length .tile_frames >= 24.; use a smaller size"):
+        request_from_sglang(batch(41, **TILE), replace(check, cap=check.cap - 2 * 2**10))  # 17 frames over
     with pytest.raises(RequestError, match="num_frames: 25 frames at 64x64 do not fit") as e:
         request_from_sglang(batch(25, long_video_mode="dense"), check)
     assert str(e.value).endswith("the most that fits at this size: 17")
