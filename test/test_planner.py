@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -206,54 +207,168 @@ def test_generate_streamed_under_a_cap_writes_the_resident_video(tmp_path):
     assert np.array_equal(probe(tmp_path / "a.mp4")[0], probe(tmp_path / "b.mp4")[0])
 
 
-def test_server_refuses_a_request_over_its_cap(tmp_path):
-    from fastapi.testclient import TestClient
+# ---- serve / sglang under a cap plan as generate does (planning.request_plan) -------------------
+# The tiny model at 64x64 (fp32, every block streamed: what serve --max-gpu-memory builds), with
+# tiles of tile_frames 24 / overlap 16 = 17 frames: a 25-frame video is 2 tiles. Weights are most of
+# the tiny model's plan (about 2.87 MB); each 8 frames add about 2.5 KB of activations.
+TILE = {"tile_frames": 24, "tile_overlap_frames": 16}
+
+
+def _capped_check():
+    """(the server's CapCheck as serve's _server_cap makes it, the cap): the cap is halfway between
+    what one tile (17 frames) needs and what the whole 25 frames need, so the whole video does not
+    fit in one piece and one tile does."""
+    from dataclasses import replace
 
     from ltx2_tp.pipelines.planning import CapCheck
     from ltx2_tp.pipelines.registry import get_pipeline_class
+
+    check = CapCheck(get_config("tiny"), get_pipeline_class("LTX2LongVideo"), 1, Layout(), None, 0, "tiny", 4)
+    need = {}
+    for f in (17, 25):
+        with pytest.raises(PlanError) as e:
+            check.plan(64, 64, f, 24.0, explain=False)
+        need[f] = e.value.plan.peak
+    cap = (need[17] + need[25]) // 2
+    print(f"64x64 needs: one tile (17 frames) {need[17]} B, the whole 25 frames {need[25]} B; cap {cap} B")
+    assert need[17] < cap < need[25]
+    return replace(check, cap=cap), cap
+
+
+def _capped_components(cap_check=None):
+    """Tiny components as a capped server builds them: every block streamed (--resident-blocks auto ->
+    0), the cap applied (apply_plan) when a CapCheck is given."""
+    from ltx2_tp.memory.swap import enable_block_swap
+    from ltx2_tp.pipelines.planning import apply_plan
+    from ltx2_tp.pipelines.tiny import build_tiny_components
+
+    comps = build_tiny_components(0)
+    enable_block_swap(comps.transformer, 0, "host", device=comps.device)
+    if cap_check is not None:
+        apply_plan(cap_check.plan(64, 64, 1, 24.0), comps)
+    return comps
+
+
+def _fits(check, frames: int) -> bool:
+    try:
+        check.plan(64, 64, frames, 24.0, explain=False)
+        return True
+    except PlanError:
+        return False
+
+
+def test_server_refuses_a_request_over_its_cap(tmp_path, caplog):
+    """serve --max-gpu-memory plans a request as generate does: an auto request whose whole video is
+    over the cap but whose tile fits is accepted and runs tiled (the job log says so, the video has
+    every frame); a request whose tile does not fit, or a dense one over the cap, is a 400 naming
+    tile_frames / num_frames / seconds with the largest value that fits."""
+    import json
+
+    from fastapi.testclient import TestClient
+
+    from ltx2_tp.media_stream import EncoderOptions
     from ltx2_tp.serving.api import create_app
     from ltx2_tp.serving.jobs import JobManager
+    from ltx2_tp.serving.pipelines import ServedPipelines
+    from test_pipeline import probe
 
-    cls = get_pipeline_class("LTX2LongVideo")
-    cfg = get_config("tiny")
-    cap = CapCheck(cfg, cls, 2_890_000, Layout(), None, 0, "tiny", 4)  # fits 128x128x33, not x97 (fp32)
-    fits = lambda f: cap.plan(128, 128, f, 24.0)  # noqa: E731
-    fits(33)
-    manager = JobManager(object(), tmp_path, 1, 60)
+    check, cap = _capped_check()
+    pipes = ServedPipelines(_capped_components(check), "LTX2LongVideo", "ltx-2-tiny", steps=1,
+                            encoder_options=EncoderOptions(preset="ultrafast"), fixed_plan_rule=True)
+    manager = JobManager(pipes, tmp_path, 2, 60, idle_poll_s=0.05)
+    base = {"prompt": "a fox", "size": "64x64", "num_inference_steps": 1}
     try:
-        client = TestClient(create_app(manager, cap=cap))
-        r = client.post("/v1/videos", json={"prompt": "x", "size": "128x128", "num_frames": 97})
-        assert r.status_code == 400
-        err = r.json()["error"]
-        assert err["param"] == "num_frames" and err["type"] == "invalid_request_error"
-        best = int(err["message"].rsplit(" ", 1)[1])
-        fits(best)
-        with pytest.raises(PlanError):
-            fits(best + 8)
-        r = client.post("/v1/videos", json={"prompt": "x", "size": "128x128", "seconds": "4"})
-        assert r.status_code == 400 and r.json()["error"]["param"] == "seconds"
-        assert f"{(best - 1) / 24:g} seconds" in r.json()["error"]["message"]
+        client = TestClient(create_app(manager, cap=check, pipelines=pipes))
+        with caplog.at_level("INFO", logger="ltx2_tp.serving.jobs"):
+            r = client.post("/v1/videos", json={**base, "num_frames": 25, **TILE})  # long_video_mode auto
+            assert r.status_code == 200, r.json()
+            vid = r.json()["id"]
+            for _ in range(1200):
+                if (job := manager.get(vid)).status in ("completed", "failed"):
+                    break
+                time.sleep(0.05)
+        assert job.status == "completed", job.error
+        lines = [json.loads(x.getMessage()) for x in caplog.records if x.name == "ltx2_tp.serving.jobs"]
+        started = next(x for x in lines if x["id"] == vid and x["status"] == "in_progress")
+        assert (started["long_video_mode"], started["tiles"]) == ("tiled", 2), started
+        assert started["mode_reason"].startswith("auto: one piece needs"), started
+        video = tmp_path / "v.mp4"
+        video.write_bytes(client.get(f"/v1/videos/{vid}/content").content)
+        assert len(probe(video)[0]) == 25
+
+        def refused(fields, param):
+            r = client.post("/v1/videos", json={**base, **fields})
+            assert r.status_code == 400, r.json()
+            err = r.json()["error"]
+            assert err["param"] == param and err["type"] == "invalid_request_error", err
+            return err["message"]
+
+        # the tile (25 frames: tile_frames 32) does not fit either: the largest tile_frames that does
+        msg = refused({"num_frames": 41, "tile_frames": 32, "tile_overlap_frames": 16}, "tile_frames")
+        assert "one tile (25 frames: tile_frames 32)" in msg, msg
+        best = int(msg.rsplit(" ", 1)[1])
+        assert best == 24 and _fits(check, best - 7) and not _fits(check, best + 1)  # 24 -> 17 frames; 32 -> 25
+        # dense over the cap, and auto whose one tile is the whole video (default tile_frames 80)
+        for fields in ({"num_frames": 25, "long_video_mode": "dense"}, {"num_frames": 25}):
+            msg = refused(fields, "num_frames")
+            best = int(msg.rsplit(" ", 1)[1])
+            assert best == 17 and _fits(check, best) and not _fits(check, best + 8), msg
+        for mode in ("dense", "auto"):
+            msg = refused({"seconds": "1", "long_video_mode": mode}, "seconds")  # 1 s -> 25 frames
+            assert f"{16 / 24:g} seconds (17 frames at 24 fps)" in msg, msg
     finally:
         manager.close()
 
 
+def test_generate_refuses_a_tile_over_the_cap(capsys):
+    """generate's refusal through the same helper: a tile over the cap names --tile-frames."""
+    check, cap = _capped_check()
+    args = ["generate", "--prompt", "x", "--width", "64", "--height", "64", "--num-frames", "41",
+            "--tile-frames", "32", "--tile-overlap-frames", "16", "--max-gpu-memory", str(cap)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--max-gpu-memory: one tile (25 frames, --tile-frames) of the tiled video: 64x64x25 does not fit" in err
+
+
 def test_sglang_request_over_the_cap_names_num_frames(monkeypatch):
-    """The sglang adapter's check (LTX2_TP_MAX_GPU_MEMORY): the same helper, sglang's request error."""
+    """sglang's check (LTX2_TP_MAX_GPU_MEMORY) plans as generate and serve do: the components as
+    built (CapCheck.built) under the environment's cap; an auto request whose tile fits is taken and
+    the pipeline then chooses tiled; one whose tile does not fit, or a dense one over the cap, is a
+    RequestError naming tile_frames / num_frames with the largest value that fits."""
+    from dataclasses import replace
     from types import SimpleNamespace
 
     from ltx2_tp.integrations.sglang import MAX_GPU_MEMORY_ENV, request_from_sglang, sglang_cap
     from ltx2_tp.pipelines.registry import get_pipeline_class
     from ltx2_tp.pipelines.request import RequestError
-    from ltx2_tp.pipelines.tiny import build_tiny_components
 
-    comps = build_tiny_components(0)
+    server_check, cap = _capped_check()
+    comps = _capped_components()  # as build_components_for_sglang with the cap: every block streamed
     cls = get_pipeline_class("LTX2LongVideo")
+    pipe = cls(comps)  # built before the cap is applied, as create_pipeline_stages does
     assert sglang_cap(comps, cls) is None
-    monkeypatch.setenv(MAX_GPU_MEMORY_ENV, "2890000")
-    cap = sglang_cap(comps, cls)
-    batch = lambda f: SimpleNamespace(prompt=["x"], width=128, height=128, num_frames=f, fps=24.0,  # noqa: E731
-                                      num_inference_steps=2, guidance_scale=3.0, seed=[0])
-    assert request_from_sglang(batch(33), cap).num_frames == 33
-    with pytest.raises(RequestError, match="num_frames: 97 frames at 128x128 do not fit") as e:
-        request_from_sglang(batch(97), cap)
-    cap.plan(128, 128, int(str(e.value).rsplit(" ", 1)[1]), 24.0)
+    monkeypatch.setenv(MAX_GPU_MEMORY_ENV, str(cap))
+    check = sglang_cap(comps, cls)
+    assert (check.cap, check.storage, check.resident_blocks, check.dtype_bytes) == (cap, "bf16", 0, 4)
+    assert comps.max_gpu_memory == cap  # applied: the pipeline's auto mode plans under it
+    for f in (17, 25):  # the built model's inputs plan as the server's
+        assert _fits(check, f) == _fits(server_check, f) == (f == 17)
+
+    def batch(frames, **kw):
+        return SimpleNamespace(prompt=["x"], width=64, height=64, num_frames=frames, fps=24.0, num_inference_steps=1,
+                               guidance_scale=3.0, seed=[0], **kw)
+
+    req = request_from_sglang(batch(25, **TILE), check)
+    choice = pipe.choose_mode(req)
+    assert (choice.mode, len(choice.tiles), choice.tiles[0].frames) == ("tiled", 2, 17), choice
+    with pytest.raises(RequestError, match="tile_frames: one tile .25 frames: tile_frames 32.") as e:
+        request_from_sglang(batch(41, tile_frames=32, tile_overlap_frames=16), check)
+    assert str(e.value).endswith("the most that fits at this size: tile_frames 24")
+    with pytest.raises(RequestError) as e:  # the default overlap (24) does not leave a 24-frame tile 8 new frames
+        request_from_sglang(batch(41, tile_frames=32), check)
+    assert str(e.value).endswith("tile_frames 24 (with tile_overlap_frames at most 16)")
+    with pytest.raises(RequestError, match="at any tile length .tile_frames >= 24.; use a smaller size"):
+        request_from_sglang(batch(41, **TILE), replace(check, cap=check.cap - 2 * 2**10))  # 17 frames over
+    with pytest.raises(RequestError, match="num_frames: 25 frames at 64x64 do not fit") as e:
+        request_from_sglang(batch(25, long_video_mode="dense"), check)
+    assert str(e.value).endswith("the most that fits at this size: 17")

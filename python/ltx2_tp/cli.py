@@ -573,29 +573,23 @@ def _check_memory_args(args, cfg, files) -> None:
 
 
 def _request_plan(args, cfg, cls, req):
-    """The planner's plan of this request in the launch layout, for what it holds at once: the whole
-    video, or one tile when it will be tiled (LTX2LongVideo.decide under this same plan: auto tiles
-    what does not fit in one piece); a refusal names the smallest change."""
-    from ltx2_tp.memory.planner import Layout, PlanError
-    from ltx2_tp.pipelines.planning import CapCheck
+    """The planner's plan of this request in the launch layout, for what it holds at once
+    (planning.request_plan: the whole video, or one tile when LTX2LongVideo will tile it); a
+    refusal names the smallest change."""
+    from ltx2_tp.memory.planner import Layout
+    from ltx2_tp.pipelines.planning import CapCheck, OverCap, request_plan
     from ltx2_tp.pipelines.request import RequestError
-    from ltx2_tp.pipelines.tiling import memory_frames
 
     check = CapCheck(cfg, cls, args.max_gpu_memory, Layout(args.tp_size, args.ulysses_size, args.ring_size),
                      args.quantization, None if isinstance(args.resident_blocks, str) else args.resident_blocks,
                      args.model, _dtype(args.dtype).itemsize)
-    frames = memory_frames(req)
-    if cls.tiles and frames == req.num_frames:  # auto may still tile, when one piece does not fit
-        try:
-            choice = cls.decide(req, check)
-        except RequestError as e:  # tiled: images past the first tile
-            raise _flag_error(e) from None
-        frames = choice.tiles[0].frames if choice.mode == "tiled" else frames
     try:
-        return check.plan(req.width, req.height, frames, req.fps)
-    except PlanError as e:
-        tile = "" if frames == req.num_frames else f"one tile ({frames} frames, --tile-frames) of the tiled video: "
-        raise UsageError(f"--max-gpu-memory: {tile}{e}") from None
+        return request_plan(check, req).plan
+    except OverCap as e:
+        tile = "" if e.frames == req.num_frames else f"one tile ({e.frames} frames, --tile-frames) of the tiled video: "
+        raise UsageError(f"--max-gpu-memory: {tile}{e.error}") from None
+    except RequestError as e:  # tiled: images past the first tile
+        raise _flag_error(e) from None
 
 
 def _server_cap(args, cfg, cls):

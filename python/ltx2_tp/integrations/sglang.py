@@ -39,7 +39,6 @@ from typing import Any
 import torch
 
 from ltx2_tp.pipelines.request import TILED_MAX_FRAMES, GenerationRequest
-from ltx2_tp.pipelines.tiling import memory_frames
 from ltx2_tp.serving.ranks import run_on_rank, this_rank
 
 TINY_MODEL_PATH = "ltx2-tp/tiny"
@@ -152,12 +151,7 @@ if HAVE_SGLANG:
             cls = get_pipeline_class(self.pipeline_name)  # ours under the same name
             comps = self.modules["ltx2_tp_components"]
             pipe = cls(comps, **pipeline_options(cls, server_args))
-            cap = sglang_cap(comps, cls)
-            if cap is not None:
-                from ltx2_tp.pipelines.planning import apply_plan
-
-                apply_plan(cap.plan(64, 64, 1, 24.0), comps)  # the activation budget depends on the weights only
-            self.add_stage(LTX2TPGenerateStage(pipe, cap), "ltx2_tp_generate")
+            self.add_stage(LTX2TPGenerateStage(pipe, sglang_cap(comps, cls)), "ltx2_tp_generate")
 
     def _sglang_class(name: str) -> type:
         """The sglang pipeline running our pipeline `name`, a module attribute (sglang's workers import it)."""
@@ -175,7 +169,7 @@ def is_ltx2_tp_model_path(path: str) -> bool:
 
 
 # sglang's server has no memory flags: these environment variables give the cap (memory/planner.py)
-MAX_GPU_MEMORY_ENV = "LTX2_TP_MAX_GPU_MEMORY"  # e.g. 24GiB: requests over the plan are refused
+MAX_GPU_MEMORY_ENV = "LTX2_TP_MAX_GPU_MEMORY"  # e.g. 24GiB: auto tiles past it; requests over the plan are refused
 RESIDENT_BLOCKS_ENV = "LTX2_TP_RESIDENT_BLOCKS"  # with the cap: K resident DiT blocks (default 0: all streamed)
 
 
@@ -186,17 +180,21 @@ def _resident_blocks() -> int | None:
 
 
 def sglang_cap(comps, pipeline_cls):
-    """The server's CapCheck from the environment (None without a cap)."""
+    """The cap LTX2_TP_MAX_GPU_MEMORY gives (None without it), applied to the built components as
+    `serve --max-gpu-memory` applies its own (planning.apply_plan: the cap recorded, the activation
+    budget as the model's PlanRule; the budget depends on the weights only), after the pipeline
+    (built first) set its own rule. Returns the CapCheck requests are planned under: the components
+    as built (planning.CapCheck.built: layout, block storage, resident blocks, dtype, PlanRule), the
+    same inputs the pipeline's auto mode then plans with."""
     text = os.environ.get(MAX_GPU_MEMORY_ENV)
     if not text:
         return None
-    from ltx2_tp.memory.planner import Layout, parse_bytes
-    from ltx2_tp.pipelines.planning import CapCheck
+    from ltx2_tp.memory.planner import parse_bytes
+    from ltx2_tp.pipelines.planning import CapCheck, apply_plan
 
-    ctx = comps.transformer.ctx
-    return CapCheck(comps.transformer.cfg, pipeline_cls, parse_bytes(text, MAX_GPU_MEMORY_ENV),
-                    Layout(ctx.tp_size, ctx.ulysses_size, ctx.ring_size), None, _resident_blocks(),
-                    comps.name if comps.name == "tiny" else "", torch.empty((), dtype=comps.dtype).element_size())
+    cap = parse_bytes(text, MAX_GPU_MEMORY_ENV)
+    apply_plan(CapCheck.built(comps, pipeline_cls, cap).plan(64, 64, 1, 24.0), comps)
+    return CapCheck.built(comps, pipeline_cls)
 
 
 def pipeline_options(cls, server_args) -> dict:
@@ -212,8 +210,9 @@ def pipeline_options(cls, server_args) -> dict:
 
 def request_from_sglang(batch, cap=None) -> GenerationRequest:
     """sglang's Req (its SamplingParams fields) -> our GenerationRequest, validated (names the field);
-    with a cap (`sglang_cap`), a request over the plan is refused naming num_frames and the most
-    frames that fit at its size."""
+    with a cap (`sglang_cap`), planned as generate plans it (planning.request_plan: LTX2LongVideo's
+    auto tiles what does not fit in one piece, and then one tile must fit); a request over the plan
+    is refused naming num_frames (tile_frames for a tile) and the largest value that fits."""
 
     def first(v):
         return v[0] if isinstance(v, (list, tuple)) else v
@@ -236,7 +235,9 @@ def request_from_sglang(batch, cap=None) -> GenerationRequest:
     # the pipeline checks its own size rule and frame limit (a tiled long video takes more) when it runs
     req.validate(max_frames=TILED_MAX_FRAMES, spatial_multiple=32)
     if cap is not None:
-        cap.check(req.width, req.height, memory_frames(req), req.fps, "num_frames")
+        from ltx2_tp.pipelines.planning import request_plan
+
+        request_plan(cap, req, "num_frames")
     return req
 
 

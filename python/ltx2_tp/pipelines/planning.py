@@ -4,9 +4,11 @@ LTX2LongVideo's `auto` mode call.
 `plan_pipeline` maps a pipeline class to the planner's stages (two-stage classes: stage 1 at half
 size, guided unless the class is not; stage 2 at full size) and plans the request
 (memory/planner.py). `CapCheck` holds the planner's inputs that are fixed once the components are
-built (`CapCheck.built` reads them off the components, under the process's cap: `process_cap`);
-its `check` refuses a request over the cap as a RequestError naming the field the request used
-(`num_frames` or `seconds`) and the largest value that fits at its size.
+built (`CapCheck.built` reads them off the components, under the process's cap: `process_cap`).
+`request_plan` plans one request as its pipeline will run it (a tiling pipeline's `decide`: what
+does not fit in one piece is tiled, and then one tile is what must fit), or refuses it as OverCap,
+a RequestError naming the field the request used (`num_frames` or `seconds`; `tile_frames` for a
+tile) and the largest value that fits at its size.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ltx2_tp.latent_grid import TEMPORAL_SCALE
 from ltx2_tp.memory.device import device_bytes
 from ltx2_tp.memory.plan import PlanRule
 from ltx2_tp.memory.planner import COMPANION_BYTES, GEMMA3_12B_BYTES, Layout, PlanError, RequestPlan, plan_request
-from ltx2_tp.pipelines.request import RequestError
+from ltx2_tp.pipelines.request import TILE_FRAMES_RANGE, RequestError
 
 
 def text_encoder_bytes(model: str) -> int:
@@ -64,16 +67,17 @@ class CapCheck:
     plan_rule: PlanRule | None = None  # the built model's (its activation plans); None: the planner's choice
 
     @classmethod
-    def built(cls, comps, pipeline_cls) -> "CapCheck":
+    def built(cls, comps, pipeline_cls, cap: int | None = None) -> "CapCheck":
         """The components as built: this rank's layout (the transformer's ParallelContext), its
         blocks' storage (bf16 or the fp8 format), its resident blocks (all without block swap), the
         model dtype and PlanRule (its activation plans: the pipeline's chunk budget, or apply_plan's),
-        under the process's cap (process_cap). Static sizes only: the same on every rank."""
+        under `cap`, else the process's cap (process_cap). Static sizes only: the same on every rank."""
         from ltx2_tp.memory.swap import resident_blocks
         from ltx2_tp.models.ltx2.quantization import storage
 
         model, ctx = comps.transformer, comps.ctx
-        return cls(model.cfg, pipeline_cls, process_cap(comps), Layout(ctx.tp_size, ctx.ulysses_size, ctx.ring_size),
+        cap = process_cap(comps) if cap is None else cap
+        return cls(model.cfg, pipeline_cls, cap, Layout(ctx.tp_size, ctx.ulysses_size, ctx.ring_size),
                    storage(model), resident_blocks(model), comps.name, comps.dtype.itemsize, model.plan_rule)
 
     def plan(self, width: int, height: int, num_frames: int, fps: float, explain: bool = True) -> RequestPlan:
@@ -82,25 +86,69 @@ class CapCheck:
                              resident_blocks=self.resident_blocks, model=self.model, dtype_bytes=self.dtype_bytes,
                              explain=explain, plan_rule=self.plan_rule)
 
-    def check(self, width: int, height: int, num_frames: int, fps: float, field: str = "num_frames") -> None:
-        """RequestError(field) when the request does not fit, with the largest value that does:
-        frames (8k + 1) for num_frames, whole seconds (at `fps`) for seconds."""
-        try:
-            self.plan(width, height, num_frames, fps)
-        except PlanError as e:
-            frames = e.largest_frames
-            if field == "seconds":
-                if frames is None or frames == 1:
-                    raise RequestError(field, f"{width}x{height} does not fit this server's GPU memory cap at any "
-                                              "length; use a smaller size") from None
-                raise RequestError(field, f"{num_frames} frames at {width}x{height} do not fit this server's GPU "
-                                          f"memory cap; the most that fits at this size: {(frames - 1) / fps:g} "
-                                          f"seconds ({frames} frames at {fps:g} fps)") from None
-            if frames is None:
-                raise RequestError(field, f"{width}x{height} does not fit this server's GPU memory cap at any "
-                                          "length; use a smaller size") from None
-            raise RequestError(field, f"{num_frames} frames at {width}x{height} do not fit this server's GPU memory "
-                                      f"cap; the most that fits at this size: {frames}") from None
+
+@dataclass(frozen=True)
+class HeldRequest:
+    """A request as it runs under a cap: the frames it holds at once (the whole video, or one tile
+    when it is tiled: its first, no later tile is longer) and their plan."""
+
+    plan: RequestPlan
+    frames: int
+    tiled: bool = False  # held one tile at a time (frames < the request's)
+
+
+class OverCap(RequestError):
+    """A request over the cap: RequestError(field, message) as the server and sglang answer it, with
+    the planner's refusal (`error`: the smallest change) and the frames planned (`frames`)."""
+
+    def __init__(self, field: str, message: str, error: PlanError, frames: int):
+        super().__init__(field, message)
+        self.error, self.frames = error, frames
+
+
+def request_plan(check: CapCheck, req, field: str = "num_frames") -> HeldRequest:
+    """The plan of `req` as `check.pipeline_cls` will run it under `check` (generate, serve and
+    sglang call this): a tiling pipeline's choice (`decide`: auto tiles what does not fit in one
+    piece, under this same check) and, when it tiles, its first tile. A request that does not fit is
+    OverCap naming `field` (the one the request gave its length in: num_frames or seconds; a tile's
+    length: tile_frames) with the largest value that fits at its size. A tiled request's own errors
+    (images past the first tile, a format other than mp4) are RequestErrors naming their field."""
+    frames, tiled = req.num_frames, False
+    if getattr(check.pipeline_cls, "tiles", False):
+        choice = check.pipeline_cls.decide(req, check)
+        if choice.mode == "tiled" and choice.tiles[0].frames != req.num_frames:
+            frames, tiled = choice.tiles[0].frames, True
+    try:
+        return HeldRequest(check.plan(req.width, req.height, frames, req.fps), frames, tiled)
+    except PlanError as e:
+        if tiled:
+            raise OverCap("tile_frames", _tile_refusal(req, frames, e.largest_frames), e, frames) from None
+        raise OverCap(field, _refusal(req, frames, e.largest_frames, field), e, frames) from None
+
+
+def _refusal(req, frames: int, largest: int | None, field: str) -> str:
+    """The largest value of `field` that fits: frames (8k + 1), or whole seconds at the request's fps."""
+    size = f"{req.width}x{req.height}"
+    if largest is None or (field == "seconds" and largest == 1):
+        return f"{size} does not fit this server's GPU memory cap at any length; use a smaller size"
+    head = f"{frames} frames at {size} do not fit this server's GPU memory cap; the most that fits at this size: "
+    if field == "seconds":
+        return head + f"{(largest - 1) / req.fps:g} seconds ({largest} frames at {req.fps:g} fps)"
+    return head + str(largest)
+
+
+def _tile_refusal(req, frames: int, largest: int | None) -> str:
+    """The largest tile_frames whose tile fits: a tile of tile_frames / 8 latent frames decodes to
+    tile_frames - 7 frames (80 -> 73), so a tile of `largest` frames is tile_frames largest + 7."""
+    head = (f"one tile ({frames} frames: tile_frames {req.tile_frames}) of the tiled video at {req.width}x{req.height} "
+            "does not fit this server's GPU memory cap")
+    best = None if largest is None else largest + TEMPORAL_SCALE - 1
+    if best is None or best < TILE_FRAMES_RANGE[0]:
+        return f"{head} at any tile length (tile_frames >= {TILE_FRAMES_RANGE[0]}); use a smaller size"
+    # each tile must add 8 new frames: the overlap stays below the tile
+    overlap = "" if req.tile_overlap_frames <= best - TEMPORAL_SCALE else \
+        f" (with tile_overlap_frames at most {best - TEMPORAL_SCALE})"
+    return f"{head}; the most that fits at this size: tile_frames {best}{overlap}"
 
 
 def apply_plan(plan: RequestPlan | None, comps) -> None:

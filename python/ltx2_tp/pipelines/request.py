@@ -13,6 +13,7 @@ MAX_FRAMES = 2001  # one piece (dense): what every pipeline accepts
 # a typo from queueing a day of work (an hour at 24 fps).
 TILED_MAX_FRAMES = 86401
 LONG_VIDEO_MODES = ("auto", "dense", "tiled")
+TILE_FRAMES_RANGE = (24, 1000)  # ComfyUI's looping sampler's (tile_frames, multiples of 8)
 # What a pipeline whose first stage runs at half size needs (LTX2TwoStagePipeline and its
 # subclasses): the half size must itself be a multiple of the DiT's 32. Pipelines carry their own
 # `spatial_multiple`; this is the default for callers that validate before choosing one.
@@ -210,8 +211,9 @@ def _check_tiling(r: GenerationRequest) -> None:
     if r.long_video_mode not in LONG_VIDEO_MODES:
         raise RequestError("long_video_mode", f"must be one of {', '.join(LONG_VIDEO_MODES)}, got {r.long_video_mode!r}")
     t, o = r.tile_frames, r.tile_overlap_frames
-    if not (isinstance(t, int) and 24 <= t <= 1000 and t % TEMPORAL_SCALE == 0):
-        raise RequestError("tile_frames", f"must be a multiple of 8 between 24 and 1000, got {t}")
+    lo, hi = TILE_FRAMES_RANGE
+    if not (isinstance(t, int) and lo <= t <= hi and t % TEMPORAL_SCALE == 0):
+        raise RequestError("tile_frames", f"must be a multiple of 8 between {lo} and {hi}, got {t}")
     if not (isinstance(o, int) and 16 <= o <= t - 8 and o % TEMPORAL_SCALE == 0):
         raise RequestError("tile_overlap_frames", f"must be a multiple of 8 between 16 and tile_frames - 8 "
                            f"({t - 8}), got {o}")

@@ -13,8 +13,10 @@ upsampler's smallest input), and its default steps (distilled: its fixed 8; othe
 a 400, as are guidance fields: it has none). `size` "WxH" is rounded to multiples of 64 (the
 two-stage pipeline's grid: 1280x720 -> 1280x704; 13x70 -> 64x64); width / height override it; the
 job reports as `size` what is generated. `seconds` becomes the nearest 8k+1 frame count. Under
-serve --max-gpu-memory a request over the plan is a 400 naming num_frames (or seconds) and the
-largest count that fits (a tiled request: its first tile is what must fit).
+serve --max-gpu-memory a request is planned as generate plans it (planning.request_plan): an
+LTX2LongVideo request in long_video_mode auto whose whole video does not fit is tiled, and then its
+first tile is what must fit; a request over the plan is a 400 naming num_frames (or seconds) and
+the largest count that fits, or, for a tile, tile_frames and the largest tile that fits.
 Numbers arrive as form strings or JSON numbers: booleans, non-finite values (inf, nan, 1e400) and
 non-integers where an integer is needed are refused.
 """
@@ -29,7 +31,7 @@ import re
 from dataclasses import dataclass
 
 from ltx2_tp.latent_grid import LatentGrid
-from ltx2_tp.pipelines.planning import CapCheck
+from ltx2_tp.pipelines.planning import CapCheck, request_plan
 from ltx2_tp.pipelines.request import GUIDANCE_FIELDS, GenerationRequest, RequestError
 from ltx2_tp.pipelines.tiling import memory_frames
 from ltx2_tp.serving.errors import ApiError
@@ -186,23 +188,21 @@ def video_request(fields: dict, limits: Limits, pipelines=None, inputs: dict | N
         pipelines.check(req)
     except RequestError as e:
         raise ApiError(400, str(e), _param(e.field, fields)) from None
+    source = BY_TARGET["video_path"].name if req.video_path else None  # a retake is its source's size
     frames = memory_frames(req)  # a tiled video holds one tile at a time
+    if limits.cap is not None:  # planned as the request's pipeline runs it (stages, guidance passes, tiles)
+        field = source or ("num_frames" if fields.get("num_frames") not in (None, "") else "seconds")
+        cap = limits.cap if name is None else dataclasses.replace(limits.cap, pipeline_cls=cls)  # None: one pipeline
+        try:
+            frames = request_plan(cap, req, field).frames
+        except RequestError as e:  # over the cap (OverCap), or a tiled request's own rule
+            raise ApiError(400, str(e), _param(e.field, fields)) from None
     tokens = LatentGrid(frames, req.height, req.width).video_tokens
     what = "num_frames x size" if frames == req.num_frames else "a tile (tile_frames x size)"
-    source = BY_TARGET["video_path"].name if req.video_path else None  # a retake is its source's size
     if tokens > limits.max_video_tokens:
         raise ApiError(400, f"{'the source video' if source else what} needs {tokens} video tokens; this server's "
                             f"memory plan allows at most {limits.max_video_tokens} (lower num_frames, seconds or size)",
                        source or "num_frames")
-    if limits.cap is not None:  # the plan of the pipeline this request runs (stages, guidance passes)
-        field = source or ("num_frames" if fields.get("num_frames") not in (None, "") else "seconds")
-        if frames != req.num_frames:  # tiled: what must fit is one tile
-            field = "tile_frames"
-        try:
-            cap = limits.cap if name is None else dataclasses.replace(limits.cap, pipeline_cls=cls)
-            cap.check(req.width, req.height, frames, req.fps, field)
-        except RequestError as e:
-            raise ApiError(400, str(e), e.field) from None
     return req, str(seconds), f"{req.width}x{req.height}"
 
 
