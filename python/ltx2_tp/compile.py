@@ -49,10 +49,12 @@ def use_compile_cache(directory: str | Path) -> Path:
 
 
 def compile_cache_stats() -> dict[str, int]:
-    """This process's cache hits and misses so far (a miss is a graph compiled here)."""
+    """This process's cache hits and misses so far (a miss is a graph compiled here), and the graphs
+    Dynamo traced (each compiled or loaded from the cache; a request should add none once warm)."""
     from torch._dynamo.utils import counters
 
-    return {"fx_graph_cache_hits": counters["inductor"]["fxgraph_cache_hit"],
+    return {"dynamo_graphs": counters["stats"]["unique_graphs"],
+            "fx_graph_cache_hits": counters["inductor"]["fxgraph_cache_hit"],
             "fx_graph_cache_misses": counters["inductor"]["fxgraph_cache_miss"],
             "aot_autograd_cache_hits": counters["aot_autograd"]["autograd_cache_hit"],
             "aot_autograd_cache_misses": counters["aot_autograd"]["autograd_cache_miss"]}
