@@ -212,6 +212,9 @@ def main() -> int:
             use_compile_cache(a.compile_cache_dir)
         compile_blocks(comps.transformer)
     build_s = time.perf_counter() - t0
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print(f"build done in {build_s:.1f} s" + (" (the blocks compile in the first request)" if a.compile else ""),
+              flush=True)
     if a.guidance_batch_max_tokens is not None:
         from ltx2_tp.memory import planner  # the one batching rule (pipelines/guidance.py asks it)
 
@@ -364,8 +367,51 @@ def side_by_side(results: dict, official: dict, gpus: int) -> str:
     return "\n".join(lines)
 
 
+class ProgressLog:
+    """Where the first request of a pipeline is, printed as it goes (flushed, so a run cut off says
+    where it stopped): each stage's start and end, a denoising loop's first step (where a compiled
+    DiT compiles), every `every`-th step and its last, with the seconds since the request began
+    and, under --compile, the graphs Dynamo traced so far (a warm request adds none)."""
+
+    def __init__(self, label: str, compiled: bool, every: int = 5):
+        self.label, self.compiled, self.every, self.t0 = label, compiled, every, time.perf_counter()
+
+    def say(self, what: str) -> None:
+        graphs = ""
+        if self.compiled:
+            from torch._dynamo.utils import counters
+
+            graphs = f"  [graphs {counters['stats']['unique_graphs']}]"
+        print(f"  {self.label} {time.perf_counter() - self.t0:8.1f} s  {what}{graphs}", flush=True)
+
+    def step(self, stage: str, done: int, total: int, step_s: float | None) -> None:
+        if done == 0:
+            self.say(f"{stage}: {total} steps")
+        elif done in (1, total) or done % self.every == 0:
+            self.say(f"{stage} step {done}/{total}" + (f" ({step_s:.2f} s)" if step_s is not None else ""))
+
+    def timer(self, sync: bool):
+        """A StageTimer that says when each stage starts and ends."""
+        from contextlib import contextmanager
+
+        from ltx2_tp.pipelines.stages import StageTimer
+
+        log = self
+
+        class LoudTimer(StageTimer):
+            @contextmanager
+            def __call__(self, name: str):
+                log.say(f"{name} ...")
+                with StageTimer.__call__(self, name):
+                    yield
+                log.say(f"{name} done ({self.times[name]:.2f} s)")
+
+        return LoudTimer(sync=sync)
+
+
 def bench_pipeline(a, pipe, comps, ctx, rank0) -> dict:
-    """Warm-up + repeats of one pipeline: request time, stage times, per-step times."""
+    """Warm-up + repeats of one pipeline: request time, stage times, per-step times; the first
+    request's progress printed as it goes (ProgressLog)."""
     from ltx2_tp.pipelines.stages import StageTimer
 
     sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
@@ -376,18 +422,23 @@ def bench_pipeline(a, pipe, comps, ctx, rank0) -> dict:
     for i in range(a.warmup + a.repeat):
         step_t: dict[str, list[float]] = {"stage1": [], "stage2": []}
         last = [time.perf_counter()]
+        log = ProgressLog(f"{pipe.name} run {i}", a.compile, max(1, steps // 8)) if rank0 and i == 0 else None
 
         def progress(stage, done, total):
+            step_s = None
             if stage in step_t:
                 sync()
                 now = time.perf_counter()
                 if done:  # done == 0: the loop starts
-                    step_t[stage].append(now - last[0])
+                    step_s = now - last[0]
+                    step_t[stage].append(step_s)
                 last[0] = now
                 seen[stage] = total
+            if log is not None and stage != "done":
+                log.step(stage, done, total, step_s)
 
         req = make_request(a, steps, i)
-        timer = StageTimer(sync=a.device == "cuda")
+        timer = log.timer(a.device == "cuda") if log is not None else StageTimer(sync=a.device == "cuda")
         sync()
         t = time.perf_counter()
         pipe(req, OUT_DIR / f"r{i}_rank{rank}.mp4", progress=progress, timer=timer)

@@ -1,7 +1,13 @@
 """torch.compile of the DiT blocks: fuses the elementwise work around AdaLN, RoPE, norms and gates.
 
 Blocks share one graph per input shape (their index is not specialised), so compilation is paid
-once per resolution, not once per block.
+once per resolution, not once per block. Nothing a block branches on may depend on its index:
+the model resolves each block's guidance skips before calling it (inputs.BlockSkips). When the
+block looked up `index in stg_blocks` itself, the official guidance (STG on block 29) made one
+graph per block: 49 for a 19B request instead of 3 (issue 19; the first request ran > 400 s on an
+H100 without finishing). An official-guidance two-stage request compiles 3 graphs per shape: stage
+1's block, stage 1's STG block (its self-attention keep-mask), stage 2's block; plain CFG 2
+(test_compile.py). NVTX ranges (LTX2_TP_NVTX=1) name the block and do specialise on it.
 
 Warm starts: `use_compile_cache(dir)` puts inductor's on-disk caches in `dir` (FX graph cache,
 AOTAutograd cache, the Triton kernels and their autotuning results: all under
@@ -43,10 +49,12 @@ def use_compile_cache(directory: str | Path) -> Path:
 
 
 def compile_cache_stats() -> dict[str, int]:
-    """This process's cache hits and misses so far (a miss is a graph compiled here)."""
+    """This process's cache hits and misses so far (a miss is a graph compiled here), and the graphs
+    Dynamo traced (each compiled or loaded from the cache; a request should add none once warm)."""
     from torch._dynamo.utils import counters
 
-    return {"fx_graph_cache_hits": counters["inductor"]["fxgraph_cache_hit"],
+    return {"dynamo_graphs": counters["stats"]["unique_graphs"],
+            "fx_graph_cache_hits": counters["inductor"]["fxgraph_cache_hit"],
             "fx_graph_cache_misses": counters["inductor"]["fxgraph_cache_miss"],
             "aot_autograd_cache_hits": counters["aot_autograd"]["autograd_cache_hit"],
             "aot_autograd_cache_misses": counters["aot_autograd"]["autograd_cache_miss"]}

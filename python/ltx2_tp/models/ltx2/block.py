@@ -31,7 +31,8 @@ from ltx2_tp.memory.offload import HostTokens, rows
 from ltx2_tp.memory.plan import ExecutionPlan, token_chunks
 from ltx2_tp.models.ltx2.chunked import add_residual, stitch
 from ltx2_tp.models.ltx2.config import LTX2Config
-from ltx2_tp.models.ltx2.inputs import SKIP_A2V, SKIP_AUDIO_SELF_ATTN, SKIP_V2A, SKIP_VIDEO_SELF_ATTN
+from ltx2_tp.models.ltx2.inputs import (SKIP_A2V, SKIP_AUDIO_SELF_ATTN, SKIP_V2A, SKIP_VIDEO_SELF_ATTN,
+                                        BlockSkips)
 from ltx2_tp.profiling import nvtx_range
 
 if TYPE_CHECKING:
@@ -98,30 +99,31 @@ class AVTransformerBlock(nn.Module):
                 self.audio_prompt_scale_shift_table = nn.Parameter(torch.empty(2, cfg.audio_inner_dim))
 
     # ---------------------------------------------------------------------------------------
-    def forward(self, video: StreamState | None, audio: StreamState | None, pert, plan: ExecutionPlan) -> None:
+    def forward(self, video: StreamState | None, audio: StreamState | None, skips: BlockSkips,
+                plan: ExecutionPlan) -> None:
         run_v = video is not None and video.enabled and video.total > 0
         run_a = audio is not None and audio.enabled and audio.total > 0
         with nvtx_range("block", self.idx):
             if run_v:
-                self._self_attention(self.attn1, video, self.scale_shift_table, pert, SKIP_VIDEO_SELF_ATTN, plan)
+                self._self_attention(self.attn1, video, self.scale_shift_table, skips, SKIP_VIDEO_SELF_ATTN, plan)
                 self._text_attention(self.attn2, video, self.scale_shift_table,
                                      getattr(self, "prompt_scale_shift_table", None), plan)
             if run_a:
-                self._self_attention(self.audio_attn1, audio, self.audio_scale_shift_table, pert,
+                self._self_attention(self.audio_attn1, audio, self.audio_scale_shift_table, skips,
                                      SKIP_AUDIO_SELF_ATTN, plan)
                 self._text_attention(self.audio_attn2, audio, self.audio_scale_shift_table,
                                      getattr(self, "audio_prompt_scale_shift_table", None), plan)
             run_a2v = run_v and audio is not None and audio.total > 0
             run_v2a = run_a and video is not None and video.total > 0
             if run_a2v or run_v2a:
-                self._av_cross_attention(video, audio, run_a2v, run_v2a, pert, plan)
+                self._av_cross_attention(video, audio, run_a2v, run_v2a, skips, plan)
             if run_v:
                 self._feedforward(self.ff, video, self.scale_shift_table, plan)
             if run_a:
                 self._feedforward(self.audio_ff, audio, self.audio_scale_shift_table, plan)
 
     # ---------------------------------------------------------------------------------------
-    def _self_attention(self, attn: Attention, st: StreamState, table, pert, kind: str, plan: ExecutionPlan) -> None:
+    def _self_attention(self, attn: Attention, st: StreamState, table, skips, kind: str, plan: ExecutionPlan) -> None:
         """x = x + attn(modulate(norm(x))) * gate, attention over the whole (maybe SP-split) sequence.
         STG: samples that skip this attention pass its value projection through instead.
         Queries within one attention chunk (up to 1080p x 121 at the default budget): one pass,
@@ -130,14 +132,14 @@ class AVTransformerBlock(nn.Module):
         with nvtx_range("self_attention"):
             ring = st.layout.split and self.ctx.ring_size > 1
             if plan.two_pass(max(st.layout.sizes), plan.kv_offload and st.offload) and not ring:
-                self._self_attention_two_pass(attn, st, table, pert, kind, plan)
+                self._self_attention_two_pass(attn, st, table, skips, kind, plan)
             else:
-                self._self_attention_one_pass(attn, st, table, pert, kind, plan)
+                self._self_attention_one_pass(attn, st, table, skips, kind, plan)
 
-    def _self_attention_one_pass(self, attn: Attention, st: StreamState, table, pert, kind: str,
+    def _self_attention_one_pass(self, attn: Attention, st: StreamState, table, skips, kind: str,
                                  plan: ExecutionPlan) -> None:
         x, n = st.x, st.x.shape[1]
-        skip_all = pert.all_in_batch(kind, self.idx)
+        skip_all = skips.all_in_batch(kind)
         chunks = token_chunks(n, plan.attn_chunk_tokens)
         walk = rows(x, chunks)
 
@@ -160,8 +162,8 @@ class AVTransformerBlock(nn.Module):
             o = self_attention(q, k, v, st.layout, self.ctx, plan.attn_chunk_tokens, st.self_mask,
                                plan.ulysses_head_groups, st.window)
             del q, k
-            if pert.any_in_batch(kind, self.idx):
-                m = pert.mask(kind, self.idx, x.device, x.dtype).view(-1, 1, 1, 1)
+            if skips.any_in_batch(kind):
+                m = skips.mask(kind).view(-1, 1, 1, 1)
                 o = o * m + v * (1 - m)
 
         def out(s, e, xc):
@@ -170,7 +172,7 @@ class AVTransformerBlock(nn.Module):
 
         add_residual(x, plan.out_chunks(n, plan.attn_chunk_tokens), out)
 
-    def _self_attention_two_pass(self, attn: Attention, st: StreamState, table, pert, kind: str,
+    def _self_attention_two_pass(self, attn: Attention, st: StreamState, table, skips, kind: str,
                                  plan: ExecutionPlan) -> None:
         """Pass 1: K and V of every token of this rank, chunk by chunk, into the keys' store (under
         Ulysses through its all-to-all). Pass 2, per query chunk: q, attention against all keys,
@@ -186,7 +188,7 @@ class AVTransformerBlock(nn.Module):
             (gate,) = ada_values(table, st.mod, s, e, slice(2, 3))
             return attn.out_start(o, attn.gates(h)), gate
 
-        if pert.all_in_batch(kind, self.idx):  # every sample passes v through: no keys, no collectives
+        if skips.all_in_batch(kind):  # every sample passes v through: no keys, no collectives
             def value(s, e, xc):
                 h = modulated(s, e, xc)
                 return gated(s, e, attn.v_only(h), h)
@@ -202,8 +204,8 @@ class AVTransformerBlock(nn.Module):
         keys.finish()
         del walk  # its chunk slots (a parked residual)
         m = None
-        if pert.any_in_batch(kind, self.idx):  # these samples pass v through (recomputed per chunk)
-            m = pert.mask(kind, self.idx, st.x.device, st.x.dtype).view(-1, 1, 1, 1)
+        if skips.any_in_batch(kind):  # these samples pass v through (recomputed per chunk)
+            m = skips.mask(kind).view(-1, 1, 1, 1)
 
         def query(s, e, xc):
             h = modulated(s, e, xc)
@@ -232,19 +234,19 @@ class AVTransformerBlock(nn.Module):
             add_residual(x, plan.out_chunks(x.shape[1], plan.attn_chunk_tokens), branch)
 
     def _av_cross_attention(self, video: StreamState, audio: StreamState, run_a2v: bool, run_v2a: bool,
-                            pert, plan: ExecutionPlan) -> None:
+                            skips, plan: ExecutionPlan) -> None:
         """vx = vx + a2v(video queries, audio keys) * gate and ax = ax + v2a(audio queries, video keys)
         * gate, both reading the streams as they were before either update. Audio is whole on
         every rank: its side is computed once. Video is walked in chunks: each chunk is read
         (normed) before its own a2v update, and serves v2a as keys too."""
-        do_a2v = run_a2v and not pert.all_in_batch(SKIP_A2V, self.idx)
-        do_v2a = run_v2a and not pert.all_in_batch(SKIP_V2A, self.idx)
+        do_a2v = run_a2v and not skips.all_in_batch(SKIP_A2V)
+        do_v2a = run_v2a and not skips.all_in_batch(SKIP_V2A)
         if not (do_a2v or do_v2a):
             return
         with nvtx_range("av_cross_attention"):
             audio_norm, audio_rope = rms_norm(audio.x, self.cfg.norm_eps), audio.cross_rope(0, audio.x.shape[1])
-            a2v = self._audio_to_video(video, audio, audio_norm, audio_rope, pert) if do_a2v else None
-            v2a = self._video_to_audio(video, audio, audio_norm, audio_rope, pert) if do_v2a else None
+            a2v = self._audio_to_video(video, audio, audio_norm, audio_rope, skips) if do_a2v else None
+            v2a = self._video_to_audio(video, audio, audio_norm, audio_rope, skips) if do_v2a else None
             chunks = plan.out_chunks(video.x.shape[1], plan.attn_chunk_tokens)
 
             def video_side(s, e, xc):  # this video chunk as both directions read it
@@ -265,21 +267,21 @@ class AVTransformerBlock(nn.Module):
             if v2a is not None:
                 audio.x += v2a.output()
 
-    def _audio_to_video(self, video: StreamState, audio: StreamState, audio_norm, audio_rope, pert) -> "_AudioToVideo":
+    def _audio_to_video(self, video: StreamState, audio: StreamState, audio_norm, audio_rope, skips) -> "_AudioToVideo":
         scale_v, shift_v, gate = _av_ada(self.scale_shift_table_a2v_ca_video, video, slice(0, 2))
         scale_a, shift_a, _ = _av_ada(self.scale_shift_table_a2v_ca_audio, audio, slice(0, 2))
         attn = self.audio_to_video_attn
         k, v = attn.kv(audio_norm * (1 + scale_a) + shift_a)
         return _AudioToVideo(attn, self._rope(k, *audio_rope), v, scale_v, shift_v,
-                             _gate_skipping(gate, pert, SKIP_A2V, self.idx), self.cfg.rope_type)
+                             _gate_skipping(gate, skips, SKIP_A2V), self.cfg.rope_type)
 
-    def _video_to_audio(self, video: StreamState, audio: StreamState, audio_norm, audio_rope, pert) -> "_VideoToAudio":
+    def _video_to_audio(self, video: StreamState, audio: StreamState, audio_norm, audio_rope, skips) -> "_VideoToAudio":
         scale_a, shift_a, gate = _av_ada(self.scale_shift_table_a2v_ca_audio, audio, slice(2, 4))
         scale_v, shift_v, _ = _av_ada(self.scale_shift_table_a2v_ca_video, video, slice(2, 4))
         attn = self.video_to_audio_attn
         q_in = audio_norm * (1 + scale_a) + shift_a
         q = SplitKeyAttention(self._rope(attn.q(q_in), *audio_rope), video.layout, self.ctx)
-        return _VideoToAudio(attn, q_in, q, scale_v, shift_v, _gate_skipping(gate, pert, SKIP_V2A, self.idx),
+        return _VideoToAudio(attn, q_in, q, scale_v, shift_v, _gate_skipping(gate, skips, SKIP_V2A),
                              self.cfg.rope_type)
 
     def _feedforward(self, ff: FeedForward, st: StreamState, table, plan: ExecutionPlan) -> None:
@@ -342,13 +344,12 @@ def _modulate_prompt(st: StreamState, prompt_table: torch.Tensor) -> torch.Tenso
     return st.context * (1 + scale) + shift
 
 
-def _gate_skipping(gate: torch.Tensor, pert, kind: str, block: int) -> torch.Tensor:
+def _gate_skipping(gate: torch.Tensor, skips: BlockSkips, kind: str) -> torch.Tensor:
     """The gate with zeros for the samples that skip this attention (0 / 1 per sample: folding it
-    into the gate is exact). No sample skips: the gate as it is (no multiply, and a compiled block
-    does not specialise on its index)."""
-    if not pert.any_in_batch(kind, block):
+    into the gate is exact). No sample skips: the gate as it is (no multiply)."""
+    if not skips.any_in_batch(kind):
         return gate
-    return gate * pert.mask(kind, block, gate.device, gate.dtype).view(-1, 1, 1)
+    return gate * skips.mask(kind).view(-1, 1, 1)
 
 
 def _av_ada(table: torch.Tensor, st: StreamState, sl: slice):

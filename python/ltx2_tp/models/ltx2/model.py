@@ -101,9 +101,12 @@ class LTX2Model(nn.Module):
                 v = self._prepare("video", video, audio, SequenceLayout.for_context(video.latent.shape[1], self.ctx), plan)
             if audio is not None:  # 25 tokens/s: whole on every rank
                 a = self._prepare("audio", audio, video, SequenceLayout.whole(audio.latent.shape[1]), plan)
+            # each block's skips resolved here: the block never branches on its index (compile.py)
+            ref = (video if video is not None else audio).latent
+            skips = pert.per_block(len(self.transformer_blocks), ref.device, ref.dtype)
             for i, block in enumerate(self.transformer_blocks):
                 with self.residency.loaded(i):
-                    block(v, a, pert, plan)
+                    block(v, a, skips[i], plan)
             vx = self._output("video", v, plan) if v is not None else None
             ax = self._output("audio", a, plan) if a is not None else None
         return vx, ax
