@@ -237,7 +237,8 @@ def test_bad_uploads_are_400s_naming_the_field(server, media, case):
         "not_a_video": ([("video_reference", ("a.mp4", b"not a video at all", "video/mp4"))],
                         dict(model="retake", start_time="0", end_time="0.1"), "video_reference", "video file"),
         "image_as_video": ([("video_reference", ("a.png", media["image"].read_bytes(), "image/png"))],
-                           dict(model="retake", start_time="0", end_time="0.1"), "video_reference", "no video stream"),
+                           dict(model="retake", start_time="0", end_time="0.1"), "video_reference",
+                           "must be a video file"),  # image demuxers are not in media_probe.SAFE_FORMATS
         "no_audio_stream": ([("audio_path", _mp4_without_audio(media))], dict(model="a2vid_two_stage", **SIZE),
                             "audio_path", "no audio stream"),
         "start_after_clip": (src, dict(model="retake", start_time="0.5", end_time="0.6"), "start_time",
@@ -413,3 +414,18 @@ def test_probe_reads_the_header_and_bounds_the_media(tmp_path, media):
     with pytest.raises(ApiError) as e:
         probe(cut, "video_reference", "video", max_frames=9)
     assert e.value.param == "video_reference"
+
+
+def test_a_playlist_cannot_make_the_probe_read_another_file(tmp_path, media):
+    """An .m3u8 upload naming a video elsewhere on the server must not be opened as that video
+    (review finding: the hls demuxer decoded the other file and the probe accepted it)."""
+    from ltx2_tp.serving.errors import ApiError
+    from ltx2_tp.serving.media_probe import probe
+
+    secret = media["reference"]  # another file on the server (9 frames)
+    playlist = tmp_path / "video_reference.m3u8"
+    playlist.write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:1.0,\n{secret}\n#EXT-X-ENDLIST\n")
+    with pytest.raises(ApiError) as e:
+        probe(playlist, "video_reference", "video", 2001)
+    assert e.value.status == 400 and e.value.param == "video_reference"
+    assert probe(secret, "video_reference", "video", 2001).frames == 9  # a real MP4 still opens

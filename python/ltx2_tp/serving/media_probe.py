@@ -13,6 +13,12 @@ from ltx2_tp.serving.errors import ApiError
 # or a hostile header without refusing any real soundtrack; the byte limit is the real bound.
 MAX_AUDIO_SECONDS = 3600.0
 MAX_FPS = 120.0  # what a request's fps allows (request.py); a retake's output keeps the source's fps
+# Demuxers an upload may be opened with, and local files only: a playlist (HLS, concat, ...) would
+# make FFmpeg read other files on the server or fetch URLs (found in review: an .m3u8 upload naming
+# another job's video.mp4 was decoded and accepted). FFmpeg matches these against each demuxer's
+# name list ("mov" covers mp4 / m4a / 3gp).
+SAFE_FORMATS = "mov,matroska,webm,avi,wav,mp3,flac,ogg,aac"
+OPEN_OPTIONS = {"format_whitelist": SAFE_FORMATS, "protocol_whitelist": "file"}
 WHAT = {"video": "a video file (MP4, WebM, MOV, MKV)", "audio": "an audio file (WAV, MP3, FLAC, AAC, or a video "
         "with sound)"}
 
@@ -38,15 +44,13 @@ def probe(path: Path, param: str, kind: str, max_frames: int, max_side: int = 40
     import av
 
     try:
-        container = av.open(str(path), metadata_errors="ignore")
+        container = av.open(str(path), metadata_errors="ignore", options=OPEN_OPTIONS)
     except (av.FFmpegError, OSError, ValueError):
         raise ApiError(400, f"{param} must be {WHAT[kind]}; FFmpeg cannot read it", param, "invalid_media") from None
     with container:
         fmt = container.format.name
         video = container.streams.video[0] if container.streams.video else None
         audio = container.streams.audio[0] if container.streams.audio else None
-        if fmt == "image2" or fmt.endswith("_pipe"):  # a still image opens as a one-frame "video"
-            video = None
         info = MediaInfo(fmt, audio_seconds=_seconds(container, audio) if audio is not None else None)
         decoded = False
         if kind == "video":

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import io
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +29,8 @@ MAX_IMAGE_PIXELS = 4096 * 4096  # the largest video side the request allows, squ
 MAX_REFERENCE_VIDEOS = 4  # IC-LoRA references per request (ltx-pipelines' examples use one or two)
 MAX_MEDIA_BYTES = 256 * 2**20  # serve --max-media-upload-bytes: a request's videos and audio together
 PARAM = "input_reference"
-_SUFFIX_RE = re.compile(r"^\.[A-Za-z0-9]{1,5}$")
+# suffixes kept from the client's file name (the pipelines open the stored file by its name too)
+SAFE_SUFFIXES = {".mp4", ".mov", ".m4v", ".m4a", ".mkv", ".webm", ".avi", ".wav", ".mp3", ".flac", ".ogg", ".aac"}
 _CHUNK = 2**20
 
 
@@ -47,7 +47,7 @@ class UploadField:
         if self.kind == "image":
             return f"{self.name}.png"  # decoded and written as PNG
         suffix = Path(client_name or "").suffix
-        suffix = suffix.lower() if _SUFFIX_RE.match(suffix) else ""
+        suffix = suffix.lower() if suffix.lower() in SAFE_SUFFIXES else ""
         return f"{self.name}{f'_{index}' if self.many > 1 else ''}{suffix}"
 
 
