@@ -142,7 +142,8 @@ def capped_plan(a, pipeline_cls, num_frames: int, fps: float = 24.0):
 
     cap = parse_bytes(a.max_gpu_memory)
     plan = plan_pipeline(get_config(a.model), pipeline_cls, width=a.width, height=a.height, num_frames=num_frames,
-                         fps=fps, cap=cap, storage=a.quantization, resident_blocks=a.resident_blocks, model=a.model)
+                         fps=fps, cap=cap, storage=a.quantization, resident_blocks=a.resident_blocks, model=a.model,
+                         text_encoder=False)  # a fixed random context stands in for Gemma
     print(plan.table(), flush=True)
     if str(a.device).startswith("cuda"):
         hard_cap(cap, torch.device(a.device))

@@ -372,3 +372,18 @@ def test_sglang_request_over_the_cap_names_num_frames(monkeypatch):
     with pytest.raises(RequestError, match="num_frames: 25 frames at 64x64 do not fit") as e:
         request_from_sglang(batch(25, long_video_mode="dense"), check)
     assert str(e.value).endswith("the most that fits at this size: 17")
+
+
+def test_a_text_encoder_kept_on_the_gpu_is_counted_in_every_phase():
+    """Gemma on the GPU stays there for the whole request: with room for it (64 GiB) it is a fixed
+    weight of every DiT phase and the peaks stay under the cap; where the request does not fit with
+    it (24 GiB) it goes to the host (review finding: it was left out of the DiT phases)."""
+    from ltx2_tp.memory.planner import GEMMA3_12B_BYTES
+
+    kw = dict(num_frames=241, **FHD, text_encoder_bytes=GEMMA3_12B_BYTES)
+    on_gpu = plan_request(BIG, max_gpu_memory_bytes=64 * GIB, **kw)
+    assert not on_gpu.text_encoder_on_host
+    assert all(p.other == GEMMA3_12B_BYTES and p.peak <= 64 * GIB for p in on_gpu.dit_phases)
+    alone = plan_request(BIG, max_gpu_memory_bytes=64 * GIB, **{**kw, "text_encoder_bytes": 0})
+    assert on_gpu.resident_blocks < alone.resident_blocks  # the encoder takes room blocks had
+    assert plan_request(BIG, max_gpu_memory_bytes=24 * GIB, **kw).text_encoder_on_host

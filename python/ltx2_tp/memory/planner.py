@@ -281,12 +281,24 @@ def plan_request(cfg, *, width: int, height: int, num_frames: int, max_gpu_memor
         raise ValueError(f"--resident-blocks must be in [0, {cfg.num_layers}] (the model's blocks), got {resident_blocks}")
     cap = int(max_gpu_memory_bytes)
     candidates = [layout] if layout is not None else layouts(cfg, num_gpus)
-    tried = []
-    for lay in candidates:  # every layout: the first that fits is used, the least required is reported
-        shapes = _stage_shapes(cfg, width, height, num_frames, fps, two_stage, guided, lay, dtype_bytes, text_tokens,
-                               per_token_timesteps)
-        fit = _fit(cfg, cap, storage, lay, shapes, resident_blocks, dtype_bytes, companion_bytes, plan_rule)
-        tried.append((lay, fit, shapes))
+
+    def attempt(encoder: int):  # every layout: the first that fits is used, the least required is reported
+        tried = []
+        for lay in candidates:
+            shapes = _stage_shapes(cfg, width, height, num_frames, fps, two_stage, guided, lay, dtype_bytes,
+                                   text_tokens, per_token_timesteps)
+            fit = _fit(cfg, cap, storage, lay, shapes, resident_blocks, dtype_bytes, companion_bytes + encoder,
+                       plan_rule)
+            tried.append((lay, fit, shapes))
+        return tried
+
+    # The text encoder on the GPU stays there for the whole request (pipelines build it once): it
+    # is one more fixed weight of every phase. When the request does not fit with it, it runs on
+    # the host and only its outputs reach the GPU.
+    encoder = text_encoder_bytes
+    tried = attempt(encoder)
+    if encoder and not any(t[1]["fits"] for t in tried):
+        encoder, tried = 0, attempt(0)
     fitting = [t for t in tried if t[1]["fits"]]
     least = min(tried, key=lambda t: t[1]["required"])
     lay, f, shapes = fitting[0] if fitting else least
@@ -294,23 +306,23 @@ def plan_request(cfg, *, width: int, height: int, num_frames: int, max_gpu_memor
                      required=least[1]["required"])
     rp.header = (f"plan: {pipeline or ('two-stage' if two_stage else 'one-stage')} {width}x{height}x{num_frames} "
                  f"@{fps:g} fps, {model or 'model'} {storage}, {lay.num_gpus} GPU, cap {gib(cap)} per GPU")
-    dit_weights = f["weights"]
-    enc_peak = _with_margin(text_encoder_bytes + dit_weights)
-    rp.text_encoder_on_host = bool(text_encoder_bytes) and enc_peak > cap
-    if rp.text_encoder_on_host:  # beside the DiT's device weights it does not fit: it runs on the CPU
+    dit_weights = f["weights"] - encoder
+    rp.text_encoder_on_host = bool(text_encoder_bytes) and not encoder
+    if rp.text_encoder_on_host:
         rp.phases.append(Phase("text_encoder", weights=dit_weights, note=(
-            f"on the host (CPU, bf16): {gib(text_encoder_bytes)} of encoder weights beside the DiT's "
-            f"{gib(dit_weights)} would need {gib(enc_peak)}; only its outputs reach the GPU (slower: minutes)")))
+            f"on the host (CPU, bf16): the request does not fit with {gib(text_encoder_bytes)} of encoder weights "
+            "on the GPU for the whole request; only its outputs reach the GPU (slower: minutes)")))
     else:
-        rp.phases.append(Phase("text_encoder", other=text_encoder_bytes, weights=dit_weights,
-                               peak=enc_peak if text_encoder_bytes else 0, note="" if not text_encoder_bytes else
+        rp.phases.append(Phase("text_encoder", other=encoder, weights=dit_weights,
+                               peak=_with_margin(encoder + dit_weights) if encoder else 0, note="" if not encoder else
                                "on the GPU beside the DiT's device weights for the whole request (its activations "
                                "are not counted)"))
     for (name, grid, shape), (plan, act, ok) in zip(shapes, f["plans"]):
         rp.phases.append(Phase(name, grid.width, grid.height, grid.frames, shape.video_tokens, shape.audio_tokens,
-                               shape.batch, plan, dit_weights, act, 0, _with_margin(dit_weights + act), ok))
-    rp.phases.append(Phase("vae_decode", width, height, num_frames, weights=dit_weights,
-                           note="temporal tiles sized from the free memory at decode time (pipelines/decode.py)"))
+                               shape.batch, plan, dit_weights, act, encoder, _with_margin(dit_weights + act + encoder),
+                               ok))
+    rp.phases.append(Phase("vae_decode", width, height, num_frames, weights=dit_weights, other=encoder,
+                           note="pieces sized from what the process may still use at decode time (pipelines/decode.py)"))
     if f["fits"]:
         return rp
     if not explain:

@@ -32,15 +32,16 @@ def text_encoder_bytes(model: str) -> int:
 def plan_pipeline(cfg, pipeline_cls, *, width: int, height: int, num_frames: int, fps: float, cap: int,
                   num_gpus: int = 1, layout: Layout | None = None, storage: str | None = None,
                   resident_blocks: int | None = None, model: str = "", dtype_bytes: int = 2,
-                  explain: bool = True, plan_rule: PlanRule | None = None) -> RequestPlan:
+                  explain: bool = True, plan_rule: PlanRule | None = None, text_encoder: bool = True) -> RequestPlan:
     """The planner's plan of one request of `pipeline_cls`, or PlanError (explain=False: without
-    searching for the smallest change that would fit; plan_rule: a built model's, plan_request's)."""
+    searching for the smallest change that would fit; plan_rule: a built model's, plan_request's;
+    text_encoder=False: no Gemma to place, e.g. the benchmarks' random context)."""
     from ltx2_tp.pipelines.two_stage import LTX2TwoStagePipeline
 
     return plan_request(cfg, width=width, height=height, num_frames=num_frames, fps=fps, max_gpu_memory_bytes=cap,
                         two_stage=issubclass(pipeline_cls, LTX2TwoStagePipeline), guided=pipeline_cls.guided,
                         num_gpus=num_gpus, layout=layout, storage=storage or "bf16", resident_blocks=resident_blocks,
-                        text_encoder_bytes=text_encoder_bytes(model),
+                        text_encoder_bytes=text_encoder_bytes(model) if text_encoder else 0,
                         companion_bytes=0 if model == "tiny" else COMPANION_BYTES, pipeline=pipeline_cls.name, model=model,
                         dtype_bytes=dtype_bytes, explain=explain, plan_rule=plan_rule)
 
