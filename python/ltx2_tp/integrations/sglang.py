@@ -237,6 +237,7 @@ def request_from_sglang(batch, cap=None) -> GenerationRequest:
     if cap is not None:
         from ltx2_tp.pipelines.planning import request_plan
 
+        cap.pipeline_cls.check_request(req, cap.cfg.num_layers)  # a retake takes its source's size and frames
         request_plan(cap, req, "num_frames")
     return req
 
