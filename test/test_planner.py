@@ -387,3 +387,19 @@ def test_a_text_encoder_kept_on_the_gpu_is_counted_in_every_phase():
     alone = plan_request(BIG, max_gpu_memory_bytes=64 * GIB, **{**kw, "text_encoder_bytes": 0})
     assert on_gpu.resident_blocks < alone.resident_blocks  # the encoder takes room blocks had
     assert plan_request(BIG, max_gpu_memory_bytes=24 * GIB, **kw).text_encoder_on_host
+
+
+def test_a_built_encoder_on_the_gpu_is_counted_as_built():
+    """A CapCheck of built components carries the encoder's device bytes (CapCheck.built): the
+    planner then counts exactly those in every phase and never moves it to the host."""
+    from ltx2_tp.pipelines.planning import plan_pipeline
+    from ltx2_tp.pipelines.two_stage import LTX2TwoStagePipeline as cls
+
+    kw = dict(width=1920, height=1088, num_frames=241, fps=24.0, cap=64 * GIB, model="ltx-2-19b")
+    placed = plan_pipeline(BIG, cls, **kw)  # the planner places Gemma: on the GPU at 64 GiB
+    built = plan_pipeline(BIG, cls, **kw, encoder_on_gpu=placed.phases[1].other)
+    assert not placed.text_encoder_on_host and placed.phases[1].other > 0
+    assert built.peak == placed.peak and built.resident_blocks == placed.resident_blocks
+    with pytest.raises(PlanError):  # at 24 GiB a built 22.7 GiB encoder leaves no room; the planner would move it
+        plan_pipeline(BIG, cls, **{**kw, "cap": 24 * GIB}, encoder_on_gpu=placed.phases[1].other)
+    assert plan_pipeline(BIG, cls, **{**kw, "cap": 24 * GIB}).text_encoder_on_host

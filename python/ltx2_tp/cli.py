@@ -238,7 +238,7 @@ def cmd_generate(args) -> int:
 def cmd_serve(args) -> int:
     import uvicorn
 
-    from ltx2_tp.pipelines.planning import apply_plan
+    from ltx2_tp.pipelines.planning import CapCheck, apply_plan
     from ltx2_tp.pipelines.registry import get_pipeline_class, resolve_pipeline_name
     from ltx2_tp.serving.api import create_app
     from ltx2_tp.serving.events import log_to_stderr
@@ -295,6 +295,7 @@ def cmd_serve(args) -> int:
     comps = _components(args, files)
     if cap is not None:  # before the pipelines are built: every job runs under the plan's activation budget
         apply_plan(cap.plan(64, 64, 1, 24.0), comps)  # the budget depends on the weights only
+        cap = CapCheck.built(comps, cls, cap.cap)  # requests are checked as jobs decide: the components as built
     pipe = ServedPipelines(comps, default, args.served_model_name, args.num_inference_steps, encoder,
                            stream_decode=stream, fixed_plan_rule=cap is not None, ic_loras=ic_loras)
     if args.warmup:  # again, as the API checks them: the served pipeline's size rule, the cap

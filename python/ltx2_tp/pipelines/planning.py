@@ -32,18 +32,22 @@ def text_encoder_bytes(model: str) -> int:
 def plan_pipeline(cfg, pipeline_cls, *, width: int, height: int, num_frames: int, fps: float, cap: int,
                   num_gpus: int = 1, layout: Layout | None = None, storage: str | None = None,
                   resident_blocks: int | None = None, model: str = "", dtype_bytes: int = 2,
-                  explain: bool = True, plan_rule: PlanRule | None = None, text_encoder: bool = True) -> RequestPlan:
+                  explain: bool = True, plan_rule: PlanRule | None = None, text_encoder: bool = True,
+                  encoder_on_gpu: int | None = None) -> RequestPlan:
     """The planner's plan of one request of `pipeline_cls`, or PlanError (explain=False: without
     searching for the smallest change that would fit; plan_rule: a built model's, plan_request's;
-    text_encoder=False: no Gemma to place, e.g. the benchmarks' random context)."""
+    text_encoder=False: no Gemma to place, e.g. the benchmarks' random context; encoder_on_gpu: the
+    bytes of an encoder already built on the GPU, a fixed weight of every phase)."""
     from ltx2_tp.pipelines.two_stage import LTX2TwoStagePipeline
 
+    place = text_encoder and encoder_on_gpu is None  # the planner puts the model's encoder on the GPU or host
     return plan_request(cfg, width=width, height=height, num_frames=num_frames, fps=fps, max_gpu_memory_bytes=cap,
                         two_stage=issubclass(pipeline_cls, LTX2TwoStagePipeline), guided=pipeline_cls.guided,
                         num_gpus=num_gpus, layout=layout, storage=storage or "bf16", resident_blocks=resident_blocks,
-                        text_encoder_bytes=text_encoder_bytes(model) if text_encoder else 0,
-                        companion_bytes=0 if model == "tiny" else COMPANION_BYTES, pipeline=pipeline_cls.name, model=model,
-                        dtype_bytes=dtype_bytes, explain=explain, plan_rule=plan_rule)
+                        text_encoder_bytes=text_encoder_bytes(model) if place else 0,
+                        companion_bytes=(0 if model == "tiny" else COMPANION_BYTES) + (encoder_on_gpu or 0),
+                        pipeline=pipeline_cls.name, model=model, dtype_bytes=dtype_bytes, explain=explain,
+                        plan_rule=plan_rule)
 
 
 def process_cap(comps) -> int:
@@ -66,6 +70,9 @@ class CapCheck:
     model: str = ""
     dtype_bytes: int = 2
     plan_rule: PlanRule | None = None  # the built model's (its activation plans); None: the planner's choice
+    # a built text encoder's bytes on the GPU (it stays for the whole request); None: not built yet,
+    # the planner places the model's encoder (text_encoder_bytes) itself
+    encoder_on_gpu: int | None = None
 
     @classmethod
     def built(cls, comps, pipeline_cls, cap: int | None = None) -> "CapCheck":
@@ -78,14 +85,17 @@ class CapCheck:
 
         model, ctx = comps.transformer, comps.ctx
         cap = process_cap(comps) if cap is None else cap
+        encoder = getattr(comps.text_encoder, "parameters", None)
+        on_gpu = sum(t.numel() * t.element_size() for t in (encoder() if encoder else [])
+                     if t.device.type == "cuda")
         return cls(model.cfg, pipeline_cls, cap, Layout(ctx.tp_size, ctx.ulysses_size, ctx.ring_size),
-                   storage(model), resident_blocks(model), comps.name, comps.dtype.itemsize, model.plan_rule)
+                   storage(model), resident_blocks(model), comps.name, comps.dtype.itemsize, model.plan_rule, on_gpu)
 
     def plan(self, width: int, height: int, num_frames: int, fps: float, explain: bool = True) -> RequestPlan:
         return plan_pipeline(self.cfg, self.pipeline_cls, width=width, height=height, num_frames=num_frames, fps=fps,
                              cap=self.cap, layout=self.layout, storage=self.storage,
                              resident_blocks=self.resident_blocks, model=self.model, dtype_bytes=self.dtype_bytes,
-                             explain=explain, plan_rule=self.plan_rule)
+                             explain=explain, plan_rule=self.plan_rule, encoder_on_gpu=self.encoder_on_gpu)
 
 
 @dataclass(frozen=True)
