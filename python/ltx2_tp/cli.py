@@ -637,7 +637,7 @@ def _memory_report(plan, device, timer) -> str:
         lines.append("  measured peak per rank (whole request): " + ", ".join(f"{x / 2**30:.2f}" for x in peaks)
                      + f" GiB; predicted {plan.peak / 2**30:.2f}")
     else:
-        lines.append("  measured: not on CPU (prediction only)")
+        lines.append("  measured: nothing recorded (CPU, or no stage ran): the prediction only")
     return "\n".join(lines)
 
 

@@ -12,8 +12,7 @@ def device_bytes(device) -> int:
     if device.type == "cuda":
         index = torch.cuda.current_device() if device.index is None else device.index
         total = torch.cuda.get_device_properties(index).total_memory
-        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda i: 1.0)(index)  # not in every torch
-        return int(total * fraction)
+        return int(total * torch.cuda.get_per_process_memory_fraction(index))  # torch >= 2.6
     try:
         with open("/proc/meminfo") as f:
             info = dict(line.split(":", 1) for line in f)

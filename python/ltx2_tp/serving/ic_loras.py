@@ -19,7 +19,6 @@ from ltx2_tp.pipelines.request import RequestError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 STRENGTH_RANGE = (-10.0, 10.0)  # a LoRA's multiplier; past 10 is a typo (ltx-pipelines' default: 1)
-FIELDS = ("ic_lora", "ic_lora_strength")  # where a request keeps them: GenerationRequest.extra
 
 
 class ICLoras:

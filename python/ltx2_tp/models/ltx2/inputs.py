@@ -67,15 +67,6 @@ class Perturbations:
     def _hit(self, sample, kind: str, block: int) -> bool:
         return any(t == kind and (blocks is None or block in blocks) for t, blocks in sample)
 
-    def all_in_batch(self, kind: str, block: int) -> bool:
-        return bool(self.per_sample) and all(self._hit(s, kind, block) for s in self.per_sample)
-
-    def any_in_batch(self, kind: str, block: int) -> bool:
-        return any(self._hit(s, kind, block) for s in self.per_sample)
-
-    def mask(self, kind: str, block: int, device, dtype) -> torch.Tensor:
-        return torch.tensor([0.0 if self._hit(s, kind, block) else 1.0 for s in self.per_sample], device=device, dtype=dtype)
-
     def per_block(self, blocks: int, device, dtype) -> list[BlockSkips]:
         """Each block's BlockSkips; blocks with the same pattern share their mask tensors (one small
         host-to-device copy per pattern and forward, not one per block)."""
