@@ -967,6 +967,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output-format", default=None, choices=["mp4", "webm", "gif"], help="default: from --output-path")
     _add_device_args(g, cpu_dtype="fp32")
     g.set_defaults(func=cmd_generate)
+    from ltx2_tp.serving.uploads import MAX_IMAGE_PIXELS, MAX_MEDIA_BYTES
+
     sv = sub.add_parser("serve", help="OpenAI-compatible /v1/videos server", formatter_class=_HelpWithDefaults)
     sv.add_argument("--model", default="tiny")
     _add_checkpoint_args(sv)
@@ -986,9 +988,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-frames", type=int, default=2001, help="longer requests get 400 (raise it for tiled long "
                     "videos, whose memory does not grow with their length)")
     sv.add_argument("--max-upload-bytes", type=int, default=10 * 2**20, help="input_reference larger than this: 413")
-    sv.add_argument("--max-image-pixels", type=int, default=4096 * 4096,
+    sv.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS,
                     help="input_reference with more pixels: 400 (read from the header, before decoding)")
-    sv.add_argument("--max-media-upload-bytes", type=int, default=256 * 2**20,
+    sv.add_argument("--max-media-upload-bytes", type=int, default=MAX_MEDIA_BYTES,
                     help="a request's uploaded videos and audio (video_reference, audio_path, video_conditioning) "
                     "together larger than this: 413")
     sv.add_argument("--ic-lora", action="append", default=None, metavar="NAME=PATH",

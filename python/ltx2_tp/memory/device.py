@@ -13,9 +13,14 @@ def device_bytes(device) -> int:
         index = torch.cuda.current_device() if device.index is None else device.index
         total = torch.cuda.get_device_properties(index).total_memory
         return int(total * torch.cuda.get_per_process_memory_fraction(index))  # torch >= 2.6
+    return meminfo("MemTotal")
+
+
+def meminfo(key: str) -> int:
+    """Host memory in bytes from /proc/meminfo (MemTotal, MemAvailable); unbounded where there is none."""
     try:
         with open("/proc/meminfo") as f:
             info = dict(line.split(":", 1) for line in f)
-        return int(info["MemTotal"].split()[0]) * 1024
+        return int(info[key].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
         return 1 << 62

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ltx2_tp.media import write_media
-from ltx2_tp.memory.device import device_bytes
+from ltx2_tp.memory.device import device_bytes, meminfo
 from ltx2_tp.media_stream import DEFAULT_OPTIONS, EncoderOptions, StreamingMP4Writer
 from ltx2_tp.models.vae_stream import CHUNK_FRAMES, Streamed, unsupported
 from ltx2_tp.pipelines import stages
@@ -64,12 +64,7 @@ def free_bytes(device: torch.device) -> int:
         free, _ = torch.cuda.mem_get_info(device)
         allocated = torch.cuda.memory_allocated(device)
         return min(free + torch.cuda.memory_reserved(device) - allocated, device_bytes(device) - allocated)
-    try:
-        with open("/proc/meminfo") as f:
-            info = dict(line.split(":", 1) for line in f)
-        return int(info["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return 1 << 62
+    return meminfo("MemAvailable")
 
 
 def plan_temporal_tile(decoder, latent_shape, dtype: torch.dtype, free: int) -> int | None:

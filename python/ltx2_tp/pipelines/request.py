@@ -9,6 +9,8 @@ from ltx2_tp.latent_grid import SPATIAL_SCALE, TEMPORAL_SCALE, LatentGrid
 
 OUTPUT_FORMATS = ("mp4", "webm", "gif")
 MAX_FRAMES = 2001  # one piece (dense): what every pipeline accepts
+FPS_RANGE = (1.0, 120.0)  # a request's fps (a retake's source is held to it too)
+MAX_SIDE = 4096  # pixels, a video's (or a reference image's) largest side
 # A tiled long video (LTX2LongVideo) holds one tile in memory however long it is: the cap only keeps
 # a typo from queueing a day of work (an hour at 24 fps).
 TILED_MAX_FRAMES = 86401
@@ -89,13 +91,13 @@ class GenerationRequest:
     prompts: list[str] = field(default_factory=list)  # per tile, in order (the last repeats); []: prompt
     prompt_schedule: list = field(default_factory=list)  # [(seconds, prompt)]: the prompt in force by time
 
-    def validate(self, max_frames: int = MAX_FRAMES, max_side: int = 4096,
+    def validate(self, max_frames: int = MAX_FRAMES, max_side: int = MAX_SIDE,
                  spatial_multiple: int = TWO_STAGE_SPATIAL_MULTIPLE) -> "GenerationRequest":
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise RequestError("prompt", "must be a non-empty string")
         check_video_size(self.num_frames, self.height, self.width, spatial_multiple, max_frames, max_side)
-        if not (1.0 <= float(self.fps) <= 120.0):
-            raise RequestError("fps", f"must be between 1 and 120, got {self.fps}")
+        if not (FPS_RANGE[0] <= float(self.fps) <= FPS_RANGE[1]):
+            raise RequestError("fps", f"must be between {FPS_RANGE[0]:g} and {FPS_RANGE[1]:g}, got {self.fps}")
         if not (1 <= self.num_inference_steps <= 200):
             raise RequestError("num_inference_steps", f"must be between 1 and 200, got {self.num_inference_steps}")
         if not (0.0 <= float(self.guidance_scale) <= 30.0):

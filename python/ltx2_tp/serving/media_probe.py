@@ -7,12 +7,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ltx2_tp.pipelines.request import FPS_RANGE, MAX_SIDE
 from ltx2_tp.serving.errors import ApiError
 
 # A2Vid reads a window of the audio (audio_start_time, the video's length): an hour bounds a typo
 # or a hostile header without refusing any real soundtrack; the byte limit is the real bound.
 MAX_AUDIO_SECONDS = 3600.0
-MAX_FPS = 120.0  # what a request's fps allows (request.py); a retake's output keeps the source's fps
 # Demuxers an upload may be opened with, and local files only: a playlist (HLS, concat, ...) would
 # make FFmpeg read other files on the server or fetch URLs (found in review: an .m3u8 upload naming
 # another job's video.mp4 was decoded and accepted). FFmpeg matches these against each demuxer's
@@ -38,7 +38,7 @@ class MediaInfo:
         return self.frames / self.fps if self.fps else 0.0
 
 
-def probe(path: Path, param: str, kind: str, max_frames: int, max_side: int = 4096) -> MediaInfo:
+def probe(path: Path, param: str, kind: str, max_frames: int, max_side: int = MAX_SIDE) -> MediaInfo:
     """`kind` "video": a video stream of at most `max_frames` frames and `max_side` pixels a side;
     "audio": an audio stream of at most MAX_AUDIO_SECONDS."""
     import av
@@ -73,8 +73,8 @@ def _video(container, stream, info: MediaInfo, param: str, max_frames: int, max_
     fps = float(stream.average_rate or stream.guessed_rate or 0)
     if not (1 <= w <= max_side and 1 <= h <= max_side):
         raise ApiError(400, f"{param} is {w}x{h}; each side must be between 1 and {max_side}", param, "video_too_large")
-    if not 1.0 <= fps <= MAX_FPS:
-        raise ApiError(400, f"{param} runs at {fps:g} fps; between 1 and {MAX_FPS:g}", param)
+    if not FPS_RANGE[0] <= fps <= FPS_RANGE[1]:
+        raise ApiError(400, f"{param} runs at {fps:g} fps; between {FPS_RANGE[0]:g} and {FPS_RANGE[1]:g}", param)
     frames, counted = stream.frames or 0, False
     if not frames:  # the container does not say (WebM, MKV): bounded by its duration, then counted
         seconds = _seconds(container, stream)  # as ltx-pipelines' get_videostream_metadata counts them

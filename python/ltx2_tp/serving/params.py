@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from ltx2_tp.latent_grid import LatentGrid
 from ltx2_tp.pipelines.planning import CapCheck, request_plan
-from ltx2_tp.pipelines.request import GUIDANCE_FIELDS, GenerationRequest, RequestError
+from ltx2_tp.pipelines.request import FPS_RANGE, GUIDANCE_FIELDS, GenerationRequest, RequestError
 from ltx2_tp.pipelines.tiling import memory_frames
 from ltx2_tp.serving.errors import ApiError
 from ltx2_tp.serving.ic_loras import STRENGTH_RANGE, takes_lora
@@ -148,8 +148,8 @@ def video_request(fields: dict, limits: Limits, pipelines=None, inputs: dict | N
         raise ApiError(400, "prompt is required", "prompt")
     negative = text(fields, "negative_prompt", limits.max_prompt_chars)
     fps = number(fields, "fps", limits.default_fps)
-    if not 1 <= fps <= 120:
-        raise ApiError(400, f"fps must be between 1 and 120, got {fps}", "fps")
+    if not FPS_RANGE[0] <= fps <= FPS_RANGE[1]:
+        raise ApiError(400, f"fps must be between {FPS_RANGE[0]:g} and {FPS_RANGE[1]:g}, got {fps}", "fps")
     size = text(fields, "size", 32) or "768x512"
     m = SIZE_RE.match(size)
     if not m:

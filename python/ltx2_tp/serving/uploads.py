@@ -22,10 +22,11 @@ from pathlib import Path
 
 from starlette.concurrency import run_in_threadpool
 
+from ltx2_tp.pipelines.request import MAX_SIDE
 from ltx2_tp.serving.errors import ApiError
 from ltx2_tp.serving.media_probe import MediaInfo, probe
 
-MAX_IMAGE_PIXELS = 4096 * 4096  # the largest video side the request allows, squared
+MAX_IMAGE_PIXELS = MAX_SIDE * MAX_SIDE  # the largest video side a request allows, squared
 MAX_REFERENCE_VIDEOS = 4  # IC-LoRA references per request (ltx-pipelines' examples use one or two)
 MAX_MEDIA_BYTES = 256 * 2**20  # serve --max-media-upload-bytes: a request's videos and audio together
 PARAM = "input_reference"
@@ -66,7 +67,7 @@ class UploadLimits:
     max_image_pixels: int = MAX_IMAGE_PIXELS
     max_media_bytes: int = MAX_MEDIA_BYTES  # serve --max-media-upload-bytes (every video and audio file together)
     max_frames: int = 2001  # serve --max-frames: a video upload's frames
-    max_side: int = 4096
+    max_side: int = MAX_SIDE
 
 
 @dataclass(frozen=True)
