@@ -4,6 +4,9 @@ not grow with the number of tiles, the auto choice, and the request surfaces (CL
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 import tracemalloc
@@ -344,11 +347,20 @@ class LiveTensorBytes(TorchDispatchMode):
         return out
 
 
-def test_memory_does_not_grow_with_tiles(comps, pipe, tmp_path, monkeypatch):
+def test_memory_does_not_grow_with_tiles(request, tmp_path, monkeypatch):
     """Peak live tensor bytes (aten ops, this thread) and peak Python-side bytes (tracemalloc: the
     writer's numpy frames and audio) of 3 tiles and of 10 tiles of the same size. The writer is made
     to encode each put before the next (its queue otherwise holds up to a VAE tile of frames,
-    whatever the timing), so both runs hold the same at every point."""
+    whatever the timing), so both runs hold the same at every point. Measured in a fresh
+    interpreter: inside the whole suite the Python-side peak depends on what earlier tests left to
+    the garbage collector (+201 KB for 10 tiles once, over the 114 KB bound; alone it passes)."""
+    if os.environ.get("LTX2_TP_TILE_MEMORY_CHILD") != "1":
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{__file__}::{request.node.name}"],
+                           env={**os.environ, "LTX2_TP_TILE_MEMORY_CHILD": "1"}, capture_output=True, text=True,
+                           timeout=600)
+        assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+        return
+    pipe = request.getfixturevalue("pipe")
     original_put = StreamingMP4Writer.put
 
     def put_and_wait(self, frames, ready=None):
