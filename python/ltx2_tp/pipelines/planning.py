@@ -105,7 +105,6 @@ class HeldRequest:
 
     plan: RequestPlan
     frames: int
-    tiled: bool = False  # held one tile at a time (frames < the request's)
 
 
 class OverCap(RequestError):
@@ -130,7 +129,7 @@ def request_plan(check: CapCheck, req, field: str = "num_frames") -> HeldRequest
         if choice.mode == "tiled" and choice.tiles[0].frames != req.num_frames:
             frames, tiled = choice.tiles[0].frames, True
     try:
-        return HeldRequest(check.plan(req.width, req.height, frames, req.fps), frames, tiled)
+        return HeldRequest(check.plan(req.width, req.height, frames, req.fps), frames)
     except PlanError as e:
         if tiled:
             raise OverCap("tile_frames", _tile_refusal(req, frames, e.largest_frames), e, frames) from None

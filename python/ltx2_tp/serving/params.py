@@ -94,13 +94,20 @@ def text(fields: dict, name: str, limit: int, default: str = "") -> str:
     return v
 
 
-def int_list(fields: dict, name: str):
-    """A list of integers: a JSON list, or a form string "28", "28,29" or "[28, 29]"."""
+def _items(fields: dict, name: str):
+    """A field's list items: a JSON list as given, a form string "28", "28,29" or "[28, 29]" split;
+    None when absent; anything else as is (the caller decides)."""
     v = fields.get(name)
     if v is None or v == "":
         return None
-    if isinstance(v, str):
-        v = v.strip().strip("[]").replace(",", " ").split()
+    return v.strip().strip("[]").replace(",", " ").split() if isinstance(v, str) else v
+
+
+def int_list(fields: dict, name: str):
+    """A list of integers: a JSON list, or a form string "28", "28,29" or "[28, 29]"."""
+    v = _items(fields, name)
+    if v is None:
+        return None
     if not isinstance(v, list):
         raise ApiError(400, f"{name} must be a list of block indices, got {v!r}", name)
     return [number({name: x}, name, integer=True) for x in v]
@@ -121,14 +128,10 @@ def guidance_fields(fields: dict) -> dict:
 
 def number_list(fields: dict, name: str):
     """A list of numbers: a JSON list, a JSON number, or a form string "0.5", "1,0.5" or "[1, 0.5]"."""
-    v = fields.get(name)
-    if v is None or v == "":
+    v = _items(fields, name)
+    if v is None:
         return None
-    if isinstance(v, str):
-        v = v.strip().strip("[]").replace(",", " ").split()
-    if not isinstance(v, list):
-        v = [v]
-    return [number({name: x}, name) for x in v]
+    return [number({name: x}, name) for x in (v if isinstance(v, list) else [v])]
 
 
 def video_request(fields: dict, limits: Limits, pipelines=None, inputs: dict | None = None
