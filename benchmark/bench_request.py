@@ -168,6 +168,9 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--compile", action="store_true", help="torch.compile each DiT block")
     p.add_argument("--compile-cache-dir", default=None, help="inductor's cache (default: torch's /tmp one)")
+    p.add_argument("--profile-dir", default=None,
+                   help="after the timed runs, one more request with torch.profiler (CUPTI) around stage-1 steps "
+                        "11-12 and stage-2 step 2: kernel tables written to DIR/request_<stage>_<pipeline>.md")
     p.add_argument("--tp-size", type=int, default=1)
     p.add_argument("--ulysses-size", type=int, default=1)
     p.add_argument("--ring-size", type=int, default=1)
@@ -439,6 +442,8 @@ def bench_pipeline(a, pipe, comps, ctx, rank0) -> dict:
                 log.step(stage, done, total, step_s)
 
         req = make_request(a, steps, i)
+        if i == a.warmup + a.repeat - 1 and getattr(a, "profile_dir", None):
+            _profile_request(a, pipe, make_request(a, steps, i + 1), rank0)
         timer = log.timer(a.device == "cuda") if log is not None else StageTimer(sync=a.device == "cuda")
         sync()
         t = time.perf_counter()
@@ -461,6 +466,42 @@ def bench_pipeline(a, pipe, comps, ctx, rank0) -> dict:
             + (f"; video {v}; audio {au}" if v is not None else "; no guidance"))
     table = _table([{**r, "steps": {"stage1": r["stage1_steps"], "stage2": r["stage2_steps"]}} for r in runs])
     return {"steps": what, "runs": runs, "warmup_request_s": warm, "table": table}
+
+
+def _profile_request(a, pipe, req, rank0) -> None:
+    """One request with the profiler on around stage-1 steps 11-12 (2 steps) and stage-2 step 2."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from common import kernel_summary, summary_markdown
+
+    windows = {"stage1": (10, 12), "stage2": (1, 2)}  # (start after step, stop after step)
+    summaries = {}
+    prof = [None]
+
+    def progress(stage, done, total):
+        if stage not in windows:
+            return
+        start, stop = windows[stage]
+        if done == start:
+            torch.cuda.synchronize()
+            prof[0] = profile(activities=[ProfilerActivity.CUDA])
+            prof[0].start()
+        elif done == stop and prof[0] is not None:
+            torch.cuda.synchronize()
+            prof[0].stop()
+            summaries[stage] = (kernel_summary(prof[0]), stop - start)
+            prof[0] = None
+
+    from ltx2_tp.pipelines.stages import StageTimer
+    pipe(req, OUT_DIR / "profiled.mp4", progress=progress, timer=StageTimer(sync=True))
+    if not rank0:
+        return
+    stamp = f"{torch.cuda.get_device_name()} | {datetime.date.today()} | `{' '.join(sys.argv)}`"
+    for stage, (s, n) in summaries.items():
+        path = Path(a.profile_dir) / f"request_{stage}_{pipe.name}.md"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(summary_markdown(f"{pipe.name} {stage}: {n} step(s) of a warm request", stamp, s))
+        print(f"profile {stage} ({n} steps): {s['total_ms']:.1f} ms of kernels -> {path}", flush=True)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,10 @@ once per resolution, not once per block. Nothing a block branches on may depend 
 the model resolves each block's guidance skips before calling it (inputs.BlockSkips). When the
 block looked up `index in stg_blocks` itself, the official guidance (STG on block 29) made one
 graph per block: 49 for a 19B request instead of 3 (issue 19; the first request ran > 400 s on an
-H100 without finishing). An official-guidance two-stage request compiles 3 graphs per shape: stage
-1's block, stage 1's STG block (its self-attention keep-mask), stage 2's block; plain CFG 2
-(test_compile.py). NVTX ranges (LTX2_TP_NVTX=1) name the block and do specialise on it.
+H100 without finishing). An official-guidance two-stage request compiles 4 graphs per shape: stage
+1's blocks before the STG block on 3 rows (the STG row shares the cond row's prefix:
+inputs.SharedPrefix), the STG block (its self-attention keep-mask) and the blocks after it on 4 rows,
+stage 2's block; plain CFG 2 (test_compile.py). NVTX ranges (LTX2_TP_NVTX=1) name the block and do specialise on it.
 
 Warm starts: `use_compile_cache(dir)` puts inductor's on-disk caches in `dir` (FX graph cache,
 AOTAutograd cache, the Triton kernels and their autotuning results: all under

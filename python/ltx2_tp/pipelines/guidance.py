@@ -178,11 +178,22 @@ def run_passes(model, passes: list[GuidancePass], video_state, audio_state, sigm
     for group in groups.values():
         v = [modality_from_latent_state(video_state, p.video_context, sigma, p.video_enabled) for p in group]
         a = [modality_from_latent_state(audio_state, p.audio_context, sigma, p.audio_enabled) for p in group]
-        pert = Perturbations([[(kind, None if b is None else list(b)) for kind, b in p.skips] for p in group])
+        pert = Perturbations([[(kind, None if b is None else list(b)) for kind, b in p.skips] for p in group],
+                             same_inputs_as=tuple(_same_inputs(group, j) for j in range(len(group))))
         dv, da = model(video=stack_modalities(v), audio=stack_modalities(a), perturbations=pert)
         for p, pv, pa in zip(group, dv.split(1), da.split(1)):
             out[p.name] = (pv, pa)
     return out
+
+
+def _same_inputs(group: list[GuidancePass], j: int) -> int | None:
+    """The first earlier pass with the same inputs as pass j (same context tensors and streams: the
+    latent and sigma are the step's): the DiT then runs only the blocks where their skips differ
+    (the STG pass = the cond pass until its first STG block)."""
+    p = group[j]
+    return next((i for i, q in enumerate(group[:j]) if q.video_context is p.video_context
+                 and q.audio_context is p.audio_context and q.video_enabled == p.video_enabled
+                 and q.audio_enabled == p.audio_enabled), None)
 
 
 def passes_per_step(video: MultiModalGuiderParams, audio: MultiModalGuiderParams) -> int:

@@ -28,7 +28,7 @@ from ltx2_tp.memory.plan import ExecutionPlan, PlanRule, token_chunks
 from ltx2_tp.memory.residency import ALL_RESIDENT
 from ltx2_tp.models.ltx2.block import AVTransformerBlock, StreamState
 from ltx2_tp.models.ltx2.config import LTX2Config
-from ltx2_tp.models.ltx2.inputs import Modality, as_perturbations
+from ltx2_tp.models.ltx2.inputs import Modality, as_perturbations, select_rows
 from ltx2_tp.profiling import nvtx_range
 
 
@@ -95,21 +95,43 @@ class LTX2Model(nn.Module):
         if plan.kv_offload and self.ctx.ring_size > 1:
             raise ValueError("kv_offload is not supported with ring attention (ring_size > 1): it passes whole "
                              "K/V blocks between GPUs in one pass")
+        n = len(self.transformer_blocks)
+        ref = (video if video is not None else audio).latent
         with nvtx_range("dit_forward"):
-            v = a = None
-            if video is not None:  # split over the SP ranks
-                v = self._prepare("video", video, audio, SequenceLayout.for_context(video.latent.shape[1], self.ctx), plan)
-            if audio is not None:  # 25 tokens/s: whole on every rank
-                a = self._prepare("audio", audio, video, SequenceLayout.whole(audio.latent.shape[1]), plan)
+            start = 0
+            # rows equal to another row until some block run from there (the residual stream parked
+            # in host memory is not copied: no sharing under residual_offload)
+            shared = None if plan.residual_offload else pert.shared_prefix(n)
+            if shared is not None:
+                lead = [select_rows(m, shared.leaders) for m in (video, audio)]
+                v, a = self._prepare_streams(*lead, plan)
+                self._run_blocks(v, a, pert.select(shared.leaders).per_block(n, ref.device, ref.dtype), plan, 0,
+                                 shared.fork)
+                start, prefix = shared.fork, (v, a)
+            v, a = self._prepare_streams(video, audio, plan)
+            if shared is not None:
+                index = torch.tensor(shared.index, device=ref.device)
+                for st, done in zip((v, a), prefix):
+                    if st is not None:
+                        st.x = done.x.index_select(0, index)
             # each block's skips resolved here: the block never branches on its index (compile.py)
-            ref = (video if video is not None else audio).latent
-            skips = pert.per_block(len(self.transformer_blocks), ref.device, ref.dtype)
-            for i, block in enumerate(self.transformer_blocks):
-                with self.residency.loaded(i):
-                    block(v, a, skips[i], plan)
+            self._run_blocks(v, a, pert.per_block(n, ref.device, ref.dtype), plan, start, n)
             vx = self._output("video", v, plan) if v is not None else None
             ax = self._output("audio", a, plan) if a is not None else None
         return vx, ax
+
+    def _prepare_streams(self, video: Modality | None, audio: Modality | None, plan: ExecutionPlan):
+        v = a = None
+        if video is not None:  # split over the SP ranks
+            v = self._prepare("video", video, audio, SequenceLayout.for_context(video.latent.shape[1], self.ctx), plan)
+        if audio is not None:  # 25 tokens/s: whole on every rank
+            a = self._prepare("audio", audio, video, SequenceLayout.whole(audio.latent.shape[1]), plan)
+        return v, a
+
+    def _run_blocks(self, v, a, skips, plan: ExecutionPlan, start: int, stop: int) -> None:
+        for i in range(start, stop):
+            with self.residency.loaded(i):
+                self.transformer_blocks[i](v, a, skips[i], plan)
 
     def execution_plan(self, video_tokens: int, audio_tokens: int = 0, text_tokens: int = 0, batch: int = 1,
                        per_token_timesteps: bool = True, dtype_bytes: int = 2) -> ExecutionPlan:
