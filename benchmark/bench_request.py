@@ -474,9 +474,12 @@ def _profile_request(a, pipe, req, rank0) -> None:
 
     from common import kernel_summary, summary_markdown
 
+    import warnings
+    from collections import Counter
+
     windows = {"stage1": (10, 12), "stage2": (1, 2)}  # (start after step, stop after step)
-    summaries = {}
-    prof = [None]
+    summaries, syncs = {}, {}
+    prof, caught = [None], [None]
 
     def progress(stage, done, total):
         if stage not in windows:
@@ -486,7 +489,15 @@ def _profile_request(a, pipe, req, rank0) -> None:
             torch.cuda.synchronize()
             prof[0] = profile(activities=[ProfilerActivity.CUDA])
             prof[0].start()
-        elif done == stop and prof[0] is not None:
+        elif done == start + 1:  # the next step: where the host waits for the GPU (set_sync_debug_mode)
+            caught[0] = warnings.catch_warnings(record=True)
+            got = caught[0].__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            syncs[stage] = got
+        if done == stop and prof[0] is not None:
+            torch.cuda.set_sync_debug_mode("default")
+            caught[0].__exit__(None, None, None)
             torch.cuda.synchronize()
             prof[0].stop()
             summaries[stage] = (kernel_summary(prof[0]), stop - start)
@@ -502,6 +513,10 @@ def _profile_request(a, pipe, req, rank0) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(summary_markdown(f"{pipe.name} {stage}: {n} step(s) of a warm request", stamp, s))
         print(f"profile {stage} ({n} steps): {s['total_ms']:.1f} ms of kernels -> {path}", flush=True)
+        where = Counter(f"{Path(w.filename).name}:{w.lineno} {str(w.message)[:70]}" for w in syncs.get(stage, ()))
+        print(f"  host-GPU synchronisations in one {stage} step: {sum(where.values())}", flush=True)
+        for k, c in where.most_common(12):
+            print(f"    {c:4d}  {k}", flush=True)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,8 @@ class StreamState:
     mod: TokenModulation  # AdaLN rows (k x D per token)
     embedded: TokenModulation  # embedded timestep rows for the output modulation (D per token)
     rope: StreamRope
-    context: torch.Tensor  # (B, S, D) text
+    context: torch.Tensor  # (U, S, D) text: one row per distinct context (U = B unless context_index)
+    context_index: torch.Tensor | None  # (B,) each row's context row; None: U = B, row i's is row i
     context_mask: torch.Tensor | None  # additive (B, 1, 1, S)
     layout: SequenceLayout  # which tokens this rank holds
     enabled: bool
@@ -221,6 +222,8 @@ class AVTransformerBlock(nn.Module):
         modulated by the prompt's sigma, and the output gated."""
         x, eps, adaln = st.x, self.cfg.norm_eps, self.cfg.cross_attention_adaln
         k, v = attn.kv(_modulate_prompt(st, prompt_table) if adaln else st.context)
+        if st.context_index is not None:  # K/V computed once per distinct context, then one per row
+            k, v = k.index_select(0, st.context_index), v.index_select(0, st.context_index)
 
         def branch(s, e, xc):
             if adaln:
@@ -338,7 +341,7 @@ class _VideoToAudio:
 
 def _modulate_prompt(st: StreamState, prompt_table: torch.Tensor) -> torch.Tensor:
     """The text context under cross-attention AdaLN: scaled and shifted by the prompt's sigma."""
-    b, pm = st.x.shape[0], st.prompt_mod
+    b, pm = st.context.shape[0], st.prompt_mod  # prompt_mod has the context's rows
     t = prompt_table[None, None].to(device=st.x.device, dtype=st.x.dtype)
     shift, scale = (t + pm.reshape(b, pm.shape[1], 2, -1)).unbind(dim=2)
     return st.context * (1 + scale) + shift

@@ -6,6 +6,7 @@ ltx-core's `BatchedPerturbationConfig` is accepted wherever `Perturbations` is.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -54,11 +55,19 @@ class BlockSkips:
 NO_SKIPS = BlockSkips()
 
 
+@functools.lru_cache(maxsize=256)
+def device_constant(values: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A small constant tensor on `device`, made once: a host-to-device copy from pageable memory
+    waits for the stream, so a copy per forward (guidance keep-masks, row indices) drained the
+    GPU's queue each step."""
+    return torch.tensor(values, device=device, dtype=dtype)
+
+
 def select_rows(m: Modality | None, rows: list[int]) -> Modality | None:
     """These batch rows of a Modality (every per-sample tensor indexed alike)."""
     if m is None:
         return None
-    idx = torch.tensor(rows, device=m.latent.device)
+    idx = device_constant(tuple(rows), m.latent.device, torch.int64)
 
     def pick(t):
         return None if t is None else t.index_select(0, idx.to(t.device))
@@ -94,18 +103,38 @@ class Perturbations:
     def select(self, rows: list[int]) -> "Perturbations":
         return Perturbations([self.per_sample[r] for r in rows])
 
+    def _roots(self) -> list[int]:
+        """Each row's first row with the same inputs (itself when none)."""
+        root = list(range(len(self.per_sample)))
+        for j, s in enumerate(self.same_inputs_as or ()):
+            if s is not None:
+                if not 0 <= s < j:
+                    raise ValueError(f"same_inputs_as[{j}] must name an earlier row, got {s}")
+                root[j] = root[s]
+        return root
+
+    def distinct_contexts(self, rows: list[int]) -> tuple[list[int], list[int]] | None:
+        """Of a forward over these rows: the positions of the rows whose text context is computed
+        (one per group of equal inputs) and each position's group, or None when all differ. The
+        text cross-attention's K/V are a function of the context alone: cond, STG and isolated
+        passes share one (LTX-2 19B: 1,024 text tokens x 2 GEMMs of 4096^2 per block and row)."""
+        root = self._roots()
+        first: dict[int, int] = {}
+        index = [first.setdefault(root[r], len(first)) for r in rows]
+        if len(first) == len(rows):
+            return None
+        pos = {}
+        for i, r in enumerate(rows):
+            pos.setdefault(root[r], i)
+        return list(pos.values()), index
+
     def shared_prefix(self, blocks: int) -> SharedPrefix | None:
         """The rows that share a prefix of blocks with an earlier row, and the first block where any
         of them differs (its skips first differ from its source's); None when no row saves a block."""
         if not self.same_inputs_as or not any(s is not None for s in self.same_inputs_as):
             return None
         n = len(self.per_sample)
-        root = list(range(n))
-        for j, s in enumerate(self.same_inputs_as):
-            if s is not None:
-                if not 0 <= s < j:
-                    raise ValueError(f"same_inputs_as[{j}] must name an earlier row, got {s}")
-                root[j] = root[s]
+        root = self._roots()
 
         def hits(row, block):
             return tuple(self._hit(self.per_sample[row], k, block) for k in SKIP_KINDS)
@@ -130,16 +159,12 @@ class Perturbations:
         return any(t == kind and (blocks is None or block in blocks) for t, blocks in sample)
 
     def per_block(self, blocks: int, device, dtype) -> list[BlockSkips]:
-        """Each block's BlockSkips; blocks with the same pattern share their mask tensors (one small
-        host-to-device copy per pattern and forward, not one per block)."""
+        """Each block's BlockSkips; blocks with the same pattern share their mask tensors (made once
+        per pattern and device: device_constant)."""
         if not any(self.per_sample):
             return [NO_SKIPS] * blocks
-        masks: dict[tuple, torch.Tensor] = {}
-
         def keep(hits):
-            if hits not in masks:
-                masks[hits] = torch.tensor([0.0 if h else 1.0 for h in hits], device=device, dtype=dtype)
-            return masks[hits]
+            return device_constant(tuple(0.0 if h else 1.0 for h in hits), torch.device(device), dtype)
 
         out = []
         for i in range(blocks):
@@ -167,6 +192,9 @@ class _LtxCorePerturbations:
         return self.cfg.mask(self.T(kind), block, device, dtype)
 
     def shared_prefix(self, blocks: int) -> None:
+        return None
+
+    def distinct_contexts(self, rows: list[int]) -> None:
         return None
 
     def per_block(self, blocks: int, device, dtype) -> list[BlockSkips]:

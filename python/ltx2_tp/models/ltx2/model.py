@@ -28,7 +28,7 @@ from ltx2_tp.memory.plan import ExecutionPlan, PlanRule, token_chunks
 from ltx2_tp.memory.residency import ALL_RESIDENT
 from ltx2_tp.models.ltx2.block import AVTransformerBlock, StreamState
 from ltx2_tp.models.ltx2.config import LTX2Config
-from ltx2_tp.models.ltx2.inputs import Modality, as_perturbations, select_rows
+from ltx2_tp.models.ltx2.inputs import Modality, as_perturbations, device_constant, select_rows
 from ltx2_tp.profiling import nvtx_range
 
 
@@ -104,13 +104,13 @@ class LTX2Model(nn.Module):
             shared = None if plan.residual_offload else pert.shared_prefix(n)
             if shared is not None:
                 lead = [select_rows(m, shared.leaders) for m in (video, audio)]
-                v, a = self._prepare_streams(*lead, plan)
+                v, a = self._prepare_streams(*lead, plan, pert.distinct_contexts(shared.leaders))
                 self._run_blocks(v, a, pert.select(shared.leaders).per_block(n, ref.device, ref.dtype), plan, 0,
                                  shared.fork)
                 start, prefix = shared.fork, (v, a)
-            v, a = self._prepare_streams(video, audio, plan)
+            v, a = self._prepare_streams(video, audio, plan, pert.distinct_contexts(list(range(batch))))
             if shared is not None:
-                index = torch.tensor(shared.index, device=ref.device)
+                index = device_constant(tuple(shared.index), ref.device, torch.int64)
                 for st, done in zip((v, a), prefix):
                     if st is not None:
                         st.x = done.x.index_select(0, index)
@@ -120,12 +120,16 @@ class LTX2Model(nn.Module):
             ax = self._output("audio", a, plan) if a is not None else None
         return vx, ax
 
-    def _prepare_streams(self, video: Modality | None, audio: Modality | None, plan: ExecutionPlan):
+    def _prepare_streams(self, video: Modality | None, audio: Modality | None, plan: ExecutionPlan,
+                         contexts: tuple[list[int], list[int]] | None = None):
+        """Both streams' states; `contexts` (Perturbations.distinct_contexts): the rows whose text
+        context is kept, and each row's (the text K/V are computed once per distinct context)."""
         v = a = None
         if video is not None:  # split over the SP ranks
-            v = self._prepare("video", video, audio, SequenceLayout.for_context(video.latent.shape[1], self.ctx), plan)
+            v = self._prepare("video", video, audio, SequenceLayout.for_context(video.latent.shape[1], self.ctx), plan,
+                              contexts)
         if audio is not None:  # 25 tokens/s: whole on every rank
-            a = self._prepare("audio", audio, video, SequenceLayout.whole(audio.latent.shape[1]), plan)
+            a = self._prepare("audio", audio, video, SequenceLayout.whole(audio.latent.shape[1]), plan, contexts)
         return v, a
 
     def _run_blocks(self, v, a, skips, plan: ExecutionPlan, start: int, stop: int) -> None:
@@ -148,7 +152,7 @@ class LTX2Model(nn.Module):
         return "" if kind == "video" else "audio_"
 
     def _prepare(self, kind: str, m: Modality, cross: Modality | None, layout: SequenceLayout,
-                 plan: ExecutionPlan) -> StreamState:
+                 plan: ExecutionPlan, contexts: tuple[list[int], list[int]] | None = None) -> StreamState:
         cfg, p = self.cfg, self._names(kind)
         video = kind == "video"
         heads = cfg.num_attention_heads if video else cfg.audio_num_attention_heads
@@ -172,17 +176,23 @@ class LTX2Model(nn.Module):
         if cfg.cross_attention_adaln:
             prompt_mod = getattr(self, f"{p}prompt_adaln_single")(m.sigma.flatten() * mult, dtype)[0].view(b, -1, 2 * inner)
 
-        context = m.context
+        context, context_index = m.context, None
+        if contexts is not None:  # one row per distinct context; context_index maps the batch onto them
+            keep = device_constant(tuple(contexts[0]), context.device, torch.int64)
+            context = context.index_select(0, keep)
+            prompt_mod = None if prompt_mod is None else prompt_mod.index_select(0, keep)
+            context_index = device_constant(tuple(contexts[1]), context.device, torch.int64)
         if cfg.caption_projection:
             context = getattr(self, f"{p}caption_projection")(context)
-        context = context.view(b, -1, inner)
+        context = context.view(context.shape[0], -1, inner)
 
         positions = m.positions[:, :, s0:e0]
         spec = RopeSpec(inner, heads, tuple(max_pos), cfg.rope_type, cfg.positional_embedding_theta,
                         cfg.use_middle_indices_grid, cfg.double_precision_rope, self.ctx.tp_size, self.ctx.tp_rank)
         st = StreamState(
             x=x, mod=mod, embedded=embedded, rope=StreamRope(positions, spec, dtype, plan.cache_rope, plan.attn_chunk_tokens),
-            context=context, context_mask=_context_bias(m.context_mask, dtype), layout=layout,
+            context=context, context_index=context_index, context_mask=_context_bias(m.context_mask, dtype),
+            layout=layout,
             enabled=m.enabled, prompt_mod=prompt_mod, self_mask=_self_attention_bias(m.attention_mask, dtype),
             offload=video,
         )
