@@ -468,6 +468,15 @@ def bench_pipeline(a, pipe, comps, ctx, rank0) -> dict:
     return {"steps": what, "runs": runs, "warmup_request_s": warm, "table": table}
 
 
+def _caller() -> str:
+    """The innermost frames outside torch and warnings: who asked for the value."""
+    import traceback
+
+    frames = [f for f in traceback.extract_stack()[:-2]
+              if "/torch/" not in f.filename and "warnings" not in f.filename]
+    return " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in reversed(frames[-3:]))
+
+
 def _profile_request(a, pipe, req, rank0) -> None:
     """One request with the profiler on around stage-1 steps 11-12 (2 steps) and stage-2 step 2."""
     from torch.profiler import ProfilerActivity, profile
@@ -490,11 +499,12 @@ def _profile_request(a, pipe, req, rank0) -> None:
             prof[0] = profile(activities=[ProfilerActivity.CUDA])
             prof[0].start()
         elif done == start + 1:  # the next step: where the host waits for the GPU (set_sync_debug_mode)
-            caught[0] = warnings.catch_warnings(record=True)
-            got = caught[0].__enter__()
+            got = syncs.setdefault(stage, [])
+            caught[0] = warnings.catch_warnings()
+            caught[0].__enter__()
             warnings.simplefilter("always")
+            warnings.showwarning = lambda *w, **k: got.append(_caller())
             torch.cuda.set_sync_debug_mode("warn")
-            syncs[stage] = got
         if done == stop and prof[0] is not None:
             torch.cuda.set_sync_debug_mode("default")
             caught[0].__exit__(None, None, None)
@@ -513,7 +523,7 @@ def _profile_request(a, pipe, req, rank0) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(summary_markdown(f"{pipe.name} {stage}: {n} step(s) of a warm request", stamp, s))
         print(f"profile {stage} ({n} steps): {s['total_ms']:.1f} ms of kernels -> {path}", flush=True)
-        where = Counter(f"{Path(w.filename).name}:{w.lineno} {str(w.message)[:70]}" for w in syncs.get(stage, ()))
+        where = Counter(syncs.get(stage, ()))
         print(f"  host-GPU synchronisations in one {stage} step: {sum(where.values())}", flush=True)
         for k, c in where.most_common(12):
             print(f"    {c:4d}  {k}", flush=True)

@@ -256,10 +256,13 @@ def guided_denoise_fn(c: LTX2Components, ctx_pos, ctx_neg, video: MultiModalGuid
     video_factory = create_multimodal_guider_factory(video, negative_context=ctx_neg[0])
     audio_factory = create_multimodal_guider_factory(audio, negative_context=ctx_neg[1] if audio_negative else None)
     last: list = [None, None]
+    host: list = [None, None]  # (sigmas, their values): read once a stage, not once a step (a sync each)
 
     def step(video_state, audio_state, sigmas, step_index):  # ltx-pipelines' DenoisingFunc signature
         i, sigma = step_index, sigmas[step_index]
-        vg, ag = video_factory.build_from_sigma(float(sigma)), audio_factory.build_from_sigma(float(sigma))
+        if host[0] is not sigmas:
+            host[:] = [sigmas, sigmas.tolist()]
+        vg, ag = video_factory.build_from_sigma(host[1][i]), audio_factory.build_from_sigma(host[1][i])
         skip_v, skip_a = vg.should_skip_step(i), ag.should_skip_step(i)
         if skip_v and skip_a:
             return last[0], last[1]

@@ -139,6 +139,8 @@ def denoise(c: LTX2Components, s: Streams, sigmas: torch.Tensor, denoise_fn, sta
     stepper = EulerDiffusionStep()
     video, audio = s.video, s.audio
     total = len(sigmas) - 1
+    # the Euler step reads sigma with .item(): from a host copy it does not wait for the GPU (same values)
+    host_sigmas = sigmas.cpu()
     if progress:
         progress(stage, 0, total)  # the loop starts (benchmarks start their per-step clock here)
     for i in range(total):
@@ -146,8 +148,8 @@ def denoise(c: LTX2Components, s: Streams, sigmas: torch.Tensor, denoise_fn, sta
             dv, da = denoise_fn(video, audio, sigmas, i)
             dv = post_process_latent(dv, video.denoise_mask, video.clean_latent)
             da = post_process_latent(da, audio.denoise_mask, audio.clean_latent)
-            video = replace(video, latent=stepper.step(video.latent, dv, sigmas, i))
-            audio = replace(audio, latent=stepper.step(audio.latent, da, sigmas, i))
+            video = replace(video, latent=stepper.step(video.latent, dv, host_sigmas, i))
+            audio = replace(audio, latent=stepper.step(audio.latent, da, host_sigmas, i))
         if progress:
             progress(stage, i + 1, total)
     return Streams(video, audio, s.video_tools, s.audio_tools)
