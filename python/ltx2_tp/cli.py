@@ -967,7 +967,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output-format", default=None, choices=["mp4", "webm", "gif"], help="default: from --output-path")
     _add_device_args(g, cpu_dtype="fp32")
     g.set_defaults(func=cmd_generate)
-    from ltx2_tp.serving.uploads import MAX_IMAGE_PIXELS, MAX_MEDIA_BYTES
+    from ltx2_tp.pipelines.request import MAX_IMAGE_PIXELS, MAX_MEDIA_BYTES  # not serving's: generate needs no FastAPI
 
     sv = sub.add_parser("serve", help="OpenAI-compatible /v1/videos server", formatter_class=_HelpWithDefaults)
     sv.add_argument("--model", default="tiny")

@@ -11,6 +11,8 @@ OUTPUT_FORMATS = ("mp4", "webm", "gif")
 MAX_FRAMES = 2001  # one piece (dense): what every pipeline accepts
 FPS_RANGE = (1.0, 120.0)  # a request's fps (a retake's source is held to it too)
 MAX_SIDE = 4096  # pixels, a video's (or a reference image's) largest side
+MAX_IMAGE_PIXELS = MAX_SIDE * MAX_SIDE  # an uploaded image's pixels: the largest video side, squared
+MAX_MEDIA_BYTES = 256 * 2**20  # serve --max-media-upload-bytes: a request's uploaded videos and audio together
 # A tiled long video (LTX2LongVideo) holds one tile in memory however long it is: the cap only keeps
 # a typo from queueing a day of work (an hour at 24 fps).
 TILED_MAX_FRAMES = 86401

@@ -22,13 +22,11 @@ from pathlib import Path
 
 from starlette.concurrency import run_in_threadpool
 
-from ltx2_tp.pipelines.request import MAX_SIDE
+X
 from ltx2_tp.serving.errors import ApiError
 from ltx2_tp.serving.media_probe import MediaInfo, probe
 
-MAX_IMAGE_PIXELS = MAX_SIDE * MAX_SIDE  # the largest video side a request allows, squared
 MAX_REFERENCE_VIDEOS = 4  # IC-LoRA references per request (ltx-pipelines' examples use one or two)
-MAX_MEDIA_BYTES = 256 * 2**20  # serve --max-media-upload-bytes: a request's videos and audio together
 PARAM = "input_reference"
 # suffixes kept from the client's file name (the pipelines open the stored file by its name too)
 SAFE_SUFFIXES = {".mp4", ".mov", ".m4v", ".m4a", ".mkv", ".webm", ".avi", ".wav", ".mp3", ".flac", ".ogg", ".aac"}
