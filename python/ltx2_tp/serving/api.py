@@ -26,12 +26,13 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from ltx2_tp.pipelines.request import MAX_IMAGE_PIXELS, MAX_MEDIA_BYTES
 from ltx2_tp.serving.errors import ApiError, BodyLimit, error_response, install_error_handlers
 from ltx2_tp.serving.job import Job
 from ltx2_tp.serving.jobs import JobManager, QueueFull
 from ltx2_tp.serving.params import Limits, video_request
 from ltx2_tp.serving.pipelines import SinglePipeline
-from ltx2_tp.serving.uploads import MAX_IMAGE_PIXELS, MAX_MEDIA_BYTES, UPLOADS, UploadLimits, check_names, save_uploads
+from ltx2_tp.serving.uploads import UPLOADS, UploadLimits, check_names, save_uploads
 
 MEDIA_TYPES = {"mp4": "video/mp4", "webm": "video/webm", "gif": "image/gif"}
 WARMING_UP_RETRY_S = 10

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from starlette.concurrency import run_in_threadpool
 
-from ltx2_tp.pipelines.request import MAX_IMAGE_PIXELS, MAX_MEDIA_BYTES, MAX_SIDE  # noqa: F401 (api.py imports the first two from here)
+from ltx2_tp.pipelines.request import MAX_IMAGE_PIXELS, MAX_MEDIA_BYTES, MAX_SIDE
 from ltx2_tp.serving.errors import ApiError
 from ltx2_tp.serving.media_probe import MediaInfo, probe
 
