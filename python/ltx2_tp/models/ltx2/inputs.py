@@ -163,6 +163,7 @@ class Perturbations:
         per pattern and device: device_constant)."""
         if not any(self.per_sample):
             return [NO_SKIPS] * blocks
+
         def keep(hits):
             return device_constant(tuple(0.0 if h else 1.0 for h in hits), torch.device(device), dtype)
 

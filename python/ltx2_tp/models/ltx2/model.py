@@ -114,6 +114,7 @@ class LTX2Model(nn.Module):
                 for st, done in zip((v, a), prefix):
                     if st is not None:
                         st.x = done.x.index_select(0, index)
+                prefix = None  # the leaders' states: freed before the rest of the blocks run
             # each block's skips resolved here: the block never branches on its index (compile.py)
             self._run_blocks(v, a, pert.per_block(n, ref.device, ref.dtype), plan, start, n)
             vx = self._output("video", v, plan) if v is not None else None
