@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import time
 
 import openai
 import pytest
@@ -22,6 +21,7 @@ from ltx2_tp.serving.job import Job, new_job_id
 from ltx2_tp.serving.jobs import JobManager
 from ltx2_tp.serving.pipelines import ServedPipelines
 from ltx2_tp.serving.sqlite_store import SQLiteJobStore
+from server_utils import wait_done
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")
 SIZE = {"width": 128, "height": 128, "num_frames": 9}
@@ -63,18 +63,10 @@ def generated(tmp_path_factory):
     return get
 
 
-def _wait(manager, job_id, timeout=120):
-    t = time.time()
-    while (j := manager.get(job_id)).status not in ("completed", "failed"):
-        assert time.time() - t < timeout, j
-        time.sleep(0.02)
-    return j
-
-
 def _video(server, **kw) -> bytes:
     client, manager, _ = server
     v = client.videos.create(prompt="a fox", **kw)
-    assert _wait(manager, v.id).status == "completed", manager.get(v.id).error
+    assert wait_done(manager, v.id).status == "completed", manager.get(v.id).error
     return client.videos.download_content(v.id).read()
 
 
@@ -142,7 +134,7 @@ def test_one_stage_takes_multiples_of_32_and_64x64x1(server):
     for extra in ({"width": 96, "height": 96, "num_frames": 9}, {"width": 64, "height": 64, "num_frames": 1}):
         v = client.videos.create(prompt="x", model="LTX2Pipeline", extra_body={**extra, "num_inference_steps": 1})
         assert v.size == f"{extra['width']}x{extra['height']}"
-        assert _wait(manager, v.id).status == "completed"
+        assert wait_done(manager, v.id).status == "completed"
 
 
 def test_generate_refuses_64x64x1_naming_the_flag(tmp_path, capsys):
@@ -167,7 +159,7 @@ def test_restart_resumes_a_queued_job_with_its_pipeline(tmp_path, components, ge
     pipes = ServedPipelines(components, "LTX2LongVideo", "ltx-2-tiny")
     m = JobManager(pipes, out, idle_poll_s=0.05)
     try:
-        assert _wait(m, job.id).status == "completed"
+        assert wait_done(m, job.id).status == "completed"
         assert m.get(job.id).request.pipeline == "LTX2DistilledPipeline"
         assert (out / job.id / "video.mp4").read_bytes() == generated("LTX2DistilledPipeline", None)
     finally:
@@ -226,7 +218,7 @@ def _two_ranks(rank, world, outdir):
 
     def run(**kw):
         req = GenerationRequest(prompt="a fox", seed=3, pipeline="LTX2DistilledPipeline", num_inference_steps=8, **kw)
-        return _wait(manager, manager.submit(Job(id=new_job_id(), request=req, model="m", seconds="1", size="s")).id)
+        return wait_done(manager, manager.submit(Job(id=new_job_id(), request=req, model="m", seconds="1", size="s")).id)
 
     try:
         bad = run(width=64, height=64, num_frames=1)  # past the HTTP check: the leader's check refuses it

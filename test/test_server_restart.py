@@ -21,6 +21,7 @@ from ltx2_tp.serving.api import create_app
 from ltx2_tp.serving.job import Job, new_job_id
 from ltx2_tp.serving.jobs import JobManager
 from ltx2_tp.serving.sqlite_store import SQLiteJobStore
+from server_utils import wait_done
 
 SMALL = dict(width=128, height=128, num_frames=9, num_inference_steps=1)
 
@@ -35,19 +36,11 @@ def _job(prompt="p", **kw):
                seconds="1", size="128x128")
 
 
-def _wait(m: JobManager, job_id: str, timeout=120):
-    t = time.time()
-    while (j := m.get(job_id)).status not in ("completed", "failed"):
-        assert time.time() - t < timeout, j
-        time.sleep(0.02)
-    return j
-
-
 def test_restart_keeps_completed_fails_running_requeues_queued_and_sweeps(tmp_path, pipe, caplog):
     out = tmp_path / "srv"
     m1 = JobManager(pipe, out, ttl_s=3600)
     a = m1.submit(_job("a"))
-    assert _wait(m1, a.id).status == "completed"
+    assert wait_done(m1, a.id).status == "completed"
     video_a = (out / a.id / "video.mp4").read_bytes()
     m1.close()
 
@@ -91,7 +84,7 @@ def test_restart_keeps_completed_fails_running_requeues_queued_and_sweeps(tmp_pa
             assert j.status == "failed" and j.error["code"] == "server_restarted" and j.expires_at > now
             assert not (out / running.id).exists() and not (out / ".tmp" / running.id).exists()
             # queued at the crash: runs again, with its image
-            assert _wait(m2, queued.id).status == "completed"
+            assert wait_done(m2, queued.id).status == "completed"
             assert not (out / queued.id / "input_reference.png").exists()  # the upload goes once the job is done
             # expired while down: gone; the sweep removed what nothing owns, and only that
             with pytest.raises(KeyError):

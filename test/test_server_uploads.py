@@ -32,6 +32,7 @@ from ltx2_tp.serving.job import Job, new_job_id  # noqa: E402
 from ltx2_tp.serving.jobs import JobManager  # noqa: E402
 from ltx2_tp.serving.pipelines import ServedPipelines  # noqa: E402
 from ltx2_tp.serving.sqlite_store import SQLiteJobStore  # noqa: E402
+from server_utils import wait_done  # noqa: E402
 
 SIZE = {"width": "128", "height": "128", "num_frames": "9"}
 SEED = "3"
@@ -144,19 +145,11 @@ def _post(http, files, **fields):
     return http.post("/v1/videos", data={"prompt": "a fox", "seed": SEED, **fields}, files=files)
 
 
-def _wait(manager, job_id, timeout=120):
-    t = time.time()
-    while (j := manager.get(job_id)).status not in ("completed", "failed"):
-        assert time.time() - t < timeout, j
-        time.sleep(0.02)
-    return j
-
-
 def _video(server, files, **fields) -> bytes:
     http, manager, out = server
     r = _post(http, files, **fields)
     assert r.status_code == 200, r.json()
-    job = _wait(manager, r.json()["id"])
+    job = wait_done(manager, r.json()["id"])
     assert job.status == "completed", job.error
     assert sorted(p.name for p in (out / job.id).iterdir()) == ["thumbnail.png", "video.mp4"]  # the uploads are gone
     return http.get(f"/v1/videos/{job.id}/content").content
@@ -327,7 +320,7 @@ def test_restart_runs_a_queued_retake_with_its_upload(tmp_path, components, medi
     store.close()
     m = JobManager(ServedPipelines(components, "LTX2LongVideo", "ltx-2-tiny"), out, idle_poll_s=0.05)
     try:
-        assert _wait(m, job_id).status == "completed", m.get(job_id).error
+        assert wait_done(m, job_id).status == "completed", m.get(job_id).error
         assert (out / job_id / "video.mp4").read_bytes() == generated(
             "--pipeline-class-name", "LTX2RetakePipeline", "--video-path", str(media["source"]), "--start-time", "0.1",
             "--end-time", "0.3", "--num-inference-steps", "2")
